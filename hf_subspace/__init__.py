@@ -1,0 +1,34 @@
+"""hf_subspace: train Hugging Face models in a low-dimensional subspace of their weights, θ = θ0 + P c.
+
+Importing it registers the ``SUBSPACE`` method with peft, so ``peft.get_peft_model(model, SubspaceConfig(...))``
+and ``PeftModel.from_pretrained(base, path)`` work.
+"""
+__version__ = "0.1.0"
+
+from .projections import PROJECTION_KINDS, Projection, make_projection  # noqa: E402
+from .reparam import SubspaceEngine, ThetaLayout, reparameterize, select_parameters  # noqa: E402
+from .tuner import SubspaceConfig, SubspaceModel  # noqa: E402
+from . import _registry  # noqa: E402
+
+_registry.register()
+
+
+def get_subspace_model(model, config: SubspaceConfig, adapter_name: str = "default", **kwargs):
+    """Shortcut for ``peft.get_peft_model(model, config)``."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+
+
+__all__ = [
+    "PROJECTION_KINDS",
+    "Projection",
+    "SubspaceConfig",
+    "SubspaceEngine",
+    "SubspaceModel",
+    "ThetaLayout",
+    "get_subspace_model",
+    "make_projection",
+    "reparameterize",
+    "select_parameters",
+]

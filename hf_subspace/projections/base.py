@@ -1,0 +1,104 @@
+"""The one interface every subspace map implements.
+
+A projection is a fixed linear map ``P: R^d -> R^D`` (``d`` = subspace dimension, ``D`` = number of
+weights in θ). It is fully determined by ``(kind, D, d, seed)`` plus a few kind-specific options, so
+every process regenerates the same ``P`` without storing or sending it.
+
+Invariants shared by all kinds:
+
+* ``matvec(c)``: ``c`` has shape ``(d,)``, float32 -> returns ``P c`` of shape ``(D,)``, float32.
+* ``rmatvec(g)``: ``g`` has shape ``(D,)`` -> returns ``Pᵀ g`` of shape ``(d,)``, float32; the exact adjoint,
+  so ``<P c, g> == <c, Pᵀ g>`` up to float rounding.
+* columns have unit length over the whole of θ (``‖P e_i‖ ≈ 1``), not per tensor.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Projection:
+    """Base class: subclasses set ``kind`` and implement ``_matvec`` / ``_rmatvec``."""
+
+    kind: str = "base"
+
+    def __init__(self, D: int, d: int, seed: int = 0, device: torch.device | str | None = None):
+        if not isinstance(D, int) or isinstance(D, bool) or D <= 0:
+            raise ValueError(f"number of weights D must be a positive integer, got {D!r}")
+        if not isinstance(d, int) or isinstance(d, bool) or d <= 0:
+            raise ValueError(f"subspace dimension d must be a positive integer, got {d!r}")
+        if d > D:
+            raise ValueError(
+                f"subspace dimension d={d} is larger than the number of weights D={D}; "
+                "a random subspace must be smaller than the space it lives in"
+            )
+        self.D = D
+        self.d = d
+        self.seed = int(seed)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+
+    # -- public API -------------------------------------------------------------------------------
+    def matvec(self, c: torch.Tensor) -> torch.Tensor:
+        """``P c``: ``(d,)`` -> ``(D,)`` float32 on ``self.device``."""
+        if c.shape != (self.d,):
+            raise ValueError(f"{self.kind} projection expects a vector of shape ({self.d},), got {tuple(c.shape)}")
+        return self._matvec(c.detach().to(self.device, torch.float32))
+
+    def rmatvec(self, g: torch.Tensor) -> torch.Tensor:
+        """``Pᵀ g``: ``(D,)`` -> ``(d,)`` float32 on ``self.device``."""
+        if g.shape != (self.D,):
+            raise ValueError(f"{self.kind} projection expects a vector of shape ({self.D},), got {tuple(g.shape)}")
+        return self._rmatvec(g.detach().to(self.device, torch.float32))
+
+    def to(self, device: torch.device | str) -> "Projection":
+        """Move the projection's (regenerable) state to ``device``; returns ``self``."""
+        device = torch.device(device)
+        if device != self.device:
+            self.device = device
+            self._move(device)
+        return self
+
+    def describe(self) -> dict:
+        """What a config needs to rebuild this projection (no tensors)."""
+        return {"kind": self.kind, "D": self.D, "d": self.d, "seed": self.seed}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The generated random state, for users who want bit-exact portability (``save_projection=True``)."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace the generated state with saved tensors (inverse of :meth:`state_tensors`)."""
+        for name, value in tensors.items():
+            current = getattr(self, name)
+            if current.shape != value.shape:
+                raise ValueError(
+                    f"saved projection tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(current.shape)}"
+                )
+            setattr(self, name, value.to(current.device, current.dtype))
+
+    def dense_matrix(self) -> torch.Tensor:
+        """Materialize ``P`` as a ``(D, d)`` matrix. Only for tests and small sizes."""
+        if self.D * self.d > 50_000_000:
+            raise ValueError(f"refusing to materialize a {self.D}x{self.d} projection")
+        eye = torch.eye(self.d, device=self.device)
+        return torch.stack([self.matvec(eye[i]) for i in range(self.d)], dim=1)
+
+    # -- for subclasses ---------------------------------------------------------------------------
+    def _matvec(self, c: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _rmatvec(self, g: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _move(self, device: torch.device) -> None:
+        for name, value in self.state_tensors().items():
+            setattr(self, name, value.to(device))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(D={self.D}, d={self.d}, seed={self.seed}, device={self.device})"
+
+
+def cpu_generator(seed: int, stream: int) -> torch.Generator:
+    """A CPU generator for one named random stream of one seed (CPU streams are the same on every machine)."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed((int(seed) * 1_000_003 + int(stream) * 7_919 + 12_345) % (2**63 - 1))
+    return g

@@ -1,0 +1,72 @@
+"""Fastfood projection ``V = H G Π H B`` (Le, Sarlós & Smola 2013), stacked in blocks.
+
+Li et al. 2018 use one Fastfood transform over all of θ, padded to the next power of two ≥ D:
+``O(D log D)`` time and four transforms of length 2^⌈log2 D⌉ per step. Here, as Le et al. do to get more
+features, θ is covered by ``⌈D/B⌉`` independent blocks of size ``B = 2^⌈log2 d⌉`` (``block="global"``
+gives the single transform). Block ``b`` maps ``c`` (zero-padded to ``B``) to rows ``[bB, (b+1)B)``::
+
+    V_b c = H G_b Π H B_b c,    H: normalized Walsh–Hadamard, G_b: Gaussian diagonal,
+                                Π: a shared random permutation, B_b: random ±1 diagonal
+
+and rows past ``D`` are dropped. Time ``O(D log d)``, memory ``O(D)`` (two floats per row). With orthonormal
+``H`` every column of block ``b`` has squared length ``‖G_b‖²/B``, so the whole ``P`` is scaled by
+``1/√(Σ_b ‖G_b‖²/B)`` (the partial last block counted by the fraction of its rows kept), giving ``‖P e_i‖ ≈ 1``
+over all of θ — not ``√(number of blocks)``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Projection, cpu_generator
+from .hadamard import fwht
+
+
+class FastfoodProjection(Projection):
+    kind = "fastfood"
+
+    def __init__(self, D, d, seed=0, device=None, block: str = "d"):
+        super().__init__(D, d, seed, device)
+        if block not in ("d", "global"):
+            raise ValueError(f"fastfood block must be 'd' (blocks of size 2^ceil(log2 d)) or 'global', got {block!r}")
+        self.block = block
+        size = d if block == "d" else D
+        self.B = 1 << max(0, math.ceil(math.log2(size)))
+        self.n_blocks = math.ceil(D / self.B)
+        g = cpu_generator(self.seed, stream=3)
+        shape = (self.n_blocks, self.B)
+        self.signs = torch.randint(0, 2, shape, generator=g, dtype=torch.int8).float().mul_(2).sub_(1)
+        self.gauss = torch.randn(shape, generator=g)
+        self.perm = torch.randperm(self.B, generator=g)
+        sq = self.gauss.double().pow(2).sum(1) / self.B
+        kept_last = D - (self.n_blocks - 1) * self.B
+        sq[-1] *= kept_last / self.B
+        self.scale = float(sq.sum().rsqrt())
+        self.signs, self.gauss, self.perm = (t.to(self.device) for t in (self.signs, self.gauss, self.perm))
+        self.inv_perm = torch.argsort(self.perm)
+
+    def describe(self):
+        return {**super().describe(), "block": self.block}
+
+    def _matvec(self, c):
+        x = torch.zeros(self.B, device=self.device, dtype=torch.float32)
+        x[: self.d] = c
+        y = fwht(self.signs * x)  # (n_blocks, B): H B_b c
+        y = y[:, self.perm] * self.gauss  # G_b Π
+        y = fwht(y)
+        return y.reshape(-1)[: self.D] * self.scale
+
+    def _rmatvec(self, g):
+        y = torch.zeros(self.n_blocks * self.B, device=self.device, dtype=torch.float32)
+        y[: self.D] = g * self.scale
+        y = fwht(y.view(self.n_blocks, self.B)) * self.gauss
+        y = fwht(y[:, self.inv_perm]) * self.signs
+        return y.sum(0)[: self.d]
+
+    def state_tensors(self):
+        return {"signs": self.signs, "gauss": self.gauss, "perm": self.perm}
+
+    def load_state_tensors(self, tensors):
+        super().load_state_tensors(tensors)
+        self.inv_perm = torch.argsort(self.perm)

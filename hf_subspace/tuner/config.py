@@ -1,0 +1,60 @@
+"""``SubspaceConfig``: the PEFT config of a random-subspace adapter (θ = θ0 + P c)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from ..reparam import validate_subspace_args
+
+PEFT_TYPE = "SUBSPACE"
+
+
+@dataclass
+class SubspaceConfig(PeftConfig):
+    """Configuration of a subspace adapter.
+
+    Args:
+        dim: trainable numbers in total (``d``). In SAID mode one of them goes to each tensor of θ as a scale.
+        projection: ``"hashing"`` (count-sketch, default: fastest, exactly orthonormal columns),
+            ``"fastfood"``, ``"sparse"`` or ``"dense"``.
+        mode: ``"global"`` (DID: θ = θ0 + P c) or ``"said"`` (θ_i = θ0_i + λ_i P_i c).
+        target_modules: which modules' own parameters form θ; ``None`` = every trainable parameter.
+            A string is a regex on the full module name; a list matches names or name suffixes (as in PEFT).
+        exclude_modules: modules to leave out of θ (same matching rules).
+        modules_to_save: modules trained in full and saved with the adapter (e.g. a classification head).
+        seed: the seed ``P`` is regenerated from.
+        save_projection: also save the generated ``P`` (bit-exact portability across library versions).
+        projection_options: extra options of the projection kind (e.g. ``{"block": "global"}`` for fastfood).
+        check_base_fingerprint: refuse to load onto a base whose weights differ from the one trained on.
+
+    Filled in when the adapter is created (they let a load refuse a wrong base): ``num_weights`` (D),
+    ``layout_hash`` (names and shapes of θ), ``base_fingerprint`` (a hash of a sample of θ0),
+    ``hf_subspace_version``.
+    """
+
+    dim: int = field(default=1000, metadata={"help": "total trainable numbers d"})
+    projection: str = field(default="hashing", metadata={"help": "hashing | fastfood | sparse | dense"})
+    mode: str = field(default="global", metadata={"help": "global | said"})
+    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "None = all"})
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None)
+    modules_to_save: Optional[list[str]] = field(default=None)
+    seed: int = field(default=0)
+    save_projection: bool = field(default=False)
+    projection_options: dict = field(default_factory=dict)
+    check_base_fingerprint: bool = field(default=True)
+    num_weights: Optional[int] = field(default=None)
+    layout_hash: Optional[str] = field(default=None)
+    base_fingerprint: Optional[str] = field(default=None)
+    hf_subspace_version: Optional[str] = field(default=None)
+    training_metrics: Optional[dict] = field(default=None, metadata={"help": "shown on the model card"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        validate_subspace_args(self.dim, self.projection, self.mode)
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = sorted(self.modules_to_save)

@@ -1,0 +1,231 @@
+"""``SubspaceModel``: the PEFT tuner behind :class:`SubspaceConfig`.
+
+Unlike LoRA-style tuners it does not replace modules: it reparameterizes tensors in place (see
+:mod:`hf_subspace.reparam`), so every parameter kind works — Linear, Conv, Embedding (tied or not),
+LayerNorm, biases, bare ``nn.Parameter``s. The trainable state lives in ``base_model.subspace``:
+``coeffs.<adapter>`` (c) and ``scales.<adapter>`` (SAID), which is all an adapter file holds (plus
+``modules_to_save`` and, on request, the generated projection).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.other import ModulesToSaveWrapper, set_additional_trainable_modules
+from peft.utils import other as peft_other
+
+from .. import __version__
+from ..reparam import SubspaceDelta, SubspaceEngine, fingerprint_parameters, select_parameters
+from .config import SubspaceConfig
+
+ENGINE_PREFIX = "base_model.subspace."
+
+
+class SubspaceModel(BaseTuner):
+    """Creates a subspace adapter (θ = θ0 + P c) around a model. Use via ``peft.get_peft_model``."""
+
+    prefix: str = "subspace"
+    tuner_layer_cls = SubspaceDelta
+    target_module_mapping: dict = {}
+    uses_shared_state: bool = True
+
+    # -- injection --------------------------------------------------------------------------------------------
+    def _pre_injection_hook(self, model, config, adapter_name):
+        if "subspace" not in self._modules:
+            self.subspace = SubspaceEngine()
+
+    def _create_and_replace(self, *args, **kwargs):  # required by BaseTuner; we never replace modules
+        raise NotImplementedError("SubspaceModel reparameterizes tensors in place and replaces no modules")
+
+    def _modules_to_save_prefixes(self, model: nn.Module, config: SubspaceConfig) -> list[str]:
+        keys = config.modules_to_save or []
+        out = []
+        for name, module in model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                out.append(name)
+            elif keys and any(name == k or name.endswith("." + k) for k in keys):
+                out.append(name)
+        return out
+
+    def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False,
+                       state_dict=None):
+        config: SubspaceConfig = self.peft_config[adapter_name]
+        self._pre_injection_hook(model, config, adapter_name)
+        skip = self._modules_to_save_prefixes(model, config)
+        layout = select_parameters(model, config.target_modules, config.exclude_modules, skip)
+        self._check_or_record_base(model, config, layout)
+        state = self.subspace.add_adapter(
+            model, adapter_name, config.dim, config.projection, config.mode, config.seed,
+            layout=layout, projection_options=config.projection_options,
+        )
+        for slot in state.layout.slots:
+            for module_name, _ in slot.holders:
+                if module_name not in self.targeted_module_names:
+                    self.targeted_module_names.append(module_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+        self._mark_only_adapters_as_trainable(model)
+        set_additional_trainable_modules(
+            model=model, peft_config=config, model_config=BaseTuner.get_model_config(self),
+            adapter_name=adapter_name, activate_adapter=adapter_name in self.active_adapters,
+        )
+
+    def _check_or_record_base(self, model, config: SubspaceConfig, layout) -> None:
+        """Record what θ is on creation; on load, refuse a base it does not fit."""
+        layout_hash = layout.layout_hash()
+        if config.layout_hash is None:
+            config.num_weights = layout.D
+            config.layout_hash = layout_hash
+            config.base_fingerprint = fingerprint_parameters(model, layout)
+            config.hf_subspace_version = __version__
+            return
+        if config.num_weights != layout.D or config.layout_hash != layout_hash:
+            raise ValueError(
+                f"this subspace adapter was trained on a base whose θ has D={config.num_weights} weights "
+                f"(layout {config.layout_hash}); the model it is being loaded onto gives D={layout.D} "
+                f"(layout {layout_hash}) — its parameter names or shapes differ. First tensors here: "
+                + ", ".join(f"{s.name}{list(s.shape)}" for s in layout.slots[:3])
+            )
+        if config.check_base_fingerprint and config.base_fingerprint is not None:
+            fp = fingerprint_parameters(model, layout)
+            if fp != config.base_fingerprint:
+                raise ValueError(
+                    f"the base model's weights differ from those this adapter was trained on "
+                    f"(fingerprint {fp} != {config.base_fingerprint}): it looks like another checkpoint of the "
+                    f"same architecture ({config.base_model_name_or_path!r} expected). Loading it would give a "
+                    "silently wrong model. If you are sure, opt out with "
+                    "`PeftModel.from_pretrained(base, path, check_base_fingerprint=False)`."
+                )
+
+    # -- trainability and adapter switching -------------------------------------------------------------------
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            p.requires_grad_(False)
+        for name, p in self.subspace.named_parameters():
+            adapter = name.split(".")[-1]
+            cfg = self.peft_config.get(adapter)
+            p.requires_grad_(adapter in self.active_adapters and not (cfg is not None and cfg.inference_mode))
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if self.subspace.merged:
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+            self.unmerge_adapter()
+        self.subspace.set_active(names)
+        for name, p in self.subspace.named_parameters():
+            p.requires_grad_(name.split(".")[-1] in names and not inference_mode)
+        peft_other._set_adapter(self.model, names, inference_mode=inference_mode)
+        self.active_adapter = adapter_name
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name, p in self.subspace.named_parameters():
+            if name.split(".")[-1] in names:
+                p.requires_grad_(requires_grad)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        self.subspace.enabled = enabled
+        for module in self.model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                module.enable_adapters(enabled)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        pass  # c and λ are created in float32 and stay so
+
+    # -- merging ----------------------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        names = [n for n in (adapter_names or self.active_adapters) if n not in self.subspace.merged]
+        self.subspace.merge(self.model, names, sign=1.0, safe=safe_merge)
+        self.subspace.merged.extend(names)
+
+    def unmerge_adapter(self) -> None:
+        if not self.subspace.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        names = list(self.subspace.merged)
+        self.subspace.merge(self.model, names, sign=-1.0)
+        self.subspace.merged.clear()
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        elif self.subspace.merged:
+            self.unmerge_adapter()
+        self.subspace.remove_parametrizations(self.model)
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper):
+                parent_name, _, child = name.rpartition(".")
+                parent = self.model.get_submodule(parent_name) if parent_name else self.model
+                active = module.active_adapters[0] if module.active_adapters else None
+                replacement = module.modules_to_save[active] if (merge and active in module.modules_to_save) \
+                    else module.original_module
+                setattr(parent, child, replacement)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        return self.model
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist")
+        self.subspace.delete_adapter(self.model, adapter_name)
+        del self.peft_config[adapter_name]
+        peft_other._delete_auxiliary_adapter(self.model, adapter_name, new_active_adapters=self.subspace.active)
+        self.active_adapter = self.subspace.active[0] if self.subspace.active else []
+
+    def _check_merge_allowed(self):
+        pass  # tied weights are merged once (they are one tensor of θ)
+
+    # -- state dict -------------------------------------------------------------------------------------------
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        out = {}
+        for key in (f"{ENGINE_PREFIX}coeffs.{adapter_name}", f"{ENGINE_PREFIX}scales.{adapter_name}"):
+            for k in (key, key.removeprefix("base_model.")):
+                if k in state_dict:
+                    out[k] = state_dict[k]
+        if getattr(config, "save_projection", False):
+            engine = _find_engine(model)
+            proj = engine.adapters[adapter_name].projection
+            for name, t in proj.state_tensors().items():
+                out[f"{ENGINE_PREFIX}projection_{name}.{adapter_name}"] = t.detach().cpu().contiguous()
+        return out
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        engine = _find_engine(model)
+        out = {}
+        saved_projection = {}
+        for k, v in state_dict.items():
+            stem = k.removeprefix("base_model.").removeprefix("subspace.")
+            if stem in ("coeffs", "scales"):
+                out[f"{ENGINE_PREFIX}{stem}.{adapter_name}"] = v
+            elif stem.startswith("projection_"):
+                saved_projection[stem.removeprefix("projection_")] = v
+            else:
+                out[k] = v
+        if saved_projection:
+            engine.adapters[adapter_name].projection.load_state_tensors(saved_projection)
+            engine.adapters[adapter_name].invalidate()
+        expected = f"{ENGINE_PREFIX}coeffs.{adapter_name}"
+        if expected not in out:
+            raise ValueError(f"the adapter file holds no subspace coefficients (expected key 'subspace.coeffs')")
+        c = engine.coeffs[adapter_name]
+        if out[expected].shape != c.shape:
+            raise ValueError(
+                f"the saved coefficient vector has shape {tuple(out[expected].shape)}, but this config gives "
+                f"{tuple(c.shape)}: the adapter file and adapter_config.json do not belong together"
+            )
+        engine.adapters[adapter_name].invalidate()
+        return out
+
+
+def _find_engine(model) -> SubspaceEngine:
+    for module in model.modules():
+        if isinstance(module, SubspaceEngine):
+            return module
+    raise ValueError("no subspace adapter found in this model")
