@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 from .projections import PROJECTION_KINDS, Projection, make_projection
 
 MODES = ("global", "said")
+EXTRA_KINDS = ("trajectory",)  # built from data (TWA), passed in as a Projection instance
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,7 +291,7 @@ class SubspaceEngine(nn.Module):
         model: nn.Module,
         name: str,
         dim: int,
-        projection: str = "hashing",
+        projection: "str | Projection" = "hashing",
         mode: str = "global",
         seed: int = 0,
         target_modules=None,
@@ -300,7 +301,8 @@ class SubspaceEngine(nn.Module):
         layout: ThetaLayout | None = None,
     ) -> AdapterSubspace:
         """Reparameterize ``model`` for adapter ``name``; returns its :class:`AdapterSubspace`."""
-        validate_subspace_args(dim, projection, mode)
+        prebuilt = projection if isinstance(projection, Projection) else None
+        validate_subspace_args(dim, prebuilt.kind if prebuilt else projection, mode)
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists")
         if layout is None:
@@ -315,7 +317,15 @@ class SubspaceEngine(nn.Module):
         if dim > layout.D:
             raise ValueError(f"dim={dim} is larger than the number of weights in θ (D={layout.D})")
         device = _get_original(model, layout.slots[0]).device
-        proj = make_projection(projection, layout.D, d_c, seed=seed, device=device, **(projection_options or {}))
+        if prebuilt is not None:
+            if (prebuilt.D, prebuilt.d) != (layout.D, d_c):
+                raise ValueError(
+                    f"the given {prebuilt.kind} projection maps R^{prebuilt.d} -> R^{prebuilt.D}, but this model's θ "
+                    f"needs R^{d_c} -> R^{layout.D}"
+                )
+            proj = prebuilt.to(device)
+        else:
+            proj = make_projection(projection, layout.D, d_c, seed=seed, device=device, **(projection_options or {}))
         state = AdapterSubspace(layout, proj, mode)
         self.coeffs[name] = nn.Parameter(torch.zeros(d_c, device=device, dtype=torch.float32))
         if n_scales:
@@ -432,7 +442,7 @@ def validate_subspace_args(dim, projection, mode) -> None:
         raise ValueError(f"dim must be a positive integer, got {dim!r} ({type(dim).__name__})")
     if dim <= 0:
         raise ValueError(f"dim must be a positive integer, got {dim}")
-    if projection not in PROJECTION_KINDS:
+    if projection not in PROJECTION_KINDS and projection not in EXTRA_KINDS:
         raise ValueError(f"unknown projection kind {projection!r}; choose one of {sorted(PROJECTION_KINDS)}")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
