@@ -65,8 +65,18 @@ class FastfoodProjection(Projection):
         return y.sum(0)[: self.d]
 
     def state_tensors(self):
-        return {"signs": self.signs, "gauss": self.gauss, "perm": self.perm}
+        return {"signs": self.signs, "gauss": self.gauss, "perm": self.perm,
+                "scale": torch.tensor([self.scale], dtype=torch.float64)}
 
     def load_state_tensors(self, tensors):
+        tensors = dict(tensors)
+        scale = tensors.pop("scale", None)
         super().load_state_tensors(tensors)
+        if scale is not None:
+            self.scale = float(scale.reshape(-1)[0])
         self.inv_perm = torch.argsort(self.perm)
+
+    def _move(self, device):
+        self.signs, self.gauss, self.perm, self.inv_perm = (
+            t.to(device) for t in (self.signs, self.gauss, self.perm, self.inv_perm)
+        )

@@ -1,0 +1,239 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import hf_subspace as hs
+from hf_subspace.reparam import select_parameters
+
+from conftest import MODELS, bert_batch, gpt2_batch, tiny_bert_cls, tiny_gpt2, tiny_resnet, resnet_batch
+
+KINDS = ["hashing", "fastfood", "sparse", "dense"]
+
+
+def _out(model, batch):
+    b = {k: v for k, v in batch.items() if k != "labels"}
+    return model(**b).logits
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_coefficients_leave_outputs_unchanged(name, kind):
+    make, batch_fn = MODELS[name]
+    model, batch = make(), batch_fn()
+    with torch.no_grad():
+        ref = _out(model, batch)
+        hs.reparameterize(model, 64, kind)
+        assert torch.equal(_out(model, batch), ref)
+
+
+def _explicit_grad_check(model_fn, batch, kind, mode):
+    """∂L/∂c from the engine must equal Pᵀ ∇θL computed on an ordinary copy of the model."""
+    model = model_fn()
+    plain = copy.deepcopy(model)
+    engine = hs.reparameterize(model, 80, kind, mode=mode, seed=2)
+    state = engine.adapters["default"]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        engine.coeffs["default"].copy_(torch.randn(engine.coeffs["default"].shape, generator=g) * 0.1)
+        if mode == "said":
+            engine.scales["default"].copy_(1 + 0.5 * torch.rand(engine.scales["default"].shape, generator=g))
+    model.eval()  # no dropout: both paths must see the same function
+    loss = model(**batch).loss
+    loss.backward()
+    got = engine.coeffs["default"].grad.clone()
+
+    # independent path: explicit dense P, plain model with θ = θ0 + λ P c written into its weights
+    M = state.projection.dense_matrix().double()
+    flat = M @ engine.coeffs["default"].detach().double()
+    params = dict(plain.named_parameters())
+    scales = engine.scales["default"].detach().double() if mode == "said" else None
+    with torch.no_grad():
+        for i, slot in enumerate(state.layout.slots):
+            piece = flat[slot.offset: slot.offset + slot.numel].view(slot.shape)
+            if scales is not None:
+                piece = piece * scales[i]
+            params[slot.name].add_(piece.float())
+    plain.eval()
+    plain.zero_grad()
+    plain(**batch).loss.backward()
+    gflat = torch.cat([
+        (params[s.name].grad.double() * (scales[i] if scales is not None else 1.0)).reshape(-1)
+        for i, s in enumerate(state.layout.slots)
+    ])
+    expected = M.T @ gflat
+    torch.testing.assert_close(got.double(), expected, rtol=2e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_equals_projected_full_gradient_bert(kind):
+    torch.manual_seed(0)
+    _explicit_grad_check(lambda: tiny_bert_cls(hidden=16, layers=1), bert_batch(), kind, "global")
+
+
+@pytest.mark.parametrize("kind", ["hashing", "fastfood"])
+def test_gradient_equals_projected_full_gradient_said_tied_gpt2(kind):
+    _explicit_grad_check(tiny_gpt2, gpt2_batch(), kind, "said")
+
+
+def test_tied_weights_counted_once():
+    model = tiny_gpt2()
+    layout = select_parameters(model)
+    assert layout.D == sum(p.numel() for p in model.parameters())
+    tied = [s for s in layout.slots if len(s.holders) == 2]
+    assert [h[0] for h in tied[0].holders] == ["transformer.wte", "lm_head"]
+    hs.reparameterize(model, 50)
+    with torch.no_grad():
+        model.subspace.coeffs["default"].fill_(0.3)
+    torch.testing.assert_close(model.lm_head.weight, model.transformer.wte.weight)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_few_steps_lower_the_loss(name):
+    make, batch_fn = MODELS[name]
+    model, batch = make(), batch_fn()
+    engine = hs.reparameterize(model, 200, "fastfood", mode="said")
+    opt = torch.optim.Adam(engine.parameters(), lr=3e-2)
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-3, losses
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == \
+        ["subspace.coeffs.default", "subspace.scales.default"]
+
+
+def test_batchnorm_buffers_are_not_in_theta():
+    model = tiny_resnet()
+    layout = select_parameters(model)
+    assert not any("running" in s.name for s in layout.slots)
+    assert layout.D == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind", ["hashing", "fastfood"])
+def test_activation_checkpointing_gives_the_same_gradient(kind):
+    batch = bert_batch()
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_bert_cls()
+        model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+        engine = hs.reparameterize(model, 100, kind, mode="said")
+        with torch.no_grad():
+            engine.coeffs["default"].normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        for mod in model.modules():
+            if isinstance(mod, nn.Dropout):
+                mod.p = 0.0
+        model(**batch).loss.backward()
+        grads.append(engine.coeffs["default"].grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_projection_runs_once_per_step_and_again_after_update(monkeypatch):
+    model = tiny_bert_cls()
+    engine = hs.reparameterize(model, 100, "hashing")
+    proj = engine.adapters["default"].projection
+    calls = {"matvec": 0, "rmatvec": 0}
+    orig_m, orig_r = proj.matvec, proj.rmatvec
+
+    def m(c):
+        calls["matvec"] += 1
+        return orig_m(c)
+
+    def r(g):
+        calls["rmatvec"] += 1
+        return orig_r(g)
+
+    monkeypatch.setattr(proj, "matvec", m)
+    monkeypatch.setattr(proj, "rmatvec", r)
+    opt = torch.optim.SGD(engine.parameters(), lr=0.1)
+    model.train()
+    for micro in range(2):  # gradient accumulation over two micro-batches
+        model(**bert_batch(seed=micro)).loss.backward()
+    assert calls == {"matvec": 1, "rmatvec": 2}
+    g_accum = engine.coeffs["default"].grad.clone()
+    opt.step()
+    model(**bert_batch()).loss.backward()
+    assert calls["matvec"] == 2
+    assert g_accum.abs().sum() > 0
+
+
+def test_gradient_accumulation_sums_micro_batch_gradients():
+    model = tiny_bert_cls()
+    engine = hs.reparameterize(model, 100, "fastfood")
+    with torch.no_grad():
+        engine.coeffs["default"].normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    model.eval()  # deterministic forward (no dropout)
+    singles = []
+    for s in (0, 1):
+        engine.zero_grad()
+        model(**bert_batch(seed=s)).loss.backward()
+        singles.append(engine.coeffs["default"].grad.clone())
+    engine.zero_grad()
+    for s in (0, 1):
+        model(**bert_batch(seed=s)).loss.backward()
+    torch.testing.assert_close(engine.coeffs["default"].grad, singles[0] + singles[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base(dtype):
+    model = tiny_bert_cls().to(dtype)
+    engine = hs.reparameterize(model, 100, "fastfood")
+    assert engine.coeffs["default"].dtype == torch.float32
+    with torch.no_grad():
+        engine.coeffs["default"].fill_(0.5)
+    w = model.bert.encoder.layer[0].attention.self.query.weight
+    assert w.dtype == dtype
+    model.train()
+    model(**bert_batch()).loss.float().backward()
+    assert engine.coeffs["default"].grad.dtype == torch.float32
+    assert torch.isfinite(engine.coeffs["default"].grad).all()
+
+
+def test_target_modules_restrict_theta():
+    model = tiny_bert_cls()
+    layout = select_parameters(model, target_modules=["query", "value"])
+    assert all(s.name.split(".")[-2] in ("query", "value") for s in layout.slots)
+    assert len(layout.slots) == 2 * 2 * 2  # 2 layers x (query, value) x (weight, bias)
+    regex = select_parameters(model, target_modules=r".*layer\.0\.attention\.self\.query")
+    assert [s.name for s in regex.slots] == ["bert.encoder.layer.0.attention.self.query.weight",
+                                            "bert.encoder.layer.0.attention.self.query.bias"]
+
+
+@pytest.mark.parametrize("dim", [0, -5, 2.5, "100", None, True])
+def test_bad_dim(dim):
+    with pytest.raises(ValueError, match="dim must be a positive integer"):
+        hs.reparameterize(tiny_bert_cls(), dim)
+
+
+def test_bad_inputs_name_the_problem():
+    with pytest.raises(ValueError, match="unknown projection kind 'gaussian'"):
+        hs.reparameterize(tiny_bert_cls(), 10, "gaussian")
+    with pytest.raises(ValueError, match="unknown mode"):
+        hs.reparameterize(tiny_bert_cls(), 10, mode="lora")
+    with pytest.raises(ValueError, match="matched no module"):
+        hs.reparameterize(tiny_bert_cls(), 10, target_modules=["q_proj"])
+    frozen = tiny_bert_cls().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable floating-point parameters"):
+        hs.reparameterize(frozen, 10)
+    with pytest.raises(ValueError, match="larger than the number of weights"):
+        hs.reparameterize(tiny_bert_cls(), 10**9)
+    with pytest.raises(ValueError, match="SAID mode"):
+        hs.reparameterize(tiny_bert_cls(), 5, mode="said")
+
+
+def test_modules_to_save_are_trained_in_full_and_left_out_of_theta():
+    model = tiny_bert_cls()
+    engine = hs.reparameterize(model, 64, modules_to_save=["classifier"])
+    names = [s.name for s in engine.adapters["default"].layout.slots]
+    assert not any(n.startswith("classifier") for n in names)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["classifier.bias", "classifier.weight", "subspace.coeffs.default"]
