@@ -406,6 +406,8 @@ class SubspaceEngine(nn.Module):
         if name in self.scales:
             del self.scales[name]
         self.active = [a for a in self.active if a != name]
+        if not self.active and self.adapters:
+            self.active = [next(iter(self.adapters))]  # as peft does: fall back to the first remaining adapter
         if not self.adapters:
             self.remove_parametrizations(model)
 

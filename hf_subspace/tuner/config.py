@@ -58,3 +58,12 @@ class SubspaceConfig(PeftConfig):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = sorted(self.modules_to_save)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load a saved config; ``check_base_fingerprint=False`` here is the opt-out of the base check."""
+        check = kwargs.pop("check_base_fingerprint", None)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if check is not None:
+            config.check_base_fingerprint = bool(check)
+        return config

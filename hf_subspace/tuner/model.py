@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, _delete_auxiliary_adapter
 from peft.utils.other import ModulesToSaveWrapper, set_additional_trainable_modules
 from peft.utils import other as peft_other
 
@@ -174,8 +174,11 @@ class SubspaceModel(BaseTuner):
             raise ValueError(f"Adapter {adapter_name} does not exist")
         self.subspace.delete_adapter(self.model, adapter_name)
         del self.peft_config[adapter_name]
-        peft_other._delete_auxiliary_adapter(self.model, adapter_name, new_active_adapters=self.subspace.active)
-        self.active_adapter = self.subspace.active[0] if self.subspace.active else []
+        _delete_auxiliary_adapter(self.model, adapter_name, new_active_adapters=self.subspace.active)
+        if self.subspace.active:
+            self.set_adapter(self.subspace.active[0])
+        else:
+            self.active_adapter = []
 
     def _check_merge_allowed(self):
         pass  # tied weights are merged once (they are one tensor of θ)
