@@ -220,6 +220,7 @@ class AdapterSubspace:
         self.mode = mode
         self._cache: torch.Tensor | None = None
         self._cache_key = None
+        self._cache_c: torch.Tensor | None = None
 
     def flat_delta(self, c: torch.Tensor) -> torch.Tensor:
         """``P c`` of shape ``(D,)`` (float32), recomputed only when ``c`` changed since the last call."""
@@ -227,13 +228,16 @@ class AdapterSubspace:
             self.projection.to(c.device)
             self._cache = None
         track = torch.is_grad_enabled() and c.requires_grad
-        key = (c._version, c.data_ptr(), track)
-        if self._cache is None or self._cache_key != key:
+        key = (c.data_ptr(), track)
+        # Compare values, not c._version: fused optimizers (AdamW(fused=True), the Trainer's CPU default)
+        # update parameters in place without bumping the version counter. d numbers: cheap.
+        if self._cache is None or self._cache_key != key or not torch.equal(self._cache_c, c.detach()):
             if track:
                 self._cache = _Project.apply(c, self.projection)
             else:
                 self._cache = self.projection.matvec(c.detach())
             self._cache_key = key
+            self._cache_c = c.detach().clone()
         return self._cache
 
     def invalidate(self) -> None:
@@ -469,3 +473,22 @@ def reparameterize(model: nn.Module, dim: int, projection: str = "hashing", mode
             p.requires_grad_(False)
     model.add_module("subspace", engine)
     return engine
+
+
+def layout_from_names(model: nn.Module, names: Sequence[str]) -> ThetaLayout:
+    """A layout holding exactly the parameters ``names`` (as ``model.named_parameters()`` spells them), in order.
+
+    Tied parameters keep every holder, so writing the delta into one updates all uses.
+    """
+    params = dict(model.named_parameters())
+    by_id: dict[int, list[tuple[str, str]]] = {}
+    for module_name, module in model.named_modules():
+        for attr, p in module.named_parameters(recurse=False):
+            by_id.setdefault(id(p), []).append((module_name, attr))
+    slots = []
+    for name in names:
+        if name not in params:
+            raise ValueError(f"parameter {name!r} is not in the model (it has e.g. {list(params)[:3]})")
+        p = params[name]
+        slots.append(ParamSlot(name=name, holders=by_id[id(p)], shape=tuple(p.shape)))
+    return ThetaLayout(slots)

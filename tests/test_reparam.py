@@ -237,3 +237,23 @@ def test_modules_to_save_are_trained_in_full_and_left_out_of_theta():
     assert not any(n.startswith("classifier") for n in names)
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert trainable == ["classifier.bias", "classifier.weight", "subspace.coeffs.default"]
+
+
+@pytest.mark.parametrize("opt_kwargs", [{"fused": True}, {"foreach": True}, {"foreach": False}])
+def test_cache_follows_in_place_updates_of_every_optimizer_kind(opt_kwargs):
+    # fused AdamW updates c without bumping its version counter; P c must be recomputed anyway
+    model = tiny_bert_cls()
+    engine = hs.reparameterize(model, 100, "hashing")
+    opt = torch.optim.AdamW(engine.parameters(), lr=0.1, **opt_kwargs)
+    w = lambda: model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()  # noqa: E731
+    model.eval()
+    model(**bert_batch()).loss.backward()
+    before = w()
+    opt.step()
+    after = w()
+    assert not torch.equal(before, after)
+    expected = engine.adapters["default"].projection.matvec(engine.coeffs["default"])
+    slot = engine.adapters["default"].layout.slots[engine.adapters["default"].layout.index[
+        "bert.encoder.layer.0.attention.self.query.weight"]]
+    base = model.bert.encoder.layer[0].attention.self.query.parametrizations.weight.original
+    torch.testing.assert_close(after - base, expected[slot.offset: slot.offset + slot.numel].view(slot.shape))
