@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 from .projections import PROJECTION_KINDS, Projection, make_projection  # noqa: E402
 from .reparam import SubspaceEngine, ThetaLayout, reparameterize, select_parameters  # noqa: E402
 from .tuner import SubspaceConfig, SubspaceModel  # noqa: E402
+from .trainer import SubspaceTrainer, SubspaceTrainingArguments, twa_from_checkpoints  # noqa: E402
 from . import _registry  # noqa: E402
 
 _registry.register()
@@ -26,6 +27,9 @@ __all__ = [
     "SubspaceConfig",
     "SubspaceEngine",
     "SubspaceModel",
+    "SubspaceTrainer",
+    "SubspaceTrainingArguments",
+    "twa_from_checkpoints",
     "ThetaLayout",
     "get_subspace_model",
     "make_projection",

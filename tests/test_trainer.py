@@ -1,0 +1,213 @@
+"""SubspaceTrainer: random subspaces and TWA on tiny models, through the real transformers Trainer."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+
+import hf_subspace as hs
+from hf_subspace.trainer import SubspaceTrainer, SubspaceTrainingArguments, twa_from_checkpoints
+
+from conftest import tiny_bert_cls, tiny_resnet
+
+
+def text_dataset(n=64, seed=0):
+    """Label = whether token 7 appears: learnable by a tiny BERT in a few steps."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(8, 99, size=(n, 10))
+    labels = rng.integers(0, 2, size=n)
+    ids[labels == 1, rng.integers(0, 10)] = 7
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    return ds.with_format("torch")
+
+
+def image_dataset(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, size=n)
+    x = rng.normal(size=(n, 1, 16, 16)).astype("float32")
+    x[:, 0, :4, :4] += labels[:, None, None] * 1.5  # a class signal in one corner
+    ds = Dataset.from_dict({"pixel_values": x.tolist(), "labels": labels.tolist()})
+    return ds.with_format("torch")
+
+
+def accuracy(eval_pred):
+    logits, labels = eval_pred
+    return {"accuracy": float((logits.argmax(-1) == labels).mean())}
+
+
+def args(out, **kw):
+    base = dict(output_dir=out, per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=5e-2,
+                num_train_epochs=1, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    base.update(kw)
+    return SubspaceTrainingArguments(**base)
+
+
+def test_random_subspace_trainer_end_to_end(tmp_out):
+    a = args(tmp_out, subspace_dim=200, subspace_projection="fastfood", subspace_mode="said",
+             gradient_accumulation_steps=2, eval_strategy="epoch", save_strategy="steps", save_steps=2,
+             weight_decay=0.1)
+    model = tiny_bert_cls()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = SubspaceTrainer(model=model, args=a, train_dataset=text_dataset(), eval_dataset=text_dataset(32, 1),
+                              compute_metrics=accuracy)
+    c0 = trainer.model.base_model.subspace.coeffs["default"].detach().clone()
+    trainer.train()
+    logs = trainer.state.log_history
+    info = next(l for l in logs if "subspace_d" in l)
+    assert info["subspace_d"] == 200 and info["trainable_params"] == 200 + 32 * 2 + 2
+    assert info["subspace_D"] == sum(v.numel() for n, v in before.items() if not n.startswith("classifier"))
+    assert any("eval_accuracy" in l for l in logs)
+    c1 = trainer.model.base_model.subspace.coeffs["default"]
+    assert not torch.equal(c0, c1)
+    # weight decay was not applied to c: its optimizer group has weight_decay 0
+    group = next(g for g in trainer.optimizer.param_groups if any(p is c1 for p in g["params"]))
+    assert group["weight_decay"] == 0.0
+    # checkpoints hold the adapter, not the model
+    ckpt = os.path.join(tmp_out, "checkpoint-2")
+    assert os.path.exists(os.path.join(ckpt, "adapter_model.safetensors"))
+    assert not os.path.exists(os.path.join(ckpt, "model.safetensors"))
+    assert "base_model.subspace.coeffs" in load_file(os.path.join(ckpt, "adapter_model.safetensors"))
+    # base weights untouched
+    merged_free = trainer.model.get_base_model()
+    w = merged_free.bert.encoder.layer[0].attention.self.query.parametrizations.weight.original
+    assert torch.equal(w, before["bert.encoder.layer.0.attention.self.query.weight"])
+
+
+def test_resume_gives_the_same_coefficients(tmp_path):
+    def run(out, max_steps, resume=None, save=False):
+        torch.manual_seed(0)
+        a = args(str(out), subspace_dim=100, max_steps=max_steps, save_strategy="steps" if save else "no",
+                 save_steps=3, learning_rate=1e-2)
+        t = SubspaceTrainer(model=tiny_bert_cls(), args=a, train_dataset=text_dataset())
+        t.train(resume_from_checkpoint=resume)
+        return t.model.base_model.subspace.coeffs["default"].detach().clone()
+
+    straight = run(tmp_path / "a", 6)
+    run(tmp_path / "b", 6, save=True)  # leaves checkpoint-3
+    resumed = run(tmp_path / "c", 6, resume=str(tmp_path / "b" / "checkpoint-3"))
+    torch.testing.assert_close(resumed, straight, rtol=1e-6, atol=1e-7)
+
+
+def test_bf16_and_activation_checkpointing(tmp_out):
+    a = args(tmp_out, subspace_dim=100, bf16=True, gradient_checkpointing=True,
+             gradient_checkpointing_kwargs={"use_reentrant": False}, max_steps=3)
+    trainer = SubspaceTrainer(model=tiny_bert_cls(), args=a, train_dataset=text_dataset())
+    trainer.train()
+    c = trainer.model.base_model.subspace.coeffs["default"]
+    assert c.dtype == torch.float32 and torch.isfinite(c).all() and c.abs().sum() > 0
+
+
+def test_accepts_an_already_wrapped_model(tmp_out):
+    from peft import get_peft_model
+
+    wrapped = get_peft_model(tiny_bert_cls(), hs.SubspaceConfig(dim=64, task_type="SEQ_CLS"))
+    trainer = SubspaceTrainer(model=wrapped, args=args(tmp_out, max_steps=2), train_dataset=text_dataset())
+    assert trainer.model is wrapped
+    trainer.train()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="dim must be a positive integer"):
+        args("x", subspace_dim=0)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        args("x", subspace_dim=10, twa=True)
+    with pytest.raises(ValueError, match="twa_basis"):
+        args("x", twa=True, twa_basis="svd")
+
+
+def _span_residual(result, model):
+    params = dict(model.named_parameters())
+    flat = torch.cat([(params[n].detach().double() - result.mean[n].double()).reshape(-1) for n in result.names])
+    Q = result.basis.double()
+    return (flat - Q.T @ (Q @ flat)).norm() / flat.norm().clamp_min(1e-30), flat.norm()
+
+
+def test_twa_one_run_stays_in_the_span_and_recalibrates_bn(tmp_out):
+    a = args(tmp_out, twa=True, num_train_epochs=4, learning_rate=0.05, twa_epochs=1, twa_learning_rate=0.5,
+             eval_strategy="no", twa_snapshot_steps=2)
+    model = tiny_resnet()
+    trainer = SubspaceTrainer(model=model, args=a, train_dataset=image_dataset(), eval_dataset=image_dataset(32, 1),
+                              compute_metrics=accuracy)
+    trainer.train()
+    result = trainer.twa_result
+    assert len(trainer.snapshot_callback.store) == 16  # 4 epochs x 8 steps / every 2 steps
+    assert result.k >= 2 and result.orthonormality_error <= 1e-6
+    assert result.coefficients.abs().sum() > 0
+    residual, moved = _span_residual(result, trainer.model)
+    assert moved > 0 and residual < 1e-4
+    assert not any(hasattr(m, "parametrizations") for m in trainer.model.modules())  # merged, plain model
+    assert "twa_eval_accuracy" in result.metrics
+    assert all(p.requires_grad for p in trainer.model.parameters())
+
+
+def test_twa_starts_exactly_at_the_snapshot_mean(tmp_out):
+    # with a zero learning rate the coefficients stay 0: the result must be the mean of the snapshots
+    a = args(tmp_out, twa=True, num_train_epochs=3, learning_rate=0.05, twa_learning_rate=0.0, twa_momentum=0.0)
+    trainer = SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset())
+    bn = trainer.model.resnet.embedder.embedder.normalization
+    trainer.train()
+    store = trainer.snapshot_callback.store
+    assert len(store) == 3
+    params = dict(trainer.model.named_parameters())
+    for name in trainer.twa_result.names:
+        mean = sum(store[i][name] for i in range(len(store))) / len(store)
+        torch.testing.assert_close(params[name].detach(), mean, rtol=1e-5, atol=1e-6)
+    assert torch.equal(trainer.twa_result.coefficients, torch.zeros_like(trainer.twa_result.coefficients))
+    # BN statistics were recalibrated for the averaged weights (cumulative mean over the data, not the EMA)
+    assert bn.running_mean.abs().sum() > 0
+
+
+def test_bn_statistics_change_on_recalibration():
+    from hf_subspace.twa import recalibrate_batchnorm
+
+    model = tiny_resnet()
+    bn = model.resnet.embedder.embedder.normalization
+    before = bn.running_var.clone()
+    loader = torch.utils.data.DataLoader(image_dataset(16), batch_size=8)
+    assert recalibrate_batchnorm(model, loader) > 0
+    assert not torch.equal(before, bn.running_var)
+    assert not model.training
+
+
+def test_twa_from_trainer_checkpoints(tmp_path):
+    run_dir = str(tmp_path / "run")
+    a = args(run_dir, num_train_epochs=3, save_strategy="epoch", learning_rate=0.05)
+    trainer = SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset())
+    trainer.train()
+    assert len([d for d in os.listdir(run_dir) if d.startswith("checkpoint-")]) == 3
+    from transformers import ResNetForImageClassification
+
+    model = ResNetForImageClassification.from_pretrained(os.path.join(run_dir, "checkpoint-24"))
+    twa_args = args(str(tmp_path / "twa"), twa_learning_rate=0.3, twa_epochs=1)
+    t2, result = twa_from_checkpoints(run_dir, model, twa_args, train_dataset=image_dataset(),
+                                      eval_dataset=image_dataset(32, 1), compute_metrics=accuracy)
+    assert result.num_snapshots == 3 and result.k == 2
+    residual, _ = _span_residual(result, t2.model)
+    assert residual < 1e-4
+    t2.save_model(str(tmp_path / "final"))
+    reloaded = ResNetForImageClassification.from_pretrained(str(tmp_path / "final"))
+    for (n, p), (_, q) in zip(t2.model.state_dict().items(), reloaded.state_dict().items()):
+        torch.testing.assert_close(p, q)
+
+
+def test_twa_needs_two_snapshots(tmp_out):
+    a = args(tmp_out, twa=True, num_train_epochs=1)
+    trainer = SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset())
+    with pytest.raises(ValueError, match="at least 2 snapshots"):
+        trainer.train()
+
+
+def test_twa_refuses_checkpoints_of_another_model(tmp_path):
+    run_dir = str(tmp_path / "run")
+    trainer = SubspaceTrainer(model=tiny_resnet(), args=args(run_dir, num_train_epochs=2, save_strategy="epoch"),
+                              train_dataset=image_dataset())
+    trainer.train()
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    other = ResNetForImageClassification(ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 24],
+                                                      depths=[1, 1], layer_type="basic", num_labels=3))
+    with pytest.raises(ValueError, match="shape"):
+        twa_from_checkpoints(run_dir, other, args(str(tmp_path / "t")), train_dataset=image_dataset())
