@@ -221,6 +221,7 @@ class AdapterSubspace:
         self._cache: torch.Tensor | None = None
         self._cache_key = None
         self._cache_c: torch.Tensor | None = None
+        self._pieces: list[torch.Tensor] = []
 
     def flat_delta(self, c: torch.Tensor) -> torch.Tensor:
         """``P c`` of shape ``(D,)`` (float32), recomputed only when ``c`` changed since the last call."""
@@ -236,9 +237,19 @@ class AdapterSubspace:
                 self._cache = _Project.apply(c, self.projection)
             else:
                 self._cache = self.projection.matvec(c.detach())
+            # one split node for all tensors: its backward concatenates the per-tensor gradients in one pass
+            # (slicing the flat vector per tensor would zero-fill a D-sized gradient for every tensor)
+            sizes = [slot.numel for slot in self.layout.slots]
+            self._pieces = [piece.view(slot.shape) for piece, slot in
+                            zip(torch.split(self._cache, sizes), self.layout.slots)]
             self._cache_key = key
             self._cache_c = c.detach().clone()
         return self._cache
+
+    def piece(self, c: torch.Tensor, i: int) -> torch.Tensor:
+        """``P_i c``: the part of ``P c`` for tensor ``i`` of the layout, in that tensor's shape (float32)."""
+        self.flat_delta(c)
+        return self._pieces[i]
 
     def invalidate(self) -> None:
         self._cache = None
@@ -360,8 +371,7 @@ class SubspaceEngine(nn.Module):
             i = state.layout.index.get(slot_name)
             if i is None:
                 continue
-            slot = state.layout.slots[i]
-            piece = state.flat_delta(self.coeffs[name])[slot.offset : slot.offset + slot.numel].view(slot.shape)
+            piece = state.piece(self.coeffs[name], i)
             if name in self.scales:
                 piece = piece * self.scales[name][i]
             out = out + piece.to(original.dtype)
@@ -370,9 +380,8 @@ class SubspaceEngine(nn.Module):
     def slot_delta(self, name: str, i: int) -> torch.Tensor:
         """``λ_i P_i c`` for tensor ``i`` of adapter ``name`` (float32, no autograd)."""
         state = self.adapters[name]
-        slot = state.layout.slots[i]
         with torch.no_grad():
-            piece = state.flat_delta(self.coeffs[name])[slot.offset : slot.offset + slot.numel].view(slot.shape)
+            piece = state.piece(self.coeffs[name], i)
             if name in self.scales:
                 piece = piece * self.scales[name][i]
         return piece

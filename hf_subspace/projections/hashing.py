@@ -2,8 +2,11 @@
 
 Row ``i`` of ``P`` is ``s_i / √n_h(i)`` in column ``h(i)``: ``h`` spreads the ``D`` rows evenly over the ``d``
 columns (each column gets ``⌊D/d⌋`` or ``⌈D/d⌉`` rows, shuffled), ``s_i = ±1``. Columns are then exactly
-orthonormal (``PᵀP = I``), so ``c`` and θ - θ0 have the same length. ``P c`` is one gather and
-``Pᵀ g`` one scatter-add: ``O(D)`` time and memory, independent of ``d``. The fastest kind, and the default.
+orthonormal (``PᵀP = I``), so ``c`` and θ - θ0 have the same length.
+
+Cost is the floor of any projection: the sign is folded into the index (row ``i`` reads entry
+``h(i) + d·[s_i < 0]`` of ``[c/√n, -c/√n]``), so ``P c`` is one gather and ``Pᵀ g`` one scatter-add into ``2d``
+bins — no other pass over ``D``. Memory: one int32 per row. The default kind.
 """
 from __future__ import annotations
 
@@ -21,16 +24,19 @@ class HashingProjection(Projection):
         idx = torch.arange(D, dtype=torch.int64) % d
         idx = idx[torch.randperm(D, generator=g)]
         counts = torch.bincount(idx, minlength=d).float()
-        signs = torch.randint(0, 2, (D,), generator=g, dtype=torch.int8).float().mul_(2).sub_(1)
-        self.index = idx.to(torch.int32 if d < 2**31 else torch.int64).to(self.device)
-        self.values = (signs * counts.rsqrt()[idx]).to(self.device)
+        negative = torch.randint(0, 2, (D,), generator=g, dtype=torch.int64)
+        idx += d * negative
+        index_dtype = torch.int32 if 2 * d < 2**31 else torch.int64
+        self.index = idx.to(index_dtype).to(self.device)
+        self.col_scale = counts.rsqrt().to(self.device)
 
     def _matvec(self, c):
-        return c[self.index] * self.values
+        cs = c * self.col_scale
+        return torch.index_select(torch.cat([cs, -cs]), 0, self.index)
 
     def _rmatvec(self, g):
-        out = torch.zeros(self.d, device=self.device, dtype=torch.float32)
-        return out.index_add_(0, self.index, g * self.values)
+        bins = torch.zeros(2 * self.d, device=self.device, dtype=torch.float32).index_add_(0, self.index, g)
+        return (bins[: self.d] - bins[self.d:]) * self.col_scale
 
     def state_tensors(self):
-        return {"index": self.index, "values": self.values}
+        return {"index": self.index, "col_scale": self.col_scale}
