@@ -211,3 +211,41 @@ def test_twa_refuses_checkpoints_of_another_model(tmp_path):
                                                       depths=[1, 1], layer_type="basic", num_labels=3))
     with pytest.raises(ValueError, match="shape"):
         twa_from_checkpoints(run_dir, other, args(str(tmp_path / "t")), train_dataset=image_dataset())
+
+
+def test_cli_twa_from_checkpoints(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    run_dir = str(tmp_path / "run")
+    trainer = SubspaceTrainer(model=tiny_resnet(), args=args(run_dir, num_train_epochs=3, save_strategy="epoch"),
+                              train_dataset=image_dataset())
+    trainer.train()
+    image_dataset().save_to_disk(str(tmp_path / "data"))
+    out = str(tmp_path / "twa")
+    proc = subprocess.run([sys.executable, "-m", "hf_subspace.cli", "twa", run_dir, "--dataset",
+                           str(tmp_path / "data"), "-o", out, "--lr", "0.3", "--batch_size", "8", "--cpu"],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.load(open(os.path.join(out, "twa_summary.json")))
+    assert summary["snapshots"] == 3 and summary["k"] == 2 and summary["orthonormality_error"] < 1e-6
+    assert os.path.exists(os.path.join(out, "model.safetensors"))
+    bad = subprocess.run([sys.executable, "-m", "hf_subspace.cli", "twa", str(tmp_path), "--dataset", "x", "-o", out],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "no checkpoint-* folders" in bad.stderr
+
+
+def test_cli_info(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from peft import get_peft_model
+
+    model = get_peft_model(tiny_bert_cls(), hs.SubspaceConfig(dim=77, task_type="SEQ_CLS"))
+    model.save_pretrained(str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "hf_subspace.cli", "info", str(tmp_path)],
+                          capture_output=True, text=True, check=True)
+    info = json.loads(proc.stdout)
+    assert info["dim"] == 77 and info["tensors"]["base_model.subspace.coeffs"] == [77]

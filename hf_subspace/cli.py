@@ -1,0 +1,128 @@
+"""The ``hf-subspace`` command.
+
+    hf-subspace info ADAPTER_DIR                 what an adapter holds (d, D, projection, sizes)
+    hf-subspace twa RUN_DIR --dataset DATA -o OUT   post-hoc TWA over a Trainer run's checkpoint-* folders
+
+``--dataset`` is a folder written by ``datasets.Dataset.save_to_disk`` whose columns the model takes
+(e.g. ``pixel_values`` and ``labels``), or ``fashion-mnist`` for the packaged Fashion-MNIST images
+(``pixel_values`` of shape 1x28x28 in [0, 1], ``labels``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+
+def _latest_checkpoint(run_dir: str) -> str:
+    found = [(int(m.group(1)), d) for d in os.listdir(run_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
+    if not found:
+        raise SystemExit(f"error: no checkpoint-* folders in {run_dir}")
+    return os.path.join(run_dir, max(found)[1])
+
+
+def _load_model(path: str):
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    archs = getattr(config, "architectures", None)
+    if not archs or not hasattr(transformers, archs[0]):
+        raise SystemExit(f"error: {path} does not name a transformers architecture (config.architectures={archs})")
+    return getattr(transformers, archs[0]).from_pretrained(path)
+
+
+def _load_dataset(spec: str):
+    if spec in ("fashion-mnist", "fashion_mnist"):
+        import numpy as np
+        from datasets import Dataset
+
+        from .data import load_image_classification
+
+        data = load_image_classification("fashion_mnist")
+        images = data.train.images.numpy().astype("float32")[:, None] / 255.0
+        return Dataset.from_dict({"pixel_values": images.tolist(),
+                                  "labels": data.train.labels.numpy().astype(np.int64).tolist()}).with_format("torch")
+    if os.path.isdir(spec):
+        from datasets import load_from_disk
+
+        return load_from_disk(spec).with_format("torch")
+    raise SystemExit(f"error: --dataset must be a datasets.save_to_disk folder or 'fashion-mnist', got {spec!r}")
+
+
+def cmd_twa(ns) -> int:
+    from .trainer import SubspaceTrainingArguments, twa_from_checkpoints
+
+    model = _load_model(ns.model or _latest_checkpoint(ns.run_dir))
+    train = _load_dataset(ns.dataset)
+    eval_ds = _load_dataset(ns.eval_dataset) if ns.eval_dataset else None
+    args = SubspaceTrainingArguments(
+        output_dir=ns.output, per_device_train_batch_size=ns.batch_size, per_device_eval_batch_size=ns.batch_size,
+        twa_epochs=ns.epochs, twa_learning_rate=ns.lr, twa_momentum=ns.momentum, twa_weight_decay=ns.weight_decay,
+        twa_basis=ns.basis, twa_num_components=ns.k, twa_bn_batches=ns.bn_batches, report_to=[],
+        save_strategy="no", logging_steps=10, use_cpu=ns.cpu, seed=ns.seed,
+    )
+    trainer, result = twa_from_checkpoints(ns.run_dir, model, args, train_dataset=train, eval_dataset=eval_ds)
+    trainer.save_model(ns.output)
+    summary = {"snapshots": result.num_snapshots, "k": result.k, "basis": result.method,
+               "orthonormality_error": result.orthonormality_error,
+               "explained_variance": [round(float(v), 4) for v in result.explained_variance_ratio],
+               "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
+    with open(os.path.join(ns.output, "twa_summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(json.dumps(summary, indent=1))
+    print(f"TWA model saved to {ns.output}")
+    return 0
+
+
+def cmd_info(ns) -> int:
+    from safetensors import safe_open
+
+    with open(os.path.join(ns.adapter_dir, "adapter_config.json")) as f:
+        config = json.load(f)
+    path = os.path.join(ns.adapter_dir, "adapter_model.safetensors")
+    with safe_open(path, "pt") as f:
+        tensors = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    info = {k: config.get(k) for k in ("peft_type", "dim", "projection", "mode", "seed", "num_weights",
+                                       "base_model_name_or_path", "target_modules", "modules_to_save")}
+    info["adapter_bytes"] = os.path.getsize(path)
+    info["tensors"] = tensors
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hf-subspace", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("twa", help="TWA over the checkpoint-* folders of a Trainer run")
+    t.add_argument("run_dir", help="the run's output_dir, holding checkpoint-* folders")
+    t.add_argument("--dataset", required=True, help="save_to_disk folder, or 'fashion-mnist'")
+    t.add_argument("--eval_dataset", default=None)
+    t.add_argument("-o", "--output", required=True, help="where to save the TWA model")
+    t.add_argument("--model", default=None, help="model to load the snapshots into (default: latest checkpoint)")
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--lr", type=float, default=2.0)
+    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--weight_decay", type=float, default=1e-5)
+    t.add_argument("--basis", choices=["twa", "pca"], default="twa")
+    t.add_argument("--k", type=int, default=None, help="components for --basis pca")
+    t.add_argument("--batch_size", type=int, default=64)
+    t.add_argument("--bn_batches", type=int, default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--cpu", action="store_true", help="force the CPU")
+    t.set_defaults(func=cmd_twa)
+    i = sub.add_parser("info", help="describe a saved subspace adapter")
+    i.add_argument("adapter_dir")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    ns = build_parser().parse_args(argv)
+    return ns.func(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
