@@ -132,6 +132,27 @@ def push_to_hub(model, repo_id: str, *, token=None, private=None, commit_message
                                  commit_message=commit_message or "Upload hf_subspace adapter")
 
 
+def twa_card(model, result, repo_id: str | None = None, base_model: str | None = None) -> str:
+    """README.md for a model trained with TWA (``result``: a TrajectoryBasisResult with ``metrics``)."""
+    base_model = base_model or getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    data = ModelCardData(library_name="transformers", base_model=base_model,
+                         tags=["hf-subspace", "twa", "trainable-weight-averaging"])
+    fields = dict(
+        metadata=data.to_yaml(),
+        title=f"{repo_id or type(model).__name__} (TWA, {result.k} coefficients)",
+        base_model=base_model or "trained from scratch",
+        num_snapshots=result.num_snapshots,
+        dim=result.k,
+        basis_method=("PCA of the trajectory (DLDR), top components" if result.method == "pca"
+                      else "all directions of the centered snapshots, orthonormalized in float64"),
+        metrics=_format_metrics({k: v for k, v in (getattr(result, "metrics", None) or {}).items()
+                                 if isinstance(v, (int, float))}),
+        auto_class=_auto_class(model),
+        repo_id=repo_id or "path/to/this/model",
+    )
+    return _template("twa_model.md").substitute(fields)
+
+
 def is_subspace_model(model) -> bool:
     cfgs = getattr(model, "peft_config", None) or {}
     return any(getattr(c, "peft_type", None) == PEFT_TYPE for c in cfgs.values())

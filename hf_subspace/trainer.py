@@ -167,6 +167,19 @@ class SubspaceTrainer(Trainer):
             return names
         return [n for n in names if "subspace.coeffs" not in n and "subspace.scales" not in n]
 
+    # -- model card -------------------------------------------------------------------------------------------
+    def create_model_card(self, *args, **kwargs):
+        """After TWA, write our TWA card (library_name: transformers — the result is a merged model)."""
+        if self.twa_result is None:
+            return super().create_model_card(*args, **kwargs)
+        from .hub import twa_card
+
+        if self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
+                f.write(twa_card(self.model, self.twa_result, repo_id=self.args.hub_model_id,
+                                 base_model=kwargs.get("finetuned_from")))
+
     # -- training ---------------------------------------------------------------------------------------------
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)

@@ -141,6 +141,10 @@ def test_twa_one_run_stays_in_the_span_and_recalibrates_bn(tmp_out):
     assert not any(hasattr(m, "parametrizations") for m in trainer.model.modules())  # merged, plain model
     assert "twa_eval_accuracy" in result.metrics
     assert all(p.requires_grad for p in trainer.model.parameters())
+    trainer.create_model_card()
+    card = open(os.path.join(tmp_out, "README.md")).read()
+    assert "- twa" in card.split("---")[1] and f"{result.num_snapshots} weight snapshots" in card
+    assert "twa_eval_accuracy" in card
 
 
 def test_twa_starts_exactly_at_the_snapshot_mean(tmp_out):
