@@ -62,27 +62,28 @@ def test_dense_is_chunked_and_reproducible(monkeypatch):
     torch.testing.assert_close(p.matvec(c), p.dense_matrix() @ c, rtol=1e-4, atol=1e-5)
 
 
-def _fingerprint_in_subprocess(kind, seed):
-    code = (
-        "import torch, hashlib;"
-        "from hf_subspace.projections import make_projection;"
-        f"p = make_projection({kind!r}, 4096, 50, seed={seed});"
-        "c = torch.linspace(-1, 1, 50);"
-        "print(hashlib.sha256(p.matvec(c).numpy().tobytes()).hexdigest())"
-    )
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+_FINGERPRINT_CODE = (
+    "import torch, hashlib, json;"
+    "from hf_subspace.projections import PROJECTION_KINDS, make_projection;"
+    "c = torch.linspace(-1, 1, 50);"
+    "print(json.dumps({k: hashlib.sha256(make_projection(k, 4096, 50, seed=7).matvec(c).numpy().tobytes())"
+    ".hexdigest() for k in sorted(PROJECTION_KINDS)}))"
+)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_same_seed_same_P_across_processes(kind):
+def test_same_seed_same_P_across_processes():
     import hashlib
+    import json
 
-    a = _fingerprint_in_subprocess(kind, 7)
-    b = _fingerprint_in_subprocess(kind, 7)
-    here = make_projection(kind, 4096, 50, seed=7).matvec(torch.linspace(-1, 1, 50))
-    assert a == b == hashlib.sha256(here.numpy().tobytes()).hexdigest()
-    other = make_projection(kind, 4096, 50, seed=8).matvec(torch.linspace(-1, 1, 50))
-    assert not torch.allclose(here, other)
+    runs = [json.loads(subprocess.run([sys.executable, "-c", _FINGERPRINT_CODE], capture_output=True, text=True,
+                                      check=True).stdout) for _ in range(2)]
+    assert runs[0] == runs[1]
+    c = torch.linspace(-1, 1, 50)
+    for kind in KINDS:
+        here = make_projection(kind, 4096, 50, seed=7).matvec(c)
+        assert runs[0][kind] == hashlib.sha256(here.numpy().tobytes()).hexdigest(), kind
+        other = make_projection(kind, 4096, 50, seed=8).matvec(c)
+        assert not torch.allclose(here, other), kind
 
 
 @pytest.mark.parametrize("n", [1, 2, 16, 256, 2048])
