@@ -47,6 +47,10 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     """Normalized Walsh–Hadamard transform along the last dimension (a power of two).
 
     ``x``: ``(..., n)`` -> ``(..., n)``. Orthonormal and symmetric, so it is its own inverse and adjoint.
+
+    With ``n = a_1·…·a_m`` and ``x`` viewed as ``(batch, a_1, …, a_m)``: apply ``H_{a_m}`` to the last axis as one
+    large GEMM, then rotate that axis to the front; after ``m`` such steps every axis has been transformed and the
+    axes are back in order. ``m`` GEMMs and ``m`` copies — several times faster than batched small matmuls.
     """
     n = x.shape[-1]
     bits = n.bit_length() - 1
@@ -55,12 +59,8 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     batch = math.prod(lead) if lead else 1
     y = x.reshape(batch, n)
-    outer = batch
-    for fb in factor_bits(bits):
+    for fb in reversed(factor_bits(bits)):
         a = 1 << fb
-        # view as (outer, a, rest) and apply H_a on the middle axis; the next factor acts on `rest`
-        rest = y.numel() // (outer * a)
         h = hadamard_matrix(fb, y.device, y.dtype)
-        y = torch.matmul(h, y.reshape(outer, a, rest))
-        outer = outer * a
+        y = (y.reshape(-1, a) @ h).reshape(batch, n // a, a).transpose(1, 2).contiguous()
     return y.reshape(*lead, n)
