@@ -211,6 +211,19 @@ class _Project(torch.autograd.Function):
         return ctx.projection.rmatvec(grad.contiguous()), None
 
 
+class _ProjectRows(torch.autograd.Function):
+    """``c -> (P c)[start:stop]`` with backward ``g -> P[start:stop]ᵀ g``, for projections with cheap row slices."""
+
+    @staticmethod
+    def forward(ctx, c, projection, start, stop):
+        ctx.projection, ctx.start, ctx.stop = projection, start, stop
+        return projection.matvec_rows(c, start, stop)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.projection.rmatvec_rows(grad, ctx.start, ctx.stop), None, None, None
+
+
 class AdapterSubspace:
     """One adapter: its layout, projection, and the cached flat ``P c`` (no parameters of its own)."""
 
@@ -246,10 +259,26 @@ class AdapterSubspace:
             self._cache_c = c.detach().clone()
         return self._cache
 
-    def piece(self, c: torch.Tensor, i: int) -> torch.Tensor:
-        """``P_i c``: the part of ``P c`` for tensor ``i`` of the layout, in that tensor's shape (float32)."""
+    def piece(self, c: torch.Tensor, i: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``λ_i P_i c``: the part of ``P c`` for tensor ``i`` of the layout, in its shape (float32).
+
+        Projections with cheap row slices (hashing) compute it on the fly — one gather forward, one scatter
+        backward, nothing of size D kept between layers, and ``λ_i`` applied to the d-sized ``c``. Others slice
+        the ``P c`` cached for the step.
+        """
+        if self.projection.supports_row_slices:
+            if self.projection.device != c.device:
+                self.projection.to(c.device)
+            slot = self.layout.slots[i]
+            src = c if scale is None else c * scale
+            if torch.is_grad_enabled() and src.requires_grad:
+                out = _ProjectRows.apply(src, self.projection, slot.offset, slot.offset + slot.numel)
+            else:
+                out = self.projection.matvec_rows(src, slot.offset, slot.offset + slot.numel)
+            return out.view(slot.shape)
         self.flat_delta(c)
-        return self._pieces[i]
+        piece = self._pieces[i]
+        return piece if scale is None else piece * scale
 
     def invalidate(self) -> None:
         self._cache = None
@@ -371,20 +400,15 @@ class SubspaceEngine(nn.Module):
             i = state.layout.index.get(slot_name)
             if i is None:
                 continue
-            piece = state.piece(self.coeffs[name], i)
-            if name in self.scales:
-                piece = piece * self.scales[name][i]
-            out = out + piece.to(original.dtype)
+            scale = self.scales[name][i] if name in self.scales else None
+            out = out + state.piece(self.coeffs[name], i, scale).to(original.dtype)
         return out
 
     def slot_delta(self, name: str, i: int) -> torch.Tensor:
         """``λ_i P_i c`` for tensor ``i`` of adapter ``name`` (float32, no autograd)."""
         state = self.adapters[name]
         with torch.no_grad():
-            piece = state.piece(self.coeffs[name], i)
-            if name in self.scales:
-                piece = piece * self.scales[name][i]
-        return piece
+            return state.piece(self.coeffs[name], i, self.scales[name][i] if name in self.scales else None)
 
     # -- merging and removal ----------------------------------------------------------------------------------
     @torch.no_grad()

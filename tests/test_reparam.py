@@ -137,9 +137,21 @@ def test_activation_checkpointing_gives_the_same_gradient(kind):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
 
 
-def test_projection_runs_once_per_step_and_again_after_update(monkeypatch):
+def test_row_sliced_projection_keeps_nothing_of_size_D():
     model = tiny_bert_cls()
-    engine = hs.reparameterize(model, 100, "hashing")
+    engine = hs.reparameterize(model, 100, "hashing", mode="said")
+    with torch.no_grad():
+        engine.coeffs["default"].fill_(0.1)  # with c = 0 the scales' gradient ⟨P c, g⟩ is 0
+    model.train()
+    model(**bert_batch()).loss.backward()
+    assert engine.adapters["default"]._cache is None
+    assert engine.coeffs["default"].grad.abs().sum() > 0 and engine.scales["default"].grad.abs().sum() > 0
+
+
+def test_projection_runs_once_per_step_and_again_after_update(monkeypatch):
+    # projections without cheap row slices (fastfood, sparse, dense) compute P c once per step
+    model = tiny_bert_cls()
+    engine = hs.reparameterize(model, 100, "fastfood")
     proj = engine.adapters["default"].projection
     calls = {"matvec": 0, "rmatvec": 0}
     orig_m, orig_r = proj.matvec, proj.rmatvec

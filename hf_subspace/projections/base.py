@@ -49,6 +49,20 @@ class Projection:
             raise ValueError(f"{self.kind} projection expects a vector of shape ({self.D},), got {tuple(g.shape)}")
         return self._rmatvec(g.detach().to(self.device, torch.float32))
 
+    #: True when :meth:`matvec_rows` / :meth:`rmatvec_rows` are as cheap as their share of the full products;
+    #: the engine then computes each tensor's delta on the fly instead of caching the whole ``P c``.
+    supports_row_slices: bool = False
+
+    def matvec_rows(self, c: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of ``P c``: ``(d,)`` -> ``(stop - start,)``."""
+        return self.matvec(c)[start:stop]
+
+    def rmatvec_rows(self, g: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """``P[start:stop]ᵀ g``: ``(stop - start,)`` -> ``(d,)``."""
+        full = torch.zeros(self.D, device=self.device, dtype=torch.float32)
+        full[start:stop] = g
+        return self.rmatvec(full)
+
     def to(self, device: torch.device | str) -> "Projection":
         """Move the projection's (regenerable) state to ``device``; returns ``self``."""
         device = torch.device(device)

@@ -30,6 +30,17 @@ class HashingProjection(Projection):
         self.index = idx.to(index_dtype).to(self.device)
         self.col_scale = counts.rsqrt().to(self.device)
 
+    supports_row_slices = True
+
+    def matvec_rows(self, c, start, stop):
+        cs = c.detach().to(self.device, torch.float32) * self.col_scale
+        return torch.index_select(torch.cat([cs, -cs]), 0, self.index[start:stop])
+
+    def rmatvec_rows(self, g, start, stop):
+        g = g.detach().reshape(-1).to(self.device, torch.float32)
+        bins = torch.zeros(2 * self.d, device=self.device, dtype=torch.float32).index_add_(0, self.index[start:stop], g)
+        return (bins[: self.d] - bins[self.d:]) * self.col_scale
+
     def _matvec(self, c):
         cs = c * self.col_scale
         return torch.index_select(torch.cat([cs, -cs]), 0, self.index)
