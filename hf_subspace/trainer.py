@@ -57,6 +57,8 @@ class SubspaceTrainingArguments(TrainingArguments):
                                                              "by twa_lr_gamma"})
     twa_lr_gamma: float = field(default=0.1)
     twa_bn_batches: Optional[int] = field(default=None, metadata={"help": "batches for BN recalibration (all)"})
+    twa_max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping in the TWA phase (0: none, "
+                                                                     "as in the paper)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -229,6 +231,7 @@ def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None
         args, twa=False, num_train_epochs=args.twa_epochs, max_steps=-1, learning_rate=args.twa_learning_rate,
         weight_decay=args.twa_weight_decay, output_dir=os.path.join(args.output_dir, "twa"),
         save_strategy="no", load_best_model_at_end=False, push_to_hub=False, warmup_steps=0,
+        max_grad_norm=args.twa_max_grad_norm,
     )
     steps_per_epoch = max(1, len(train_loader) // max(1, args.gradient_accumulation_steps))
     total = max(1, math.ceil(steps_per_epoch * args.twa_epochs))
@@ -236,10 +239,16 @@ def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None
                                 weight_decay=args.twa_weight_decay)
     milestones = sorted({max(1, int(f * total)) for f in args.twa_lr_milestones if 0 < f < 1})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=args.twa_lr_gamma)
+    from transformers.trainer_callback import DefaultFlowCallback, PrinterCallback, ProgressCallback
+
+    from .twa import SnapshotCallback
+
+    internal = (DefaultFlowCallback, PrinterCallback, ProgressCallback, SnapshotCallback, _SubspaceInfoCallback)
+    user_callbacks = [cb for cb in trainer.callback_handler.callbacks if not isinstance(cb, internal)]
     inner = Trainer(
         model=model, args=twa_args, train_dataset=trainer.train_dataset, eval_dataset=trainer.eval_dataset,
         data_collator=trainer.data_collator, compute_metrics=trainer.compute_metrics,
-        optimizers=(optimizer, scheduler), processing_class=trainer.processing_class,
+        optimizers=(optimizer, scheduler), processing_class=trainer.processing_class, callbacks=user_callbacks,
     )
     train_out = inner.train()
 

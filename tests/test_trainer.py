@@ -126,12 +126,21 @@ def _span_residual(result, model):
 
 
 def test_twa_one_run_stays_in_the_span_and_recalibrates_bn(tmp_out):
+    from transformers import TrainerCallback
+
+    class CountSteps(TrainerCallback):
+        steps = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            CountSteps.steps += 1
+
     a = args(tmp_out, twa=True, num_train_epochs=4, learning_rate=0.05, twa_epochs=1, twa_learning_rate=0.5,
              eval_strategy="no", twa_snapshot_steps=2)
     model = tiny_resnet()
     trainer = SubspaceTrainer(model=model, args=a, train_dataset=image_dataset(), eval_dataset=image_dataset(32, 1),
-                              compute_metrics=accuracy)
+                              compute_metrics=accuracy, callbacks=[CountSteps()])
     trainer.train()
+    assert CountSteps.steps == 4 * 8 + 8  # user callbacks see the TWA phase too
     result = trainer.twa_result
     assert len(trainer.snapshot_callback.store) == 16  # 4 epochs x 8 steps / every 2 steps
     assert result.k >= 2 and result.orthonormality_error <= 1e-6
