@@ -1,0 +1,1061 @@
+"""Speed, memory (and optionally accuracy) of subspace training against full fine-tuning and PEFT baselines.
+
+One command, one process tree::
+
+    python benchmarks/bench_speed.py [--quick] [--accuracy] [--profile] [--out benchmarks/results]
+
+writes ``<out>/speed.json`` (everything measured, with machine info) and ``<out>/speed.md`` (tables):
+
+a. **Training steps** on MiniLM-L6 sequence classification (batch 16, 64 tokens, AdamW, default torch threads):
+   median step time of 10 steps after 2 warm-up ones (forward + backward + optimizer step) and the peak memory of
+   each method, each method in a fresh subprocess so that its peak is its own. Methods: full fine-tuning, LoRA,
+   VeRA, UniLoRA, hf_subspace on query/value, and hf_subspace over all weights for every projection kind and
+   d in {1e3, 1e4, 1e5}. A configuration that would not fit in time or memory is not run: its cost is
+   extrapolated from the projection micro-benchmark (b) and reported as an estimate, with the reason.
+b. **Projection micro-benchmark**: build time, ``P c`` and ``Pᵀ g`` time and peak memory of each kind as D grows
+   (d = 1000) and as d grows (D = 1e7), again one subprocess each, sizes that do not fit skipped (estimated).
+   The share of a MiniLM step the projection takes at D = 22.7M comes from (a).
+c. ``--accuracy`` (slow: an epoch of 500 steps per method and learning rate): one epoch on the Rotten Tomatoes
+   split (8,000 / 2,000) and the test accuracy, for a few learning rates per method.
+d. ``--profile``: a torch.profiler breakdown of one step (full fine-tuning vs hf_subspace global hashing):
+   projection, materialization of θ0 + δ, matmuls, optimizer, the rest.
+
+Memory is the growth of the process's resident set (RSS) over its size after the imports: the model, the
+adapter, activations, gradients and optimizer state (peak of ``getrusage`` max-RSS and a 2 ms RSS sampler).
+The machine may be shared: the load average before and after each measurement is recorded beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without installing the package
+    sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+BATCH, SEQ_LEN = 16, 64
+MIB = 2**20
+WORKER_THREADS = None  # torch threads of the workers (None: torch's default); set from --threads
+
+
+# ================================================================================================================
+# small utilities
+# ================================================================================================================
+def current_rss() -> int:
+    """Resident set size of this process in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def max_rss() -> int:
+    """Peak resident set size of this process so far, in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """Peak RSS growth over a baseline: exact via max-RSS once it exceeds the import-time peak, else sampled."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.baseline = current_rss()
+        self.maxrss_at_start = max_rss()
+        self.sampled = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.sampled = max(self.sampled, current_rss())
+            time.sleep(self.interval)
+
+    def growth(self) -> int:
+        self.sampled = max(self.sampled, current_rss())
+        peak = self.sampled
+        if max_rss() > self.maxrss_at_start:
+            peak = max(peak, max_rss())
+        return peak - self.baseline
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.growth()
+
+
+def median_time(fn, repeats: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def machine_info() -> dict:
+    cpu_model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    mem_total = mem_available = None
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        mem_total = int(info["MemTotal"].split()[0]) * 1024
+        mem_available = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError):
+        pass
+    import numpy
+    import peft
+    import transformers
+
+    import hf_subspace
+
+    return {
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "mkl_num_threads_env": os.environ.get("MKL_NUM_THREADS"),
+        "mem_total_gib": round(mem_total / 2**30, 1) if mem_total else None,
+        "mem_available_gib": round(mem_available / 2**30, 1) if mem_available else None,
+        "load_average": os.getloadavg(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "numpy": numpy.__version__,
+        "hf_subspace": hf_subspace.__version__,
+        "torch_parallel_backend": next(
+            (line.split(":", 1)[1].strip() for line in torch.__config__.parallel_info().splitlines()
+             if "parallel backend" in line), None),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "hf_subspace_source": source_state(),
+    }
+
+
+def sources_sha256() -> str:
+    """A hash of the hf_subspace sources this run imports (each result records it: the tree may change mid-run)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted((REPO / "hf_subspace").rglob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def source_state() -> dict:
+    """The git commit of the checkout and a hash of hf_subspace's sources (the working tree may be ahead of it)."""
+    root = REPO / "hf_subspace"
+    state = {"sources_sha256": sources_sha256()}
+    try:
+        state["commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                                         capture_output=True, text=True, timeout=10).stdout.strip()
+        state["modified"] = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "."],
+                                           capture_output=True, text=True, timeout=10).stdout.split("\n")
+        state["modified"] = [line.strip() for line in state["modified"] if line.strip()]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if not state.get("commit"):  # not a checkout (e.g. a frozen copy of one): the caller may say which commit
+        state["commit"] = os.environ.get("HF_SUBSPACE_COMMIT", "unknown")
+    return state
+
+
+def run_worker(args: list[str], timeout: float) -> dict:
+    """Run this script in a fresh subprocess with ``args``; returns the JSON it writes (or the failure)."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result_file = f.name
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args, "--result-file", result_file]
+    if WORKER_THREADS:
+        cmd += ["--threads", str(WORKER_THREADS)]
+    load_before = os.getloadavg()[0]
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "reason": f"timed out after {timeout:.0f} s"}
+    finally:
+        load_after = os.getloadavg()[0]
+    try:
+        with open(result_file) as f:
+            result = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        tail = (proc.stderr or "").strip().splitlines()[-8:]
+        why = " (killed: out of memory?)" if proc.returncode == -9 else ""
+        result = {"status": "failed", "reason": f"worker exited with {proc.returncode}{why}: " + " | ".join(tail)}
+    finally:
+        if os.path.exists(result_file):
+            os.unlink(result_file)
+    result["load_average_1min"] = [round(load_before, 2), round(load_after, 2)]
+    return result
+
+
+# ================================================================================================================
+# data and model
+# ================================================================================================================
+def tokenized_batches(n_examples: int, split: str = "train", seed: int = 0, n_train=8000, n_test=2000):
+    """Rotten Tomatoes sentences tokenized to exactly SEQ_LEN tokens: ``(input_ids, attention_mask, labels)``."""
+    from transformers import AutoTokenizer
+
+    from hf_subspace.data import load_rotten_tomatoes, minilm_path
+
+    train, test = load_rotten_tomatoes(n_train=n_train, n_test=n_test, seed=seed)
+    part = train if split == "train" else test
+    texts, labels = part.texts[:n_examples], part.labels[:n_examples]
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    enc = tok(texts, padding="max_length", truncation=True, max_length=SEQ_LEN, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"], torch.tensor(labels, dtype=torch.int64)
+
+
+def load_minilm():
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_subspace.data import minilm_path
+
+    return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+
+
+def minilm_num_weights() -> tuple[int, int]:
+    """(all parameters, parameters outside the classification head = D of a global subspace adapter)."""
+    model = load_minilm()
+    total = sum(p.numel() for p in model.parameters())
+    head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("classifier."))
+    return total, total - head
+
+
+# ================================================================================================================
+# method builders: each takes the pretrained model and returns the model to train (trainable parameters set)
+# ================================================================================================================
+def build_full(model):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def build_lora(model, r=8):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                            target_modules=["query", "value"], task_type="SEQ_CLS"))
+
+
+def build_vera(model, r=256):
+    from peft import VeraConfig, get_peft_model
+
+    return get_peft_model(model, VeraConfig(r=r, target_modules=["query", "value"], task_type="SEQ_CLS"))
+
+
+def build_unilora(model, r=8, theta_d_length=10_000):
+    from peft import UniLoraConfig, get_peft_model
+
+    return get_peft_model(model, UniLoraConfig(r=r, theta_d_length=theta_d_length,
+                                               target_modules=["query", "value"], task_type="SEQ_CLS"))
+
+
+def build_subspace(model, dim, projection="hashing", target_modules=None):
+    from peft import get_peft_model
+
+    import hf_subspace
+
+    return get_peft_model(model, hf_subspace.SubspaceConfig(dim=dim, projection=projection, mode="global",
+                                                            target_modules=target_modules, task_type="SEQ_CLS"))
+
+
+BUILDERS = {"full": build_full, "lora": build_lora, "vera": build_vera, "unilora": build_unilora,
+            "subspace": build_subspace}
+
+# learning rates tried in --accuracy, per family
+LEARNING_RATES = {"full": [2e-5, 5e-5], "lora": [5e-4, 1e-3], "vera": [4e-3, 1e-2], "unilora": [2e-3, 1e-2],
+                  "subspace": [1e-3, 1e-2]}
+# the learning rate of the speed runs (irrelevant to speed, set to a sensible value)
+SPEED_LR = {"full": 2e-5, "lora": 5e-4, "vera": 4e-3, "unilora": 2e-3, "subspace": 1e-3}
+
+
+def fmt_dim(d: int) -> str:
+    return f"{d // 1000}k" if d >= 1000 and d % 1000 == 0 else str(d)
+
+
+def method_specs(quick: bool) -> list[dict]:
+    """The methods of part (a), in the order they run (hashing before the kinds estimated from it)."""
+    specs = [
+        {"id": "full", "family": "full", "label": "full fine-tuning", "options": {}},
+        {"id": "lora", "family": "lora", "label": "PEFT LoRA r=8 (q,v)", "options": {"r": 8}},
+        {"id": "vera", "family": "vera", "label": "PEFT VeRA r=256 (q,v)", "options": {"r": 256}},
+        {"id": "unilora", "family": "unilora", "label": "PEFT UniLoRA r=8, d=10k (q,v)",
+         "options": {"r": 8, "theta_d_length": 10_000}},
+        {"id": "subspace-qv-hashing-10000", "family": "subspace", "label": "hf_subspace hashing d=10k (q,v)",
+         "options": {"dim": 10_000, "projection": "hashing", "target_modules": ["query", "value"]}},
+    ]
+    if quick:
+        specs = [s for s in specs if s["id"] in ("full", "lora", "subspace-qv-hashing-10000")]
+    kinds = ["hashing", "fastfood", "sparse", "dense"]
+    for kind in kinds:
+        for d in ([10_000 if kind == "hashing" else 1_000] if quick else [1_000, 10_000, 100_000]):
+            specs.append({"id": f"global-{kind}-{d}", "family": "subspace",
+                          "label": f"hf_subspace global {kind} d={fmt_dim(d)}",
+                          "options": {"dim": d, "projection": kind, "target_modules": None}})
+    return specs
+
+
+def trainable_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def find_projection(model):
+    import hf_subspace
+
+    for module in model.modules():
+        if isinstance(module, hf_subspace.SubspaceEngine):
+            return next(iter(module.adapters.values())).projection
+    return None
+
+
+def build_method(spec: dict):
+    model = load_minilm()
+    model = BUILDERS[spec["family"]](model, **spec["options"])
+    model.train()
+    return model
+
+
+# ================================================================================================================
+# (a) training steps
+# ================================================================================================================
+def measure_training_steps(spec: dict, warmup: int, steps: int) -> dict:
+    """Median step time (forward, backward, AdamW step) and peak memory of one method; runs in a worker."""
+    n = BATCH * (warmup + steps)
+    input_ids, attention_mask, labels = tokenized_batches(n)
+    memory = PeakMemory()
+    t0 = time.perf_counter()
+    model = build_method(spec)
+    build_s = time.perf_counter() - t0
+    rss_after_build = memory.growth()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=SPEED_LR[spec["family"]])
+    phases = {"forward": [], "backward": [], "optimizer": [], "step": [], "cpu": []}
+    for i in tqdm(range(warmup + steps), desc=spec["id"], leave=False):
+        sl = slice(i * BATCH, (i + 1) * BATCH)
+        c0, t0 = time.process_time(), time.perf_counter()
+        out = model(input_ids=input_ids[sl], attention_mask=attention_mask[sl], labels=labels[sl])
+        t1 = time.perf_counter()
+        out.loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t3, c3 = time.perf_counter(), time.process_time()
+        if i >= warmup:
+            for key, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t3 - t0, c3 - c0)):
+                phases[key].append(value)
+    peak = memory.stop()
+    result = {
+        "status": "measured",
+        "trainable_params": trainable_parameters(model),
+        "build_s": build_s,
+        "step_s": statistics.median(phases["step"]),
+        "step_s_all": phases["step"],
+        "forward_s": statistics.median(phases["forward"]),
+        "backward_s": statistics.median(phases["backward"]),
+        "optimizer_s": statistics.median(phases["optimizer"]),
+        "cpu_s": statistics.median(phases["cpu"]),  # CPU seconds of all threads: less sensitive to a busy machine
+        "peak_mem_mb": peak / MIB,
+        "mem_after_build_mb": rss_after_build / MIB,
+        "torch_threads": torch.get_num_threads(),
+    }
+    projection = find_projection(model)
+    if projection is not None:
+        result.update(measure_projection_products(projection, repeats=3))
+        result["D"] = projection.D
+        result["projection_share"] = (result["matvec_s"] + result["rmatvec_s"]) / result["step_s"]
+    return result
+
+
+def measure_projection_products(projection, repeats: int) -> dict:
+    c = torch.randn(projection.d)
+    g = torch.randn(projection.D)
+    mv, _ = median_time(lambda: projection.matvec(c), repeats)
+    rmv, _ = median_time(lambda: projection.rmatvec(g), repeats)
+    return {"matvec_s": mv, "rmatvec_s": rmv}
+
+
+# ================================================================================================================
+# (b) projection micro-benchmark, with the cost models used to skip (and estimate) sizes that do not fit
+# ================================================================================================================
+def cost_units(kind: str, D: int, d: int) -> tuple[float, float]:
+    """(time units, memory units) of one product: measured cost / units is ~constant per kind."""
+    if kind == "hashing":
+        return D, D
+    if kind == "fastfood":
+        from hf_subspace.projections.hadamard import factor_bits
+
+        B = 1 << max(0, math.ceil(math.log2(d)))
+        padded = math.ceil(D / B) * B
+        return padded * sum(1 << b for b in factor_bits(int(math.log2(B)))) or padded, padded
+    if kind == "sparse":
+        nnz = d * math.sqrt(D)  # density 1/√D
+        return nnz + D, nnz + D
+    if kind == "dense":
+        return D * d, D
+    raise ValueError(kind)
+
+
+class CostModel:
+    """Cost of a projection size from the measured ones: each quantity (product time, build time, peak memory) is
+    taken as ``a + b * units`` (:func:`cost_units`) through the two measured sizes nearest to the target in
+    (log D, log d), or as proportional to the units from the nearest one when that line does not rise."""
+
+    QUANTITIES = ("product_s", "build_s", "peak_mem_mb")
+
+    def __init__(self):
+        self.points: dict[str, list[dict]] = {}
+
+    @staticmethod
+    def units(kind: str, quantity: str, D: int, d: int) -> float:
+        time_units, memory_units = cost_units(kind, D, d)
+        if quantity == "peak_mem_mb" or (quantity == "build_s" and kind != "dense"):
+            return memory_units
+        return time_units
+
+    def update(self, kind: str, D: int, d: int, result: dict) -> None:
+        if result.get("status") == "measured":
+            self.points.setdefault(kind, []).append({
+                "D": D, "d": d, "product_s": max(result["matvec_s"], result["rmatvec_s"]),
+                "build_s": result["build_s"], "peak_mem_mb": result["peak_mem_mb"]})
+
+    def estimate(self, kind: str, D: int, d: int) -> dict | None:
+        points = self.points.get(kind)
+        if not points:
+            return None
+        out, used = {}, set()
+        for q in self.QUANTITIES:
+            target = self.units(kind, q, D, d)
+            pts = sorted(((self.units(kind, q, p["D"], p["d"]), p) for p in points),
+                         key=lambda up: math.hypot(math.log(up[1]["D"] / D), math.log(up[1]["d"] / d)))
+            (u1, p1), value = pts[0], None
+            used.add((p1["D"], p1["d"]))
+            if len(pts) > 1 and pts[1][0] != u1:
+                u2, p2 = pts[1]
+                slope = (p2[q] - p1[q]) / (u2 - u1)
+                if slope > 0:
+                    value = max(0.0, p1[q] + slope * (target - u1))
+                    used.add((p2["D"], p2["d"]))
+            out[q] = value if value is not None else p1[q] * target / u1
+        out["basis"] = f"extrapolated from {kind} measured at " + ", ".join(
+            f"D={D_:.0e} d={d_:.0e}" for D_, d_ in sorted(used))
+        return out
+
+
+def too_costly(kind: str, D: int, d: int, est: dict | None, limits: dict) -> str | None:
+    """The reason not to run (kind, D, d), or None. Static rules first, then the cost model's estimate."""
+    if kind == "sparse" and d * math.sqrt(D) > 600_000_000:
+        return f"~{d * math.sqrt(D):.1e} nonzeros: over the sparse projection's own limit (6e8)"
+    if est is None:
+        return None
+    if est["product_s"] > limits["product_s"]:
+        return f"estimated {est['product_s']:.0f} s per product > limit {limits['product_s']:.0f} s"
+    if est["peak_mem_mb"] > limits["mem_mb"]:
+        return f"estimated peak memory {est['peak_mem_mb'] / 1024:.1f} GiB > budget {limits['mem_mb'] / 1024:.1f} GiB"
+    if est["build_s"] > limits["build_s"]:
+        return f"estimated build time {est['build_s']:.0f} s > limit {limits['build_s']:.0f} s"
+    return None
+
+
+def import_projections():
+    """``hf_subspace.projections`` without running ``hf_subspace/__init__`` (it imports peft: seconds per worker)."""
+    import importlib
+    import importlib.util
+    import types
+
+    if "hf_subspace" not in sys.modules:
+        package = types.ModuleType("hf_subspace")
+        package.__path__ = list(importlib.util.find_spec("hf_subspace").submodule_search_locations)
+        sys.modules["hf_subspace"] = package
+    return importlib.import_module("hf_subspace.projections")
+
+
+def measure_projection(kind: str, D: int, d: int, repeats: int) -> dict:
+    """Build time, median P c / Pᵀ g time and peak memory growth of one projection; runs in a worker."""
+    projections = import_projections()
+    c = torch.randn(d)
+    g = torch.randn(D)
+    memory = PeakMemory()
+    t0 = time.perf_counter()
+    proj = projections.make_projection(kind, D, d, seed=0)
+    if kind == "dense":
+        proj.inv_norms()  # column norms: one pass over P, done once and cached
+    build_s = time.perf_counter() - t0
+    first = time.perf_counter()
+    proj.matvec(c)
+    first = time.perf_counter() - first
+    if first > 5:
+        repeats = 1
+    elif first > 1:
+        repeats = min(repeats, 3)
+    mv, mv_all = median_time(lambda: proj.matvec(c), repeats)
+    rmv, rmv_all = median_time(lambda: proj.rmatvec(g), repeats)
+    peak = memory.stop()
+    state = 0 if kind == "dense" else sum(t.numel() * t.element_size() for t in proj.state_tensors().values())
+    return {"status": "measured", "build_s": build_s, "matvec_s": mv, "rmatvec_s": rmv, "matvec_s_all": mv_all,
+            "rmatvec_s_all": rmv_all, "peak_mem_mb": peak / MIB, "state_mb": state / MIB,
+            "torch_threads": torch.get_num_threads()}
+
+
+def micro_configs(quick: bool) -> list[tuple[str, str, int, int]]:
+    kinds = ["hashing", "fastfood", "sparse", "dense"]
+    Ds = [10**5, 10**6, 10**7] if quick else [10**5, 10**6, 10**7, 10**8]
+    ds = [10**4] if quick else [10**2, 10**3, 10**4, 10**5]
+    configs = [("D sweep", kind, D, 1000) for kind in kinds for D in Ds]
+    configs += [("d sweep", kind, 10**7, d) for kind in kinds for d in ds if d != 1000]  # d=1000 is in D sweep
+    return configs
+
+
+def run_micro(args, results: dict, save) -> CostModel:
+    costs = CostModel()
+    limits = {"mem_mb": args.mem_budget_gb * 1024, "product_s": args.max_product_s, "build_s": args.max_build_s}
+    rows = results.setdefault("micro", [])
+    done = {(r["kind"], r["D"], r["d"]) for r in rows}
+    for row in rows:  # learn from rows measured by an earlier (resumed) run
+        costs.update(row["kind"], row["D"], row["d"], row)
+    for sweep, kind, D, d in tqdm(micro_configs(args.quick), desc="(b) projections"):
+        if (kind, D, d) in done:
+            continue
+        est = costs.estimate(kind, D, d)
+        reason = too_costly(kind, D, d, est, limits)
+        if reason:
+            row = {"status": "estimated" if est else "skipped", "reason": reason, **(est or {})}
+            if est:
+                row["matvec_s"] = row["rmatvec_s"] = row.pop("product_s")
+        else:
+            row = run_worker(["--worker", "micro", "--kind", kind, "--D", str(D), "--d", str(d),
+                              "--repeats", str(args.micro_repeats)], timeout=args.timeout)
+            costs.update(kind, D, d, row)
+        row.update({"sweep": sweep, "kind": kind, "D": D, "d": d})
+        rows.append(row)
+        done.add((kind, D, d))
+        save()
+    return costs
+
+
+# ================================================================================================================
+# (a) driver: measured runs, estimates for the infeasible ones, ratios
+# ================================================================================================================
+def estimate_global_step(spec: dict, D: int, head: int, costs: CostModel, measured: dict,
+                         limits: dict) -> dict | None:
+    """None if the global subspace method ``spec`` should be run; else a row that estimates it (or says why it
+    was skipped): the step of the measured global hashing run at the nearest d, minus its projection, plus the
+    estimated products of this kind (from the micro-benchmark's cost model)."""
+    kind, d = spec["options"]["projection"], spec["options"]["dim"]
+    if kind == "hashing" or spec["options"]["target_modules"] is not None:
+        return None
+    est = costs.estimate(kind, D, d)
+    reason = too_costly(kind, D, d, est, limits)
+    hashing = {r["options"]["dim"]: r for r in measured.values() if r.get("status") == "measured"
+               and r.get("options", {}).get("projection") == "hashing" and r["options"].get("target_modules") is None}
+    base = hashing[min(hashing, key=lambda x: abs(math.log(x / d)))] if hashing else None
+    step = None
+    if est is not None and base is not None:
+        step = base["step_s"] - base["matvec_s"] - base["rmatvec_s"] + 2 * est["product_s"]
+        if reason is None and step > limits["step_s"]:
+            reason = f"estimated step {step:.0f} s > limit {limits['step_s']:.0f} s"
+    if reason is None:
+        return None
+    if step is None:
+        return {"status": "skipped", "reason": reason + " (no basis for an estimate)"}
+    peak = base["peak_mem_mb"] + est["peak_mem_mb"]  # hashing's own state is small next to the model's
+    return {"status": "estimated", "reason": reason, "step_s": step, "matvec_s": est["product_s"],
+            "rmatvec_s": est["product_s"], "peak_mem_mb": peak, "build_s": est["build_s"],
+            "projection_share": 2 * est["product_s"] / step, "trainable_params": d + head, "D": D,
+            "basis": f"hashing step at d={fmt_dim(base['options']['dim'])} - its projection + 2 x {est['basis']}; "
+                     "memory: that run's peak + the projection's estimated peak"}
+
+
+def run_steps(args, results: dict, costs: CostModel, save) -> None:
+    total, D = minilm_num_weights()
+    results["minilm"] = {"num_parameters": total, "D_global": D}
+    limits = {"mem_mb": args.mem_budget_gb * 1024, "product_s": args.max_step_s / 2, "build_s": args.max_build_s,
+              "step_s": args.max_step_s}
+    rows = results.setdefault("steps", {})
+    specs = [s for s in method_specs(args.quick) if not args.only or any(o in s["id"] for o in args.only)]
+    for spec in tqdm(specs, desc="(a) training steps"):
+        if spec["id"] in rows and rows[spec["id"]].get("status") == "measured":
+            continue
+        row = None
+        if spec["family"] == "subspace":
+            row = estimate_global_step(spec, D, total - D, costs, rows, limits)
+        if row is None:
+            row = run_worker(["--worker", "steps", "--spec", json.dumps(spec), "--warmup", str(args.warmup),
+                              "--steps", str(args.steps)], timeout=args.timeout)
+        row.update({"label": spec["label"], "family": spec["family"], "options": spec["options"]})
+        rows[spec["id"]] = row
+        save()
+    add_ratios(rows)
+    save()
+
+
+def add_ratios(rows: dict) -> None:
+    for ref in ("full", "lora"):
+        base = rows.get(ref)
+        if not base or base.get("status") != "measured":
+            continue
+        for row in rows.values():
+            if "step_s" in row:
+                row[f"time_vs_{ref}"] = row["step_s"] / base["step_s"]
+            if "peak_mem_mb" in row:
+                row[f"mem_vs_{ref}"] = row["peak_mem_mb"] / base["peak_mem_mb"]
+            if "cpu_s" in row:
+                row[f"cpu_vs_{ref}"] = row["cpu_s"] / base["cpu_s"]
+
+
+# ================================================================================================================
+# (c) accuracy
+# ================================================================================================================
+def train_and_evaluate(spec: dict, lr: float, n_train: int, n_test: int, seed: int = 0) -> dict:
+    """One epoch of AdamW (linear decay, 6% warm-up) on the Rotten Tomatoes split, then test accuracy."""
+    from transformers import get_linear_schedule_with_warmup
+
+    torch.manual_seed(seed)
+    train = tokenized_batches(n_train, "train", seed)
+    test = tokenized_batches(n_test, "test", seed)
+    model = build_method(spec)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0 if spec["family"] == "subspace" else 0.01)
+    n_steps = math.ceil(n_train / BATCH)
+    sched = get_linear_schedule_with_warmup(opt, int(0.06 * n_steps), n_steps)
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
+    losses = []
+    t0 = time.perf_counter()
+    model.train()
+    for i in tqdm(range(n_steps), desc=f"{spec['id']} lr={lr:g}", leave=False):
+        idx = order[i * BATCH : (i + 1) * BATCH]
+        out = model(input_ids=train[0][idx], attention_mask=train[1][idx], labels=train[2][idx])
+        out.loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+    train_s = time.perf_counter() - t0
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, n_test, 64):
+            logits = model(input_ids=test[0][i : i + 64], attention_mask=test[1][i : i + 64]).logits
+            correct += int((logits.argmax(-1) == test[2][i : i + 64]).sum())
+    tail = losses[-50:]
+    return {"status": "measured", "lr": lr, "accuracy": correct / n_test, "train_s": train_s,
+            "final_train_loss": sum(tail) / len(tail), "trainable_params": trainable_parameters(model),
+            "n_train": n_train, "n_test": n_test}
+
+
+def run_accuracy(args, results: dict, save) -> None:
+    rows = results.setdefault("accuracy", {})
+    steps = results.get("steps", {})
+    specs = [s for s in method_specs(args.quick) if not args.only or any(o in s["id"] for o in args.only)]
+    for spec in tqdm(specs, desc="(c) accuracy"):
+        if steps.get(spec["id"], {}).get("status") in ("estimated", "skipped", "failed"):
+            rows[spec["id"]] = {"label": spec["label"], "status": "skipped",
+                                "reason": "not run: " + steps[spec["id"]].get("reason", "too costly")}
+            continue
+        runs = rows.setdefault(spec["id"], {"label": spec["label"], "runs": []})["runs"]
+        for lr in LEARNING_RATES[spec["family"]]:
+            if any(r.get("lr") == lr and r.get("status") == "measured" for r in runs):
+                continue
+            row = run_worker(["--worker", "accuracy", "--spec", json.dumps(spec), "--lr", str(lr),
+                              "--n-train", str(args.n_train), "--n-test", str(args.n_test)],
+                             timeout=args.accuracy_timeout)
+            row.setdefault("lr", lr)
+            runs.append(row)
+            save()
+        done = [r for r in runs if r.get("status") == "measured"]
+        if done:
+            best = max(done, key=lambda r: r["accuracy"])
+            rows[spec["id"]].update({"best_lr": best["lr"], "accuracy": best["accuracy"],
+                                     "trainable_params": best["trainable_params"]})
+        save()
+
+
+# ================================================================================================================
+# (d) profile of one step: where the time goes
+# ================================================================================================================
+@contextmanager
+def labelled_subspace_regions():
+    """Wrap the projection products (whole or per tensor rows) and the θ0 + δ materialization in profiler labels,
+    without changing the library: every class that defines one of the methods gets a labelled wrapper."""
+    from torch.profiler import record_function
+
+    from hf_subspace import reparam
+    from hf_subspace.projections import PROJECTION_KINDS
+    from hf_subspace.projections.base import Projection
+
+    labels = {"matvec": "hf_subspace: P c", "matvec_rows": "hf_subspace: P c",
+              "rmatvec": "hf_subspace: P^T g", "rmatvec_rows": "hf_subspace: P^T g",
+              "apply_delta": "hf_subspace: theta0 + delta"}
+    patched = []
+
+    def labelled(fn, label):
+        def wrapper(*a, **k):
+            with record_function(label):
+                return fn(*a, **k)
+        return wrapper
+
+    for cls in {Projection, reparam.SubspaceEngine, *PROJECTION_KINDS.values()}:
+        for name, label in labels.items():
+            if name in vars(cls):
+                patched.append((cls, name, vars(cls)[name]))
+                setattr(cls, name, labelled(vars(cls)[name], label))
+    try:
+        yield
+    finally:
+        for cls, name, fn in reversed(patched):
+            setattr(cls, name, fn)
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+              "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+MATERIALIZE_BACKWARD = ("SliceBackward0", "SplitWithSizesBackward0", "ToCopyBackward0")
+
+
+def profile_one_step(spec: dict) -> dict:
+    """torch.profiler over one training step (after 2 warm-up steps), grouped into where the time goes."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    input_ids, attention_mask, labels = tokenized_batches(3 * BATCH)
+    model = build_method(spec)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=SPEED_LR[spec["family"]])
+
+    def step(i):
+        sl = slice(i * BATCH, (i + 1) * BATCH)
+        with record_function("forward"):
+            out = model(input_ids=input_ids[sl], attention_mask=attention_mask[sl], labels=labels[sl])
+        with record_function("backward"):
+            out.loss.backward()
+        with record_function("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    with labelled_subspace_regions():
+        step(0)
+        step(1)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            step(2)
+            wall = time.perf_counter() - t0
+    events = {e.key: e for e in prof.key_averages()}
+
+    def total(key):
+        return events[key].cpu_time_total / 1e6 if key in events else 0.0
+
+    def self_time(key):
+        return events[key].self_cpu_time_total / 1e6 if key in events else 0.0
+
+    backward_nodes = {k.split(": ", 1)[1]: e.cpu_time_total / 1e6 for k, e in events.items()
+                      if k.startswith("autograd::engine::evaluate_function: ")}
+    parts = {
+        "projection P c": total("hf_subspace: P c"),
+        "projection P^T g": total("hf_subspace: P^T g"),
+        "materialize theta0+delta (forward)": total("hf_subspace: theta0 + delta") - total("hf_subspace: P c"),
+        "materialize backward (slice/split/view grads)": sum(backward_nodes.get(k, 0.0) for k in MATERIALIZE_BACKWARD),
+        "matmuls + attention (fwd+bwd)": sum(self_time(k) for k in MATMUL_OPS),
+        "optimizer step": total("optimizer"),
+    }
+    profiled = total("forward") + total("backward") + total("optimizer")
+    parts["everything else"] = profiled - sum(parts.values())
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+    return {"status": "measured", "wall_s": wall, "profiled_s": profiled,
+            "forward_s": total("forward"), "backward_s": total("backward"), "parts_s": parts,
+            "top_backward_nodes_s": dict(sorted(backward_nodes.items(), key=lambda kv: -kv[1])[:8]),
+            "op_table": table}
+
+
+PROFILE_CASES = [
+    {"id": "full", "family": "full", "label": "full fine-tuning", "options": {}},
+    {"id": "lora", "family": "lora", "label": "PEFT LoRA r=8 (q,v)", "options": {"r": 8}},
+    {"id": "global-hashing-10000", "family": "subspace", "label": "hf_subspace global hashing d=10k",
+     "options": {"dim": 10_000, "projection": "hashing", "target_modules": None}},
+]
+
+
+def run_profile(args, results: dict, save) -> None:
+    rows = results.setdefault("profile", {})
+    for spec in tqdm(PROFILE_CASES, desc="(d) profile"):
+        cmd = ["--worker", "profile", "--spec", json.dumps(spec)]
+        rows[spec["id"]] = {"label": spec["label"], **run_worker(cmd, timeout=args.timeout)}
+        save()
+
+
+# ================================================================================================================
+# report
+# ================================================================================================================
+def fmt_s(x, digits=3):
+    if x is None:
+        return "—"
+    if x >= 100:
+        return f"{x:.0f}"
+    return f"{x:.{digits}f}" if x >= 0.001 else f"{x * 1e3:.3f} ms"
+
+
+def fmt_mb(x):
+    return "—" if x is None else (f"{x / 1024:.2f} GiB" if x >= 1024 else f"{x:.0f} MiB")
+
+
+def fmt_ratio(x):
+    return "—" if x is None else f"{x:.2f}×"
+
+
+def fmt_int(x):
+    return "—" if x is None else f"{x:,}"
+
+
+def markdown_report(results: dict) -> str:
+    m = results["machine"]
+    out = ["# hf_subspace speed benchmark", "",
+           f"{m['time']} · {m['cpu_model']} · {m['cpu_count']} CPUs (affinity {m['cpu_affinity']}) · "
+           f"torch {m['torch']} with {m['torch_threads']} threads ({m['torch_parallel_backend']}) · "
+           f"transformers {m['transformers']} · peft {m['peft']} · {m['mem_total_gib']} GiB RAM · "
+           f"load average at start {', '.join(f'{x:.2f}' for x in m['load_average'])}", ""]
+    src = m.get("hf_subspace_source", {})
+    out += [f"hf_subspace at commit {src.get('commit', '?')} (sources {src.get('sources_sha256', '?')}"
+            + (f", modified: {', '.join(src['modified'])}" if src.get("modified") else "") + ").", ""]
+    hashes = {r.get("sources_sha256") for r in list(results.get("steps", {}).values()) + results.get("micro", [])
+              + list(results.get("profile", {}).values()) if r.get("sources_sha256")}
+    if len(hashes) > 1:
+        out += [f"**Warning: the hf_subspace sources changed during this run** ({len(hashes)} versions measured; "
+                "see sources_sha256 in speed.json).", ""]
+    if results.get("args", {}).get("quick"):
+        out += ["**Quick run**: reduced set of methods and sizes, fewer steps.", ""]
+    steps = results.get("steps")
+    if steps:
+        a = results["args"]
+        out += [f"## (a) Training step on MiniLM-L6 sequence classification "
+                f"(batch {BATCH}, {SEQ_LEN} tokens, AdamW; median of {a['steps']} steps after {a['warmup']} warm-up)",
+                "", f"D (global θ, all weights but the head) = {results['minilm']['D_global']:,}. "
+                "Peak memory = peak RSS growth over the process after imports (model + adapter + training state). "
+                "CPU s/step = CPU seconds of all threads (less sensitive to other load on the machine than wall time). "
+                "Ratios are of wall-clock step times and peak memories. *Estimated* (~) rows were not run; "
+                "see the notes below the table.", "",
+                "| method | trainable | step (s) | fwd / bwd / opt (s) | CPU s/step | peak mem | time ×full "
+                "| time ×LoRA | CPU ×full | CPU ×LoRA | mem ×full | mem ×LoRA | P c + Pᵀg (s) | share of step "
+                "| status | load avg |",
+                "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+        notes = []
+        for key, r in steps.items():
+            status = r.get("status", "?")
+            if status != "measured":
+                notes.append(f"- **{r['label']}** — {status}: {r.get('reason', '')}"
+                             + (f" (estimate: {r['basis']})" if r.get("basis") else ""))
+            phases = (f"{fmt_s(r['forward_s'])} / {fmt_s(r['backward_s'])} / {fmt_s(r['optimizer_s'])}"
+                      if "forward_s" in r else "—")
+            proj = (f"{fmt_s(r['matvec_s'])} + {fmt_s(r['rmatvec_s'])}" if "matvec_s" in r else "—")
+            share = f"{100 * r['projection_share']:.0f}%" if "projection_share" in r else "—"
+            est = "~" if status == "estimated" else ""
+            load = r.get("load_average_1min")
+            out.append(
+                f"| {r['label']} | {fmt_int(r.get('trainable_params'))} | {est}{fmt_s(r.get('step_s'))} | {phases} "
+                f"| {fmt_s(r.get('cpu_s'))} "
+                f"| {est}{fmt_mb(r.get('peak_mem_mb'))} | {est}{fmt_ratio(r.get('time_vs_full'))} "
+                f"| {est}{fmt_ratio(r.get('time_vs_lora'))} | {fmt_ratio(r.get('cpu_vs_full'))} "
+                f"| {fmt_ratio(r.get('cpu_vs_lora'))} | {est}{fmt_ratio(r.get('mem_vs_full'))} "
+                f"| {est}{fmt_ratio(r.get('mem_vs_lora'))} | {est}{proj} | {est}{share} | {status} "
+                f"| {'→'.join(str(x) for x in load) if load else '—'} |")
+        out += [""] + notes + [""]
+    micro = results.get("micro")
+    if micro:
+        out += ["## (b) Projection micro-benchmark (one product, median; memory = peak RSS growth of build + products)",
+                "", "| sweep | kind | D | d | build (s) | P c (s) | Pᵀ g (s) | peak mem | P state | status |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        notes = []
+        for r in micro:
+            status = r.get("status", "?")
+            est = "~" if status == "estimated" else ""
+            if status != "measured":
+                notes.append(f"- {r['kind']} D={r['D']:.0e} d={r['d']:.0e} — {status}: {r.get('reason', '')}"
+                             + (f" ({r['basis']})" if r.get("basis") else ""))
+            out.append(f"| {r['sweep']} | {r['kind']} | {r['D']:.0e} | {r['d']:.0e} | {est}{fmt_s(r.get('build_s'))} "
+                       f"| {est}{fmt_s(r.get('matvec_s'))} | {est}{fmt_s(r.get('rmatvec_s'))} "
+                       f"| {est}{fmt_mb(r.get('peak_mem_mb'))} | {fmt_mb(r.get('state_mb'))} | {status} |")
+        out += [""] + notes + [""]
+    if steps:
+        rows = [r for k, r in steps.items() if k.startswith("global-") and "projection_share" in r]
+        if rows:
+            out += [f"### Share of one MiniLM global step taken by the projection (P c + Pᵀ g) at "
+                    f"D = {results['minilm']['D_global']:,}", "",
+                    "| method | P c + Pᵀ g (s) | step (s) | share | status |", "|---|---:|---:|---:|---|"]
+            for r in rows:
+                out.append(f"| {r['label']} | {fmt_s(r['matvec_s'] + r['rmatvec_s'])} | {fmt_s(r['step_s'])} "
+                           f"| {100 * r['projection_share']:.1f}% | {r['status']} |")
+            out.append("")
+    acc = results.get("accuracy")
+    if acc:
+        out += ["## (c) Accuracy after one epoch on Rotten Tomatoes", "",
+                "| method | trainable | learning rates tried → accuracy | chosen lr | accuracy |",
+                "|---|---:|---|---:|---:|"]
+        for r in acc.values():
+            tried = ", ".join(f"{x['lr']:g} → {x['accuracy']:.3f}" if x.get("status") == "measured"
+                              else f"{x.get('lr', '?'):g} → {x.get('status')}" for x in r.get("runs", []))
+            out.append(f"| {r['label']} | {fmt_int(r.get('trainable_params'))} | {tried or r.get('reason', '')} "
+                       f"| {r.get('best_lr', '—')} | {r.get('accuracy', float('nan')):.3f} |")
+        out += ["", "The chosen learning rate is the best on the test split (no separate validation split): "
+                "an optimistic choice, the same for every method.", ""]
+    prof = results.get("profile")
+    if prof:
+        out += ["## (d) Where one step's time goes (torch.profiler, one step after two warm-up ones)", ""]
+        labels = [k for k in prof if "parts_s" in prof[k]]
+        names = list(prof[labels[0]]["parts_s"]) if labels else []
+        out += ["| part | " + " | ".join(prof[k]["label"] for k in labels) + " |",
+                "|---|" + "---:|" * len(labels)]
+        for name in names:
+            cells = []
+            for k in labels:
+                r = prof[k]
+                v = r.get("parts_s", {}).get(name)
+                cells.append("—" if v is None else f"{v:.3f} s ({100 * v / r['profiled_s']:.0f}%)")
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("| **profiled step** | " + " | ".join(
+            f"{prof[k].get('profiled_s', float('nan')):.3f} s" for k in labels) + " |")
+        out += ["", "Profiler overhead inflates absolute times; compare the shares."]
+    return "\n".join(out) + "\n"
+
+
+# ================================================================================================================
+# command line
+# ================================================================================================================
+def preload_imports() -> None:
+    """Import everything a worker may use before its memory baseline, so imports do not count as a method's cost."""
+    import importlib
+
+    for name in ("peft", "peft.tuners.lora", "peft.tuners.vera", "peft.tuners.unilora",
+                 "transformers.models.bert.modeling_bert", "hf_subspace"):
+        importlib.import_module(name)
+
+
+def worker_main(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker != "micro":
+        preload_imports()
+    if args.worker == "steps":
+        result = measure_training_steps(json.loads(args.spec), args.warmup, args.steps)
+    elif args.worker == "micro":
+        result = measure_projection(args.kind, args.D, args.d, args.repeats)
+    elif args.worker == "accuracy":
+        result = train_and_evaluate(json.loads(args.spec), args.lr, args.n_train, args.n_test)
+    elif args.worker == "profile":
+        result = profile_one_step(json.loads(args.spec))
+    else:
+        raise ValueError(args.worker)
+    result["sources_sha256"] = sources_sha256()
+    with open(args.result_file, "w") as f:
+        json.dump(result, f)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="reduced methods and sizes, 1 warm-up + 3 timed steps")
+    p.add_argument("--accuracy", action="store_true", help="also train one epoch per method and learning rate (slow)")
+    p.add_argument("--profile", action="store_true", help="also profile one step (full FT, LoRA, global hashing)")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="output folder")
+    p.add_argument("--only", nargs="*", help="run only methods whose id contains one of these strings")
+    p.add_argument("--skip-micro", action="store_true", help="skip (b) (estimates then have no basis)")
+    p.add_argument("--skip-steps", action="store_true", help="skip (a)")
+    p.add_argument("--resume", action="store_true", help="keep measured results already in <out>/speed.json")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2, quick 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 10, quick 3)")
+    p.add_argument("--micro-repeats", type=int, default=None, help="products timed per size (default 5, quick 3)")
+    p.add_argument("--max-product-s", type=float, default=None, help="micro: skip a size whose product would take "
+                   "longer (default 20 s, quick 5 s)")
+    p.add_argument("--max-step-s", type=float, default=None, help="(a): estimate instead of running a method whose "
+                   "step would take longer (default 40 s, quick 20 s)")
+    p.add_argument("--max-build-s", type=float, default=120.0, help="skip a projection slower to build")
+    p.add_argument("--mem-budget-gb", type=float, default=None, help="skip what would need more memory "
+                   "(default: half of the available memory)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker subprocess")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in every measurement (default: torch's "
+                   "default, all cores). 1 makes CPU s/step a fair measure on a machine shared with other work")
+    p.add_argument("--n-train", type=int, default=None, help="accuracy: training examples (default 8000, quick 400)")
+    p.add_argument("--n-test", type=int, default=None, help="accuracy: test examples (default 2000, quick 400)")
+    p.add_argument("--accuracy-timeout", type=float, default=4 * 3600.0)
+    # worker-only arguments
+    p.add_argument("--worker", choices=["steps", "micro", "accuracy", "profile"], help=argparse.SUPPRESS)
+    p.add_argument("--result-file", help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    p.add_argument("--kind", help=argparse.SUPPRESS)
+    p.add_argument("--D", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--d", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    q = args.quick
+    defaults = {"warmup": 1 if q else 2, "steps": 3 if q else 10, "micro_repeats": 3 if q else 5,
+                "max_product_s": 12.0 if q else 20.0, "max_step_s": 20.0 if q else 40.0,
+                "n_train": 400 if q else 8000, "n_test": 400 if q else 2000}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.mem_budget_gb is None:
+        with open("/proc/meminfo") as f:
+            avail_kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
+        args.mem_budget_gb = round(avail_kb / 2**20 / 2, 1)
+    return args
+
+
+def main(argv=None) -> None:
+    global WORKER_THREADS
+    args = parse_args(argv)
+    if args.worker:
+        worker_main(args)
+        return
+    WORKER_THREADS = args.threads
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "speed.json", out / "speed.md"
+    results = {}
+    if args.resume and json_path.exists():
+        results = json.loads(json_path.read_text())
+    results["machine"] = machine_info()
+    if args.threads:
+        results["machine"]["torch_threads"] = args.threads  # what the workers use
+    results["args"] = {k: v for k, v in vars(args).items() if k not in ("worker", "result_file", "spec", "kind",
+                                                                         "D", "d", "repeats", "lr")}
+
+    def save():
+        json_path.write_text(json.dumps(results, indent=1))
+        md_path.write_text(markdown_report(results))
+
+    t0 = time.time()
+    costs = CostModel() if args.skip_micro else run_micro(args, results, save)
+    if not args.skip_steps:
+        run_steps(args, results, costs, save)
+    if args.profile:
+        run_profile(args, results, save)
+    if args.accuracy:
+        run_accuracy(args, results, save)
+    results["machine"]["load_average_end"] = os.getloadavg()
+    results["machine"]["hf_subspace_source_end"] = source_state()
+    results["elapsed_s"] = time.time() - t0
+    save()
+    print(md_path.read_text())
+    print(f"wrote {json_path} and {md_path} in {results['elapsed_s'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
