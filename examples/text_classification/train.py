@@ -30,7 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--mode", default="global", choices=["global", "said"])
     p.add_argument("--target_modules", nargs="*", default=None, help="e.g. query value (default: all weights)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--learning_rate", type=float, default=None, help="default: 2e-2 subspace, 5e-5 full")
+    p.add_argument("--learning_rate", type=float, default=None, help="default: 1e-1 subspace, 5e-5 full")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--max_length", type=int, default=64)
@@ -63,7 +63,7 @@ def main(argv=None):
         return {"accuracy": float((np.argmax(logits, -1) == labels).mean())}
 
     use_subspace = args.subspace != "none"
-    lr = args.learning_rate or (2e-2 if use_subspace else 5e-5)
+    lr = args.learning_rate or (1e-1 if use_subspace else 5e-5)
     training_args = hf_subspace.SubspaceTrainingArguments(
         output_dir=args.output_dir,
         subspace_dim=args.subspace_dim if use_subspace else None,
