@@ -9,6 +9,7 @@ from __future__ import annotations
 from peft import mapping as _mapping
 
 from .tuner import PEFT_TYPE, SubspaceConfig, SubspaceModel
+from .tuner.config import is_subspace_model
 
 
 def register() -> None:
@@ -34,14 +35,14 @@ def _patch_peft_model() -> None:
     def create_or_update_model_card(self, output_dir: str):
         from . import hub
 
-        if hub.is_subspace_model(self):
+        if is_subspace_model(self):
             return hub.write_adapter_card(self, output_dir)
         return original_card(self, output_dir)
 
     def push_to_hub(self, repo_id: str, *args, **kwargs):
         from . import hub
 
-        if hub.is_subspace_model(self):
+        if is_subspace_model(self):
             allowed = {"token", "private", "commit_message", "revision", "create_pr", "api"}
             return hub.push_to_hub(self, repo_id, **{k: v for k, v in kwargs.items() if k in allowed})
         return original_push(self, repo_id, *args, **kwargs)

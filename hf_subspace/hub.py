@@ -14,7 +14,6 @@ from importlib import resources
 
 from huggingface_hub import HfApi, ModelCardData
 
-from .tuner.config import PEFT_TYPE
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -110,7 +109,7 @@ def adapter_card(model, output_dir: str, adapter_name: str = "default", repo_id:
 
 
 def write_adapter_card(model, output_dir: str, repo_id: str | None = None) -> str:
-    """Write README.md for every subspace adapter saved under ``output_dir`` (PEFT's folder layout)."""
+    """Write ``output_dir``/README.md for the model's first adapter (PEFT saves one card per folder)."""
     path = os.path.join(output_dir, "README.md")
     names = list(model.peft_config)
     text = adapter_card(model, output_dir, names[0], repo_id=repo_id)
@@ -152,7 +151,3 @@ def twa_card(model, result, repo_id: str | None = None, base_model: str | None =
     )
     return _template("twa_model.md").substitute(fields)
 
-
-def is_subspace_model(model) -> bool:
-    cfgs = getattr(model, "peft_config", None) or {}
-    return any(getattr(c, "peft_type", None) == PEFT_TYPE for c in cfgs.values())

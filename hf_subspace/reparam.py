@@ -31,7 +31,6 @@ from torch.nn.utils import parametrize
 from .projections import PROJECTION_KINDS, Projection, make_projection
 
 MODES = ("global", "said")
-EXTRA_KINDS = ("trajectory",)  # built from data (TWA), passed in as a Projection instance
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,11 +235,14 @@ class AdapterSubspace:
         self._cache_c: torch.Tensor | None = None
         self._pieces: list[torch.Tensor] = []
 
-    def flat_delta(self, c: torch.Tensor) -> torch.Tensor:
-        """``P c`` of shape ``(D,)`` (float32), recomputed only when ``c`` changed since the last call."""
+    def _follow_device(self, c: torch.Tensor) -> None:
         if self.projection.device != c.device:
             self.projection.to(c.device)
             self._cache = None
+
+    def flat_delta(self, c: torch.Tensor) -> torch.Tensor:
+        """``P c`` of shape ``(D,)`` (float32), recomputed only when ``c`` changed since the last call."""
+        self._follow_device(c)
         track = torch.is_grad_enabled() and c.requires_grad
         key = (c.data_ptr(), track)
         # Compare values, not c._version: fused optimizers (AdamW(fused=True), the Trainer's CPU default)
@@ -267,8 +269,7 @@ class AdapterSubspace:
         the ``P c`` cached for the step.
         """
         if self.projection.supports_row_slices:
-            if self.projection.device != c.device:
-                self.projection.to(c.device)
+            self._follow_device(c)
             slot = self.layout.slots[i]
             src = c if scale is None else c * scale
             if torch.is_grad_enabled() and src.requires_grad:
@@ -346,7 +347,7 @@ class SubspaceEngine(nn.Module):
     ) -> AdapterSubspace:
         """Reparameterize ``model`` for adapter ``name``; returns its :class:`AdapterSubspace`."""
         prebuilt = projection if isinstance(projection, Projection) else None
-        validate_subspace_args(dim, prebuilt.kind if prebuilt else projection, mode)
+        validate_subspace_args(dim, None if prebuilt else projection, mode)
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists")
         if layout is None:
@@ -465,6 +466,14 @@ class SubspaceEngine(nn.Module):
         return out
 
 
+def find_engine(model: nn.Module) -> "SubspaceEngine | None":
+    """The :class:`SubspaceEngine` inside ``model`` (a PEFT subspace model or a reparameterized one), or None."""
+    for module in model.modules():
+        if isinstance(module, SubspaceEngine):
+            return module
+    return None
+
+
 def _plist(module: nn.Module, attr: str):
     return module.parametrizations[attr]
 
@@ -476,12 +485,15 @@ def _has_subspace_parametrization(module: nn.Module, attr: str) -> bool:
 
 
 def validate_subspace_args(dim, projection, mode) -> None:
-    """Raise a ValueError naming the problem for a bad ``dim``, ``projection`` or ``mode``."""
+    """Raise a ValueError naming the problem for a bad ``dim``, ``projection`` or ``mode``.
+
+    ``projection=None`` skips the kind check (a prebuilt :class:`Projection`, e.g. a trajectory basis).
+    """
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise ValueError(f"dim must be a positive integer, got {dim!r} ({type(dim).__name__})")
     if dim <= 0:
         raise ValueError(f"dim must be a positive integer, got {dim}")
-    if projection not in PROJECTION_KINDS and projection not in EXTRA_KINDS:
+    if projection is not None and projection not in PROJECTION_KINDS:
         raise ValueError(f"unknown projection kind {projection!r}; choose one of {sorted(PROJECTION_KINDS)}")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")

@@ -17,14 +17,14 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .reparam import SubspaceEngine, layout_from_names, validate_subspace_args
-from .tuner.config import PEFT_TYPE, SubspaceConfig
+from .reparam import SubspaceEngine, find_engine, layout_from_names, validate_subspace_args
+from .tuner.config import SubspaceConfig, is_subspace_model
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +74,6 @@ class SubspaceTrainingArguments(TrainingArguments):
             raise ValueError(f"twa_epochs must be positive, got {self.twa_epochs}")
 
 
-def _is_subspace_peft(model) -> bool:
-    cfgs = getattr(model, "peft_config", None)
-    return isinstance(cfgs, dict) and any(getattr(c, "peft_type", None) == PEFT_TYPE for c in cfgs.values())
-
-
 def _task_type(model) -> Optional[str]:
     name = type(model).__name__
     if name.endswith("ForSequenceClassification"):
@@ -92,7 +87,7 @@ def _task_type(model) -> Optional[str]:
 
 def wrap_model(model: nn.Module, args: SubspaceTrainingArguments):
     """Turn ``model`` into a PEFT subspace model according to ``args`` (unchanged if already one)."""
-    if _is_subspace_peft(model) or args.subspace_dim is None:
+    if is_subspace_model(model) or args.subspace_dim is None:
         return model
     from peft import get_peft_model
 
@@ -151,7 +146,7 @@ class SubspaceTrainer(Trainer):
     # -- information ------------------------------------------------------------------------------------------
     def subspace_info(self) -> dict:
         model = self.model
-        engine = _find_engine(model)
+        engine = find_engine(model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if engine is None:
             return {}
@@ -188,13 +183,6 @@ class SubspaceTrainer(Trainer):
         if self.args.twa:
             self.twa_result = run_twa_phase(self, self.snapshot_callback.store)
         return output
-
-
-def _find_engine(model) -> Optional[SubspaceEngine]:
-    for module in model.modules():
-        if isinstance(module, SubspaceEngine):
-            return module
-    return None
 
 
 def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None, names=None):
@@ -272,13 +260,14 @@ def _check_snapshots_fit(model: nn.Module, snapshots, names) -> None:
         raise ValueError(f"TWA needs at least 2 snapshots to span a subspace, got {len(snapshots)}; record more "
                          "(twa_snapshot_steps) or train longer")
     params = dict(model.named_parameters())
-    first = snapshots[0]
+    # a SnapshotStore records its shapes; only a plain list needs its first snapshot looked at
+    shapes = getattr(snapshots, "shapes", None) or {k: tuple(v.shape) for k, v in snapshots[0].items()}
     for name in names:
-        if name not in first:
+        if name not in shapes:
             raise ValueError(f"the snapshots have no tensor for the model's parameter {name!r}; they were taken "
                              "from another model")
-        if tuple(first[name].shape) != tuple(params[name].shape):
-            raise ValueError(f"snapshot tensor {name!r} has shape {tuple(first[name].shape)} but the model's "
+        if tuple(shapes[name]) != tuple(params[name].shape):
+            raise ValueError(f"snapshot tensor {name!r} has shape {tuple(shapes[name])} but the model's "
                              f"parameter has shape {tuple(params[name].shape)}: the snapshots come from another model")
 
 

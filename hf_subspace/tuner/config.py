@@ -11,6 +11,12 @@ from ..reparam import validate_subspace_args
 PEFT_TYPE = "SUBSPACE"
 
 
+def is_subspace_model(model) -> bool:
+    """True if ``model`` (a PeftModel or tuner) holds at least one subspace adapter."""
+    cfgs = getattr(model, "peft_config", None)
+    return isinstance(cfgs, dict) and any(getattr(c, "peft_type", None) == PEFT_TYPE for c in cfgs.values())
+
+
 @dataclass
 class SubspaceConfig(PeftConfig):
     """Configuration of a subspace adapter.

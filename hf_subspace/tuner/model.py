@@ -11,7 +11,6 @@ from __future__ import annotations
 import warnings
 from typing import Optional
 
-import torch
 from torch import nn
 
 from peft.tuners.tuners_utils import BaseTuner, _delete_auxiliary_adapter
@@ -19,7 +18,7 @@ from peft.utils.other import ModulesToSaveWrapper, set_additional_trainable_modu
 from peft.utils import other as peft_other
 
 from .. import __version__
-from ..reparam import SubspaceDelta, SubspaceEngine, fingerprint_parameters, select_parameters
+from ..reparam import SubspaceDelta, SubspaceEngine, find_engine, fingerprint_parameters, select_parameters
 from .config import SubspaceConfig
 
 ENGINE_PREFIX = "base_model.subspace."
@@ -216,7 +215,7 @@ class SubspaceModel(BaseTuner):
             engine.adapters[adapter_name].invalidate()
         expected = f"{ENGINE_PREFIX}coeffs.{adapter_name}"
         if expected not in out:
-            raise ValueError(f"the adapter file holds no subspace coefficients (expected key 'subspace.coeffs')")
+            raise ValueError("the adapter file holds no subspace coefficients (expected key 'subspace.coeffs')")
         c = engine.coeffs[adapter_name]
         if out[expected].shape != c.shape:
             raise ValueError(
@@ -228,7 +227,7 @@ class SubspaceModel(BaseTuner):
 
 
 def _find_engine(model) -> SubspaceEngine:
-    for module in model.modules():
-        if isinstance(module, SubspaceEngine):
-            return module
-    raise ValueError("no subspace adapter found in this model")
+    engine = find_engine(model)
+    if engine is None:
+        raise ValueError("no subspace adapter found in this model")
+    return engine
