@@ -68,9 +68,7 @@ def full_model_bytes(model) -> int:
             continue
         seen.add(id(p))
         total += p.numel() * p.element_size()
-    engine_bytes = sum(p.numel() * p.element_size() for p in getattr(model, "base_model", model).subspace.parameters()) \
-        if hasattr(getattr(model, "base_model", None), "subspace") else 0
-    return total - engine_bytes
+    return total
 
 
 def adapter_card(model, output_dir: str, adapter_name: str = "default", repo_id: str | None = None) -> str:
