@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from .projections import PROJECTION_KINDS, Projection, make_projection
@@ -223,6 +224,21 @@ class _ProjectRows(torch.autograd.Function):
         return ctx.projection.rmatvec_rows(grad, ctx.start, ctx.stop), None, None, None
 
 
+class _ProjectAt(torch.autograd.Function):
+    """``c -> (P c)[positions]`` with backward ``g -> P[positions]ᵀ g`` (positions distinct)."""
+
+    @staticmethod
+    def forward(ctx, c, projection, positions):
+        ctx.projection = projection
+        ctx.save_for_backward(positions)
+        return projection.matvec_at(c, positions)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (positions,) = ctx.saved_tensors
+        return ctx.projection.rmatvec_at(grad, positions), None, None
+
+
 class AdapterSubspace:
     """One adapter: its layout, projection, and the cached flat ``P c`` (no parameters of its own)."""
 
@@ -281,6 +297,26 @@ class AdapterSubspace:
         piece = self._pieces[i]
         return piece if scale is None else piece * scale
 
+    def rows(self, c: torch.Tensor, i: int, rows: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``rows`` (distinct, int64) of ``λ_i P_i c`` reshaped as tensor ``i``: shape ``(len(rows), ...)``.
+
+        With a gather-friendly projection (hashing) only those rows are computed, forward and backward — the
+        cost of an embedding's delta then follows the batch's tokens, not the vocabulary.
+        """
+        slot = self.layout.slots[i]
+        if not self.projection.supports_row_slices:
+            return self.piece(c, i, scale)[rows]
+        self._follow_device(c)
+        width = slot.numel // slot.shape[0]
+        positions = (rows.to(self.projection.device).unsqueeze(1) * width
+                     + torch.arange(width, device=self.projection.device) + slot.offset)
+        src = c if scale is None else c * scale
+        if torch.is_grad_enabled() and src.requires_grad:
+            out = _ProjectAt.apply(src, self.projection, positions)
+        else:
+            out = self.projection.matvec_at(src, positions)
+        return out.view(len(rows), *slot.shape[1:])
+
     def invalidate(self) -> None:
         self._cache = None
         self._cache_key = None
@@ -328,6 +364,8 @@ class SubspaceEngine(nn.Module):
         self.active: list[str] = []
         self.enabled = True
         self.merged: list[str] = []
+        #: plain ``nn.Embedding`` layers add the delta to the rows a batch reads instead of the whole table
+        self.row_path_embeddings = True
         object.__setattr__(self, "_model_ref", None)
 
     # -- building ---------------------------------------------------------------------------------------------
@@ -382,6 +420,7 @@ class SubspaceEngine(nn.Module):
                 module = model.get_submodule(module_name)
                 if not _has_subspace_parametrization(module, attr):
                     parametrize.register_parametrization(module, attr, SubspaceDelta(self, slot.name), unsafe=True)
+                    _use_row_path_if_embedding(module, attr)
                 _plist(module, attr).original.requires_grad_(False)
         if not self.active:
             self.active = [name]
@@ -404,6 +443,23 @@ class SubspaceEngine(nn.Module):
             scale = self.scales[name][i] if name in self.scales else None
             out = out + state.piece(self.coeffs[name], i, scale).to(original.dtype)
         return out
+
+    def rows_delta(self, slot_name: str, rows: torch.Tensor) -> torch.Tensor | None:
+        """Rows ``rows`` of the summed active delta of one tensor (float32), or None when nothing applies."""
+        if not self.enabled:
+            return None
+        total = None
+        for name in self.active:
+            state = self.adapters.get(name)
+            if name in self.merged or state is None:
+                continue
+            i = state.layout.index.get(slot_name)
+            if i is None:
+                continue
+            scale = self.scales[name][i] if name in self.scales else None
+            part = state.rows(self.coeffs[name], i, rows, scale)
+            total = part if total is None else total + part
+        return total
 
     def slot_delta(self, name: str, i: int) -> torch.Tensor:
         """``λ_i P_i c`` for tensor ``i`` of adapter ``name`` (float32, no autograd)."""
@@ -464,6 +520,43 @@ class SubspaceEngine(nn.Module):
         out = super()._apply(fn, recurse)
         self.invalidate()
         return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# embeddings: only the rows a batch reads
+# ----------------------------------------------------------------------------------------------------------------
+def _use_row_path_if_embedding(module: nn.Module, attr: str) -> None:
+    """Give a plain ``nn.Embedding``'s parametrized class a forward that adds the delta to the looked-up rows only.
+
+    ``register_parametrization`` gives each module its own subclass, so the override touches this module alone
+    and disappears with the parametrization. Subclasses with their own forward (scaled embeddings) keep the
+    full path: their forward is not replaced.
+    """
+    if attr != "weight" or not isinstance(module, nn.Embedding):
+        return
+    base = type(module).__mro__[1]  # the class before parametrization
+    if base.forward is nn.Embedding.forward:
+        type(module).forward = _row_path_embedding_forward
+
+
+def _row_path_embedding_forward(self: nn.Embedding, input: torch.Tensor) -> torch.Tensor:
+    """``E[ids] = θ0[ids] + δ[ids]`` with ``δ`` computed for the distinct ids only (same values and gradients)."""
+    plist = self.parametrizations.weight
+    deltas = [p for p in plist if isinstance(p, SubspaceDelta)]
+    engine = deltas[0]._engine_ref() if len(plist) == 1 and deltas else None
+    if engine is None or not engine.row_path_embeddings or self.max_norm is not None or self.sparse:
+        return nn.Embedding.forward(self, input)
+    original = plist.original
+    out = F.embedding(input, original, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq, False)
+    rows, inverse = torch.unique(input, return_inverse=True)
+    delta = engine.rows_delta(deltas[0].slot_name, rows)
+    if delta is None:
+        return out
+    pad = None
+    if self.padding_idx is not None:  # F.embedding sends no gradient through the padding row: neither do we
+        hit = (rows == self.padding_idx).nonzero()
+        pad = int(hit[0, 0]) if len(hit) else None
+    return out + F.embedding(inverse, delta.to(original.dtype), pad, None, 2.0, self.scale_grad_by_freq, False)
 
 
 def find_engine(model: nn.Module) -> "SubspaceEngine | None":

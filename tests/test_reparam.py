@@ -269,3 +269,88 @@ def test_cache_follows_in_place_updates_of_every_optimizer_kind(opt_kwargs):
         "bert.encoder.layer.0.attention.self.query.weight"]]
     base = model.bert.encoder.layer[0].attention.self.query.parametrizations.weight.original
     torch.testing.assert_close(after - base, expected[slot.offset: slot.offset + slot.numel].view(slot.shape))
+
+
+def _grads_both_paths(make_model, batch, **kwargs):
+    """Loss, ∂L/∂c (and ∂L/∂λ) with embeddings on the rows-only path and on the whole-table path."""
+    out = []
+    for row_path in (True, False):
+        model = make_model()
+        engine = hs.reparameterize(model, **kwargs)
+        engine.row_path_embeddings = row_path
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            engine.coeffs["default"].copy_(0.05 * torch.randn(engine.coeffs["default"].shape, generator=g))
+        loss = model(**batch).loss
+        loss.backward()
+        grads = [p.grad.clone() for p in engine.parameters()]
+        out.append((loss.detach(), grads))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["global", "said"])
+def test_embedding_row_path_matches_the_whole_table(mode):
+    batch = bert_batch(n=4, length=12)
+    batch["input_ids"][:, -3:] = 0  # padding_idx 0: its row must get no gradient, as F.embedding does
+    batch["input_ids"][1] = batch["input_ids"][0]  # repeated tokens: their gradients add up
+    (loss_r, grads_r), (loss_f, grads_f) = _grads_both_paths(tiny_bert_cls, batch, dim=300, projection="hashing",
+                                                             mode=mode)
+    torch.testing.assert_close(loss_r, loss_f, rtol=1e-6, atol=1e-7)
+    for a, b in zip(grads_r, grads_f):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_embedding_row_path_touches_only_the_batch_rows(monkeypatch):
+    from hf_subspace.projections.hashing import HashingProjection
+
+    model = tiny_bert_cls()
+    engine = hs.reparameterize(model, 200, "hashing")
+    word = model.bert.embeddings.word_embeddings
+    slot = engine.adapters["default"].layout.slots[engine.adapters["default"].layout.index["bert.embeddings.word_embeddings.weight"]]
+    sliced, gathered = [], []
+    monkeypatch.setattr(HashingProjection, "matvec_rows",
+                        lambda self, c, a, b, f=HashingProjection.matvec_rows: sliced.append((a, b)) or f(self, c, a, b))
+    monkeypatch.setattr(HashingProjection, "matvec_at",
+                        lambda self, c, pos, f=HashingProjection.matvec_at: gathered.append(pos.numel()) or f(self, c, pos))
+    batch = bert_batch(n=2, length=5)
+    model.train()
+    model(**batch).loss.backward()
+    assert (slot.offset, slot.offset + slot.numel) not in sliced  # the word table was never expanded
+    distinct = batch["input_ids"].unique().numel()
+    assert distinct * word.embedding_dim in gathered
+    assert engine.coeffs["default"].grad.abs().sum() > 0
+    # switched off, the table is expanded again and the output is the same
+    model.eval()
+    with torch.no_grad():
+        engine.coeffs["default"].fill_(0.02)
+        on = model(**batch).logits
+        engine.row_path_embeddings = False
+        off = model(**batch).logits
+    torch.testing.assert_close(on, off)
+    assert (slot.offset, slot.offset + slot.numel) in sliced
+
+
+def test_embedding_subclass_with_its_own_forward_keeps_it():
+    class Scaled(nn.Embedding):
+        def forward(self, input):
+            return super().forward(input) * 3.0
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = Scaled(20, 4)
+            self.out = nn.Linear(4, 1)
+
+        def forward(self, ids):
+            return self.out(self.emb(ids)).sum()
+
+    torch.manual_seed(0)
+    net = Net()
+    ids = torch.tensor([[1, 2, 2, 5]])
+    before = net(ids).detach()
+    engine = hs.reparameterize(net, 10, "hashing")
+    torch.testing.assert_close(net(ids), before)
+    with torch.no_grad():
+        engine.coeffs["default"].fill_(0.3)
+    expected = net.out(3.0 * net.emb.weight[ids]).sum()  # the scaled forward, with θ0 + δ
+    torch.testing.assert_close(net(ids), expected)

@@ -63,6 +63,16 @@ class Projection:
         full[start:stop] = g
         return self.rmatvec(full)
 
+    def matvec_at(self, c: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Entries ``positions`` (int64, any shape) of ``P c``: the rows of an embedding a batch reads."""
+        return self.matvec(c)[positions]
+
+    def rmatvec_at(self, g: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``P[positions]ᵀ g`` for ``g`` shaped like ``positions`` (positions distinct): ``-> (d,)``."""
+        full = torch.zeros(self.D, device=self.device, dtype=torch.float32)
+        full[positions.reshape(-1)] = g.reshape(-1).to(full.device, torch.float32)
+        return self.rmatvec(full)
+
     def to(self, device: torch.device | str) -> "Projection":
         """Move the projection's (regenerable) state to ``device``; returns ``self``."""
         device = torch.device(device)

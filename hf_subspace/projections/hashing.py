@@ -43,6 +43,16 @@ class HashingProjection(Projection):
         bins = torch.zeros(2 * self.d, device=self.device, dtype=torch.float32).index_add_(0, self.index[start:stop], g)
         return (bins[: self.d] - bins[self.d:]) * self.col_scale
 
+    def matvec_at(self, c, positions):
+        cs = c.detach().to(self.device, torch.float32) * self.col_scale
+        return torch.index_select(torch.cat([cs, -cs]), 0, self.index[positions.reshape(-1)]).view(positions.shape)
+
+    def rmatvec_at(self, g, positions):
+        g = g.detach().reshape(-1).to(self.device, torch.float32)
+        bins = torch.zeros(2 * self.d, device=self.device, dtype=torch.float32)
+        bins.index_add_(0, self.index[positions.reshape(-1)], g)
+        return (bins[: self.d] - bins[self.d:]) * self.col_scale
+
     def _matvec(self, c):
         cs = c * self.col_scale
         return torch.index_select(torch.cat([cs, -cs]), 0, self.index)
