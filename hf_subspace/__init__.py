@@ -9,6 +9,7 @@ from .projections import PROJECTION_KINDS, Projection, make_projection  # noqa: 
 from .reparam import SubspaceEngine, ThetaLayout, reparameterize, select_parameters  # noqa: E402
 from .tuner import SubspaceConfig, SubspaceModel  # noqa: E402
 from .trainer import SubspaceTrainer, SubspaceTrainingArguments, twa_from_checkpoints  # noqa: E402
+from .twa import save_twa_adapter  # noqa: E402
 from . import _registry  # noqa: E402
 
 _registry.register()
@@ -29,6 +30,7 @@ __all__ = [
     "SubspaceModel",
     "SubspaceTrainer",
     "SubspaceTrainingArguments",
+    "save_twa_adapter",
     "twa_from_checkpoints",
     "ThetaLayout",
     "get_subspace_model",

@@ -2,6 +2,7 @@
 
     hf-subspace info ADAPTER_DIR                 what an adapter holds (d, D, projection, sizes)
     hf-subspace twa RUN_DIR --dataset DATA -o OUT   post-hoc TWA over a Trainer run's checkpoint-* folders
+                                                 (--adapter: also as base + adapter holding the basis)
 
 ``--dataset`` is a folder written by ``datasets.Dataset.save_to_disk`` whose columns the model takes
 (e.g. ``pixel_values`` and ``labels``), or ``fashion-mnist`` for the packaged Fashion-MNIST images
@@ -60,11 +61,15 @@ def cmd_twa(ns) -> int:
     args = SubspaceTrainingArguments(
         output_dir=ns.output, per_device_train_batch_size=ns.batch_size, per_device_eval_batch_size=ns.batch_size,
         twa_epochs=ns.epochs, twa_learning_rate=ns.lr, twa_momentum=ns.momentum, twa_weight_decay=ns.weight_decay,
-        twa_basis=ns.basis, twa_num_components=ns.k, twa_bn_batches=ns.bn_batches, report_to=[],
+        twa_basis=ns.basis, twa_num_components=ns.k, twa_lr_schedule=ns.schedule, twa_bn_batches=ns.bn_batches, report_to=[],
         save_strategy="no", logging_steps=10, use_cpu=ns.cpu, seed=ns.seed,
     )
     trainer, result = twa_from_checkpoints(ns.run_dir, model, args, train_dataset=train, eval_dataset=eval_ds)
     trainer.save_model(ns.output)
+    if ns.adapter:
+        from .twa import save_twa_adapter
+
+        save_twa_adapter(trainer.model, result, os.path.join(ns.output, "twa_adapter"))
     summary = {"snapshots": result.num_snapshots, "k": result.k, "basis": result.method,
                "orthonormality_error": result.orthonormality_error,
                "explained_variance": [round(float(v), 4) for v in result.explained_variance_ratio],
@@ -110,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--k", type=int, default=None, help="components for --basis pca")
     t.add_argument("--batch_size", type=int, default=64)
     t.add_argument("--bn_batches", type=int, default=None)
+    t.add_argument("--schedule", choices=["step", "linear", "cosine", "constant"], default="step",
+                   help="learning-rate schedule of the TWA phase")
+    t.add_argument("--adapter", action="store_true",
+                   help="also save OUT/twa_adapter/{base,adapter}: the snapshot mean + a PEFT adapter holding the "
+                        "basis and the coefficients")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--cpu", action="store_true", help="force the CPU")
     t.set_defaults(func=cmd_twa)

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from .projections import PROJECTION_KINDS, Projection, make_projection
+from .projections import PROJECTION_KINDS, STORED_KINDS, Projection, make_projection
 
 MODES = ("global", "said")
 
@@ -586,8 +586,9 @@ def validate_subspace_args(dim, projection, mode) -> None:
         raise ValueError(f"dim must be a positive integer, got {dim!r} ({type(dim).__name__})")
     if dim <= 0:
         raise ValueError(f"dim must be a positive integer, got {dim}")
-    if projection is not None and projection not in PROJECTION_KINDS:
-        raise ValueError(f"unknown projection kind {projection!r}; choose one of {sorted(PROJECTION_KINDS)}")
+    if projection is not None and projection not in PROJECTION_KINDS and projection not in STORED_KINDS:
+        raise ValueError(f"unknown projection kind {projection!r}; choose one of {sorted(PROJECTION_KINDS)} "
+                         f"(or {sorted(STORED_KINDS)} for an adapter saved with its basis)")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
 

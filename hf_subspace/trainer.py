@@ -56,6 +56,9 @@ class SubspaceTrainingArguments(TrainingArguments):
                                            metadata={"help": "fractions of the TWA phase where lr is multiplied "
                                                              "by twa_lr_gamma"})
     twa_lr_gamma: float = field(default=0.1)
+    twa_lr_schedule: str = field(default="step", metadata={"help": "step (÷ twa_lr_gamma at twa_lr_milestones, the "
+                                                                    "paper's default) | linear (to 0) | cosine (to "
+                                                                    "0) | constant"})
     twa_bn_batches: Optional[int] = field(default=None, metadata={"help": "batches for BN recalibration (all)"})
     twa_max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping in the TWA phase (0: none, "
                                                                      "as in the paper)"})
@@ -70,6 +73,8 @@ class SubspaceTrainingArguments(TrainingArguments):
             raise ValueError(f"twa_basis must be 'twa' or 'pca', got {self.twa_basis!r}")
         if self.twa_snapshot_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"twa_snapshot_dtype must be float32, bfloat16 or float16, got {self.twa_snapshot_dtype!r}")
+        if self.twa_lr_schedule not in TWA_LR_SCHEDULES:
+            raise ValueError(f"twa_lr_schedule must be one of {list(TWA_LR_SCHEDULES)}, got {self.twa_lr_schedule!r}")
         if self.twa_epochs <= 0:
             raise ValueError(f"twa_epochs must be positive, got {self.twa_epochs}")
 
@@ -225,8 +230,7 @@ def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None
     total = max(1, math.ceil(steps_per_epoch * args.twa_epochs))
     optimizer = torch.optim.SGD([engine.coeffs["twa"]], lr=args.twa_learning_rate, momentum=args.twa_momentum,
                                 weight_decay=args.twa_weight_decay)
-    milestones = sorted({max(1, int(f * total)) for f in args.twa_lr_milestones if 0 < f < 1})
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=args.twa_lr_gamma)
+    scheduler = _twa_scheduler(optimizer, args, total)
     from transformers.trainer_callback import DefaultFlowCallback, PrinterCallback, ProgressCallback
 
     from .twa import SnapshotCallback
@@ -252,6 +256,23 @@ def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None
     if trainer.eval_dataset is not None:
         result.metrics.update(trainer.evaluate(metric_key_prefix="twa_eval"))
     return result
+
+
+TWA_LR_SCHEDULES = ("step", "linear", "cosine", "constant")
+
+
+def _twa_scheduler(optimizer, args: "SubspaceTrainingArguments", total: int):
+    """The TWA phase's learning-rate schedule over ``total`` optimizer steps."""
+    if args.twa_lr_schedule == "step":
+        milestones = sorted({max(1, int(f * total)) for f in args.twa_lr_milestones if 0 < f < 1})
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=args.twa_lr_gamma)
+    if args.twa_lr_schedule == "linear":
+        factor = lambda step: max(0.0, 1.0 - step / total)  # noqa: E731
+    elif args.twa_lr_schedule == "cosine":
+        factor = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
+    else:
+        factor = lambda step: 1.0  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _check_snapshots_fit(model: nn.Module, snapshots, names) -> None:

@@ -116,6 +116,29 @@ def test_bad_arguments():
         args("x", subspace_dim=10, twa=True)
     with pytest.raises(ValueError, match="twa_basis"):
         args("x", twa=True, twa_basis="svd")
+    with pytest.raises(ValueError, match="twa_lr_schedule"):
+        args("x", twa=True, twa_lr_schedule="exp")
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("step", [1.0, 1.0, 0.1, 0.01]),            # ÷10 at 50% and 75% of 8 steps: steps 4 and 6
+    ("linear", [1.0, 0.75, 0.5, 0.25]),
+    ("cosine", [1.0, 0.8536, 0.5, 0.1464]),
+    ("constant", [1.0, 1.0, 1.0, 1.0]),
+])
+def test_twa_learning_rate_schedules(schedule, expected):
+    from hf_subspace.trainer import _twa_scheduler
+
+    c = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([c], lr=1.0)
+    sched = _twa_scheduler(opt, args("x", twa=True, twa_lr_schedule=schedule), total=8)
+    seen = []
+    for step in range(8):
+        if step % 2 == 0:
+            seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx(expected, abs=1e-4)
 
 
 def _span_residual(result, model):
@@ -154,6 +177,33 @@ def test_twa_one_run_stays_in_the_span_and_recalibrates_bn(tmp_out):
     card = open(os.path.join(tmp_out, "README.md")).read()
     assert "- twa" in card.split("---")[1] and f"{result.num_snapshots} weight snapshots" in card
     assert "twa_eval_accuracy" in card
+
+
+def test_twa_result_saves_as_an_adapter_that_holds_the_basis(tmp_out, tmp_path):
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    a = args(tmp_out, twa=True, num_train_epochs=3, learning_rate=0.05, twa_learning_rate=0.5, twa_snapshot_steps=2)
+    trainer = SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset())
+    trainer.train()
+    result = trainer.twa_result
+    paths = hs.save_twa_adapter(trainer.model, result, tmp_path / "twa")
+    with safe_open(os.path.join(paths["adapter"], "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        basis = f.get_tensor(next(k for k in keys if "projection_basis" in k))
+    assert basis.shape == (result.k, result.projection.D)
+    from transformers import ResNetForImageClassification
+
+    base = ResNetForImageClassification.from_pretrained(paths["base"]).eval()
+    loaded = PeftModel.from_pretrained(base, paths["adapter"]).eval()
+    x = image_dataset(8, 1)[:]["pixel_values"]
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=x).logits, trainer.model(pixel_values=x).logits,
+                                   rtol=1e-4, atol=1e-5)
+    # without the basis in the file the adapter cannot be rebuilt: a clear error, not a zero subspace
+    with pytest.raises(ValueError, match="save_projection=True"):
+        hs.SubspaceConfig(dim=4, projection="trajectory")
 
 
 def test_twa_starts_exactly_at_the_snapshot_mean(tmp_out):
@@ -238,12 +288,15 @@ def test_cli_twa_from_checkpoints(tmp_path):
     image_dataset().save_to_disk(str(tmp_path / "data"))
     out = str(tmp_path / "twa")
     proc = subprocess.run([sys.executable, "-m", "hf_subspace.cli", "twa", run_dir, "--dataset",
-                           str(tmp_path / "data"), "-o", out, "--lr", "0.3", "--batch_size", "8", "--cpu"],
+                           str(tmp_path / "data"), "-o", out, "--lr", "0.3", "--batch_size", "8", "--cpu",
+                           "--schedule", "linear", "--adapter"],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.load(open(os.path.join(out, "twa_summary.json")))
     assert summary["snapshots"] == 3 and summary["k"] == 2 and summary["orthonormality_error"] < 1e-6
     assert os.path.exists(os.path.join(out, "model.safetensors"))
+    for part in ("base/model.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
+        assert os.path.exists(os.path.join(out, "twa_adapter", part))
     bad = subprocess.run([sys.executable, "-m", "hf_subspace.cli", "twa", str(tmp_path), "--dataset", "x", "-o", out],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "no checkpoint-* folders" in bad.stderr

@@ -6,6 +6,7 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
+from ..projections import STORED_KINDS
 from ..reparam import validate_subspace_args
 
 PEFT_TYPE = "SUBSPACE"
@@ -24,7 +25,8 @@ class SubspaceConfig(PeftConfig):
     Args:
         dim: trainable numbers in total (``d``). In SAID mode one of them goes to each tensor of θ as a scale.
         projection: ``"hashing"`` (count-sketch, default: fastest, exactly orthonormal columns),
-            ``"fastfood"``, ``"sparse"`` or ``"dense"``.
+            ``"fastfood"``, ``"sparse"`` or ``"dense"``; ``"trajectory"`` for a stored basis (a TWA adapter,
+            see :func:`hf_subspace.save_twa_adapter`; needs ``save_projection=True``).
         mode: ``"global"`` (DID: θ = θ0 + P c) or ``"said"`` (θ_i = θ0_i + λ_i P_i c).
         target_modules: which modules' own parameters form θ; ``None`` = every trainable parameter.
             A string is a regex on the full module name; a list matches names or name suffixes (as in PEFT).
@@ -60,6 +62,9 @@ class SubspaceConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
         validate_subspace_args(self.dim, self.projection, self.mode)
+        if self.projection in STORED_KINDS and not self.save_projection:
+            raise ValueError(f"a {self.projection!r} projection is data (a basis), not regenerable from a seed: "
+                             "it needs save_projection=True")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.modules_to_save, (set, tuple)):

@@ -18,6 +18,7 @@ from peft.utils.other import ModulesToSaveWrapper, set_additional_trainable_modu
 from peft.utils import other as peft_other
 
 from .. import __version__
+from ..projections import STORED_KINDS
 from ..reparam import SubspaceDelta, SubspaceEngine, find_engine, fingerprint_parameters, select_parameters
 from .config import SubspaceConfig
 
@@ -213,6 +214,9 @@ class SubspaceModel(BaseTuner):
         if saved_projection:
             engine.adapters[adapter_name].projection.load_state_tensors(saved_projection)
             engine.adapters[adapter_name].invalidate()
+        elif config.projection in STORED_KINDS:
+            raise ValueError(f"this {config.projection!r} adapter's file holds no projection tensors; its basis "
+                             "cannot be regenerated from a seed, so the adapter cannot be loaded")
         expected = f"{ENGINE_PREFIX}coeffs.{adapter_name}"
         if expected not in out:
             raise ValueError("the adapter file holds no subspace coefficients (expected key 'subspace.coeffs')")

@@ -6,6 +6,7 @@ Record snapshots of θ during an ordinary run (:class:`SnapshotCallback`) or rea
 train the coefficients; recalibrate BatchNorm statistics (:func:`recalibrate_batchnorm`).
 """
 from ..projections.trajectory import TrajectoryProjection
+from .adapter import save_twa_adapter
 from .basis import TrajectoryBasisResult, build_trajectory_basis, effective_rank, flatten_snapshot, unflatten
 from .batchnorm import recalibrate_batchnorm
 from .snapshots import SnapshotCallback, SnapshotStore, load_checkpoint_snapshots, trainable_state
@@ -20,6 +21,7 @@ __all__ = [
     "flatten_snapshot",
     "load_checkpoint_snapshots",
     "recalibrate_batchnorm",
+    "save_twa_adapter",
     "trainable_state",
     "unflatten",
 ]

@@ -1,0 +1,83 @@
+"""Save a TWA result as a PEFT adapter that holds its basis: base = the snapshot mean, adapter = (basis, c).
+
+The merged model (``trainer.save_model``) is what most users want. The adapter form keeps the subspace: load it
+with ``PeftModel.from_pretrained(base, path)`` and it gives the same model, but the coefficients can be trained
+further (more TWA epochs, another task's data) or inspected, and the basis shared. It is large: the basis is
+``k × D`` floats (k + 1 times the model's size, with the base).
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from torch import nn
+
+from .basis import TrajectoryBasisResult
+
+
+def save_twa_adapter(model: nn.Module, result: TrajectoryBasisResult, output_dir: str | os.PathLike,
+                     adapter_name: str = "default") -> dict[str, str]:
+    """Write ``output_dir/base`` (``model`` with θ set to the snapshot mean) and ``output_dir/adapter``.
+
+    Args:
+        model: the model TWA produced (``trainer.model`` after a TWA run: plain, merged). Its buffers (BatchNorm
+            statistics, recalibrated at the TWA point) go into the base unchanged, so base + adapter reproduces
+            ``model`` exactly.
+        result: the :class:`TrajectoryBasisResult` of that run (``trainer.twa_result``), with ``coefficients``.
+        output_dir: created if needed.
+
+    Returns ``{"base": path, "adapter": path}``. The base is saved with ``save_pretrained`` when the model has it
+    (a transformers model), else as ``model.safetensors`` (``safetensors.torch.load_model`` reads it back).
+    """
+    from peft import get_peft_model
+
+    from ..reparam import find_engine
+    from ..tuner import SubspaceConfig
+
+    coefficients = getattr(result, "coefficients", None)
+    if coefficients is None:
+        raise ValueError("this TWA result has no trained coefficients (result.coefficients); it comes from "
+                         "build_trajectory_basis alone — run the TWA phase first")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
+    if trainable != list(result.names):
+        missing = sorted(set(result.names) - set(trainable))[:3]
+        raise ValueError("the model's trainable parameters are not the tensors of the TWA basis "
+                         f"({len(trainable)} vs {len(result.names)}; e.g. not trainable here: {missing}); "
+                         "pass the model the TWA run produced")
+    base = copy.deepcopy(model)
+    params = dict(base.named_parameters())
+    with torch.no_grad():
+        for name in result.names:
+            params[name].copy_(result.mean[name].to(params[name].device, params[name].dtype))
+    base_dir = os.path.join(output_dir, "base")
+    adapter_dir = os.path.join(output_dir, "adapter")
+    os.makedirs(base_dir, exist_ok=True)
+    if hasattr(base, "save_pretrained"):
+        base.save_pretrained(base_dir)
+    else:
+        from safetensors.torch import save_model
+
+        save_model(base, os.path.join(base_dir, "model.safetensors"))
+
+    # peft reads the base's name from the model: point it at the saved base (the adapter card and config show it)
+    if getattr(base, "config", None) is not None and hasattr(base.config, "_name_or_path"):
+        base.config._name_or_path = str(base_dir)
+    else:
+        base.__dict__["name_or_path"] = str(base_dir)
+    config = SubspaceConfig(dim=result.k, projection="trajectory", save_projection=True,
+                            training_metrics={"twa_snapshots": int(result.num_snapshots),
+                                              "twa_basis": result.method})
+    peft_model = get_peft_model(base, config, adapter_name=adapter_name)
+    engine = find_engine(peft_model)
+    state = engine.adapters[adapter_name]
+    got = [slot.name for slot in state.layout.slots]
+    if got != list(result.names):
+        raise ValueError("the adapter's θ does not list the basis tensors in the same order "
+                         f"(first difference: {next((a, b) for a, b in zip(got, result.names) if a != b)})")
+    state.projection.load_state_tensors({"basis": result.projection.basis})
+    state.invalidate()
+    with torch.no_grad():
+        engine.coeffs[adapter_name].copy_(coefficients.to(engine.coeffs[adapter_name].device))
+    peft_model.save_pretrained(adapter_dir)
+    return {"base": base_dir, "adapter": adapter_dir}
