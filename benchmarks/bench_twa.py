@@ -243,6 +243,8 @@ def run_sgd(cfg, data, init_state, seed: int, epochs: float, workdir: str, probe
 
 def twa_extra(cfg, twa_lr: float) -> dict:
     return dict(twa=True, twa_snapshot_steps=cfg.snapshot_steps, twa_epochs=cfg.twa_epochs,
+                twa_snapshot_start_step=cfg.snapshot_start_step, twa_center=not cfg.uncentered,
+                twa_lr_schedule=cfg.twa_schedule,
                 twa_learning_rate=twa_lr, twa_momentum=0.9, twa_weight_decay=1e-5, twa_basis=cfg.twa_basis,
                 twa_num_components=cfg.twa_k, twa_lr_milestones=[0.5, 0.75], twa_lr_gamma=0.1)
 
@@ -442,10 +444,14 @@ def write_markdown(path: Path, report: dict) -> None:
         f"{'random crop (pad 2) + horizontal flip' if cfg['augment'] else 'none'}; "
         f"SGD arm: {E:g} epochs, lr ÷10 at {E * 0.5:g} and {E * 0.75:g} epochs",
         f"- TWA: SubspaceTrainer(twa=True), num_train_epochs {E / 2:g} at constant lr {cfg['lr']} (= the first half "
-        f"of the SGD arm), twa_snapshot_steps {cfg['snapshot_steps']}, twa_basis {cfg['twa_basis']}"
+        f"of the SGD arm), twa_snapshot_steps {cfg['snapshot_steps']}, twa_snapshot_start_step "
+        f"{cfg.get('snapshot_start_step', 0)} ({cfg.get('snapshot_start', 0):g} epochs), twa_basis {cfg['twa_basis']}"
         + (f" (k = {cfg['twa_k']})" if cfg["twa_k"] else "")
+        + f", twa_center {not cfg.get('uncentered', False)}"
         + f", twa_epochs {cfg['twa_epochs']:g}, twa_learning_rate {cfg['twa_lr']:g}, twa_momentum 0.9, "
-        "twa_weight_decay 1e-5, lr ÷10 at 50% and 75% of the TWA phase, BN recalibrated on all training batches",
+        "twa_weight_decay 1e-5, twa_lr_schedule " + cfg.get("twa_schedule", "step")
+        + (" (lr ÷10 at 50% and 75% of the TWA phase)" if cfg.get("twa_schedule", "step") == "step" else "")
+        + ", BN recalibrated on all training batches",
         "- SWA: mean of the same snapshots, BN recalibrated on all training batches",
         "",
         "## Machine", "",
@@ -483,6 +489,10 @@ def parse_args(argv=None):
     p.add_argument("--augment", action="store_true", help="random crop + flip on the training images")
     p.add_argument("--snapshots", type=int, default=15, help="about this many snapshots in the E/2 epochs")
     p.add_argument("--snapshot-steps", type=int, default=None, help="overrides --snapshots")
+    p.add_argument("--snapshot-start", type=float, default=0.0,
+                   help="epochs of the ordinary phase before the first snapshot (twa_snapshot_start_step)")
+    p.add_argument("--uncentered", action="store_true", help="twa_center=False: span the raw snapshots")
+    p.add_argument("--twa-schedule", default="step", choices=["step", "linear", "cosine", "constant"])
     p.add_argument("--twa-epochs", type=float, default=None, help="default E/10")
     p.add_argument("--twa-lr", type=float, default=None, help="skip tuning and use this twa_learning_rate")
     p.add_argument("--twa-lr-grid", default="0.5,1,2,4", help="tuned on seed 0 with the validation split")
@@ -518,7 +528,8 @@ def main(argv=None):
     cfg.train_size_actual = len(data["train"])
     spe = steps_per_epoch(cfg)
     half_steps = math.ceil(spe * cfg.epochs / 2)
-    cfg.snapshot_steps = cfg.snapshot_steps or max(1, half_steps // cfg.snapshots)
+    cfg.snapshot_start_step = int(round(cfg.snapshot_start * spe))
+    cfg.snapshot_steps = cfg.snapshot_steps or max(1, (half_steps - cfg.snapshot_start_step) // cfg.snapshots)
     notes = []
     if data["name"] != "fashion_mnist":
         notes.append(f"Fashion-MNIST was not installed: this ran on {data['name']} ({data['source']}).")

@@ -44,10 +44,15 @@ class SubspaceTrainingArguments(TrainingArguments):
     twa: bool = field(default=False, metadata={"help": "one-run TWA: ordinary phase with snapshots, then TWA"})
     twa_snapshot_steps: Optional[int] = field(default=None, metadata={"help": "snapshot every N steps "
                                                                                "(default: every epoch)"})
+    twa_snapshot_start_step: int = field(default=0, metadata={"help": "take no snapshot before this step (skip "
+                                                                     "the first, far-from-converged stretch)"})
     twa_snapshot_storage: str = field(default="memory", metadata={"help": "memory | disk"})
     twa_snapshot_dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
     twa_basis: str = field(default="twa", metadata={"help": "twa (all directions) | pca (top-k, DLDR)"})
     twa_num_components: Optional[int] = field(default=None, metadata={"help": "k for pca"})
+    twa_center: bool = field(default=True, metadata={"help": "span the snapshots' differences from their mean "
+                                                               "(False: the snapshots themselves, adding the mean's "
+                                                               "direction, as the official TWA code does)"})
     twa_epochs: float = field(default=1.0, metadata={"help": "epochs of coefficient training"})
     twa_learning_rate: float = field(default=2.0, metadata={"help": "SGD learning rate on the coefficients"})
     twa_momentum: float = field(default=0.9)
@@ -144,7 +149,7 @@ class SubspaceTrainer(Trainer):
                 storage=args.twa_snapshot_storage,
                 directory=os.path.join(args.output_dir, "twa_snapshots") if args.twa_snapshot_storage == "disk"
                 else None,
-                dtype=getattr(torch, args.twa_snapshot_dtype),
+                dtype=getattr(torch, args.twa_snapshot_dtype), start_step=args.twa_snapshot_start_step,
             )
             self.add_callback(self.snapshot_callback)
 
@@ -204,7 +209,8 @@ def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None
     if names is None:
         names = [n for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
     _check_snapshots_fit(model, snapshots, names)
-    result = build_trajectory_basis(snapshots, names=names, method=args.twa_basis, k=args.twa_num_components)
+    result = build_trajectory_basis(snapshots, names=names, method=args.twa_basis, k=args.twa_num_components,
+                                    center=args.twa_center)
     params = dict(model.named_parameters())
     requires_grad = {n: p.requires_grad for n, p in params.items()}
     with torch.no_grad():

@@ -69,6 +69,21 @@ def test_basis_spans_every_snapshot(twa_result):
     assert res.explained_variance_ratio.sum().item() == pytest.approx(1.0, abs=1e-9)
 
 
+def test_uncentered_basis_spans_the_snapshots_themselves():
+    snaps = random_snapshots()
+    res = build_trajectory_basis(snaps, chunk_size=1 << 16, center=False)
+    assert res.k == 8 and res.orthonormality_error <= 1e-6  # one more direction than the centered basis: the mean's
+    Q = res.projection.basis.double()
+    W = flat(snaps, res.names)
+    rel = ((W @ Q.T) @ Q - W).norm(dim=1) / W.norm(dim=1)
+    assert rel.max().item() <= 1e-5
+    mean = flatten_snapshot(res.mean, res.names, torch.float64)
+    assert ((Q @ mean) @ Q - mean).norm() / mean.norm() <= 1e-5
+    centered = build_trajectory_basis(snaps, chunk_size=1 << 16)
+    assert ((Q @ mean) @ Q - mean).norm() < (((centered.projection.basis.double() @ mean) @
+                                              centered.projection.basis.double()) - mean).norm()
+
+
 def test_pca_orders_by_variance_and_keeps_top_k(twa_result):
     snaps, full = twa_result
     res = build_trajectory_basis(snaps, method="pca", k=3)
@@ -308,6 +323,14 @@ def test_snapshot_callback_in_trainer(tmp_path):
         torch.testing.assert_close(store[-1][name], p.detach())
     assert not torch.equal(store[0]["conv.weight"], store[-1]["conv.weight"])
     assert build_trajectory_basis(store).k == 2
+
+
+def test_snapshot_callback_start_step(tmp_path):
+    cb = SnapshotCallback(every_n_steps=1, start_step=4)
+    run_trainer(tmp_path, [cb])
+    assert cb.store.steps == [4, 5, 6]
+    with pytest.raises(ValueError, match="start_step"):
+        SnapshotCallback(every_n_steps=1, start_step=-1)
 
 
 def test_snapshot_callback_per_epoch(tmp_path):

@@ -216,6 +216,7 @@ def build_trajectory_basis(
     chunk_size: int = 1 << 22,
     rtol: float = 1e-5,
     device: torch.device | str | None = None,
+    center: bool = True,
 ) -> TrajectoryBasisResult:
     """Mean and orthonormal basis of the snapshots' trajectory (see the module docstring for the algorithm).
 
@@ -231,6 +232,10 @@ def build_trajectory_basis(
             ``n × chunk_size``).
         rtol: a direction is degenerate when its singular value is ``≤ rtol · σ_max``.
         device: where the returned projection lives (the construction runs on CPU).
+        center: ``True`` spans the differences ``w_i - mean`` (the affine hull of the snapshots, ``n - 1``
+            directions); ``False`` spans the snapshots themselves, which adds the direction of the mean — the
+            official TWA code's choice (Gram–Schmidt on the raw snapshots): training can then also rescale the
+            weights as a whole. Training starts at the mean either way.
 
     Returns:
         :class:`TrajectoryBasisResult` with ``projection.basis`` of shape ``(k, D)``, float32, orthonormal rows.
@@ -245,12 +250,12 @@ def build_trajectory_basis(
     n = len(snapshots)
     get = _tensor_getter(snapshots)
 
-    mean, gram = _mean_and_gram(get, n, names, shapes, chunk_size)
+    mean, gram = _mean_and_gram(get, n, names, shapes, chunk_size, center)
     eigvals, eigvecs = _principal_directions(gram)
     keep = _number_to_keep(eigvals, method, k, rtol)
     T = eigvecs[:, :keep] / eigvals[:keep].sqrt()  # (n, r): Q1 = Tᵀ X
-    M = _cholesky_correction(get, n, names, shapes, chunk_size, T)  # (r, n): Q = M X
-    basis, ortho_err = _write_basis(get, n, names, shapes, chunk_size, M)
+    M = _cholesky_correction(get, n, names, shapes, chunk_size, T, center)  # (r, n): Q = M X
+    basis, ortho_err = _write_basis(get, n, names, shapes, chunk_size, M, center)
 
     total = eigvals.clamp_min(0).sum()
     return TrajectoryBasisResult(
@@ -266,13 +271,14 @@ def build_trajectory_basis(
     )
 
 
-def _mean_and_gram(get, n, names, shapes, chunk_size) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Pass 1: float32 mean tensors and the ``(n, n)`` float64 Gram matrix of the centered snapshots."""
+def _mean_and_gram(get, n, names, shapes, chunk_size, center=True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Pass 1: float32 mean tensors and the ``(n, n)`` float64 Gram matrix of the (centered) snapshots."""
     mean = {name: torch.empty(shapes[name], dtype=torch.float32) for name in names}
     gram = torch.zeros(n, n, dtype=torch.float64)
     for name, a, b, X in _iter_blocks(get, n, names, shapes, chunk_size):
         m = X.mean(0)
-        X -= m
+        if center:
+            X -= m
         block_gram = X @ X.T
         if not torch.isfinite(block_gram.diagonal()).all():  # NaN/inf anywhere reaches the diagonal
             raise ValueError(f"tensor {name!r} holds NaN or inf in at least one snapshot")
@@ -300,12 +306,13 @@ def _number_to_keep(eigvals: torch.Tensor, method: str, k: int | None, rtol: flo
     return rank if k is None else min(k, rank)
 
 
-def _cholesky_correction(get, n, names, shapes, chunk_size, T: torch.Tensor) -> torch.Tensor:
+def _cholesky_correction(get, n, names, shapes, chunk_size, T: torch.Tensor, center=True) -> torch.Tensor:
     """Pass 2: measure ``G2 = Q1 Q1ᵀ`` (``Q1 = Tᵀ X``) and return ``M = L⁻¹ Tᵀ`` with ``G2 = L Lᵀ``."""
     r = T.shape[1]
     g2 = torch.zeros(r, r, dtype=torch.float64)
     for _, _, _, X in _iter_blocks(get, n, names, shapes, chunk_size):
-        X -= X.mean(0)
+        if center:
+            X -= X.mean(0)
         q1 = T.T @ X
         g2 += q1 @ q1.T
     L, info = torch.linalg.cholesky_ex((g2 + g2.T) / 2)
@@ -314,7 +321,7 @@ def _cholesky_correction(get, n, names, shapes, chunk_size, T: torch.Tensor) -> 
     return torch.linalg.solve_triangular(L, T.T, upper=False)
 
 
-def _write_basis(get, n, names, shapes, chunk_size, M: torch.Tensor) -> tuple[torch.Tensor, float]:
+def _write_basis(get, n, names, shapes, chunk_size, M: torch.Tensor, center=True) -> tuple[torch.Tensor, float]:
     """Pass 3: ``Q = M X`` into a ``(r, D)`` float32 tensor; returns it and ``max |Q Qᵀ - I|`` (float64)."""
     r = M.shape[0]
     offsets, D = {}, 0
@@ -324,7 +331,8 @@ def _write_basis(get, n, names, shapes, chunk_size, M: torch.Tensor) -> tuple[to
     basis = torch.empty(r, D, dtype=torch.float32)
     gram = torch.zeros(r, r, dtype=torch.float64)
     for name, a, b, X in _iter_blocks(get, n, names, shapes, chunk_size):
-        X -= X.mean(0)
+        if center:
+            X -= X.mean(0)
         q = M @ X  # float64
         stored = basis[:, offsets[name] + a: offsets[name] + b]
         stored.copy_(q)  # rounded to float32

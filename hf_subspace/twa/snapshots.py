@@ -194,6 +194,8 @@ class SnapshotCallback(TrainerCallback):
         every_n_steps: record after every ``every_n_steps``-th optimizer step. If None, record per epoch.
         per_epoch: with ``every_n_steps=None``, record at the end of every epoch.
         storage, directory, dtype, max_snapshots: see :class:`SnapshotStore`.
+        start_step: record nothing before this optimizer step (the first, far-from-converged part of a run
+            spends directions of the subspace on a path training has left).
 
     In a multi-process run every process records its own copy (all hold the same weights); give each process
     its own ``directory`` when storing on disk.
@@ -201,14 +203,17 @@ class SnapshotCallback(TrainerCallback):
 
     def __init__(self, every_n_steps: int | None = None, per_epoch: bool = True, storage: str = "memory",
                  directory: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-                 max_snapshots: int | None = None):
+                 max_snapshots: int | None = None, start_step: int = 0):
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
                                           or every_n_steps <= 0):
             raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}")
         if every_n_steps is None and not per_epoch:
             raise ValueError("SnapshotCallback would record nothing: set every_n_steps or per_epoch=True")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step must be a non-negative integer, got {start_step!r}")
         self.every_n_steps = every_n_steps
         self.per_epoch = per_epoch
+        self.start_step = start_step
         self.store = SnapshotStore(storage=storage, directory=directory, dtype=dtype, max_snapshots=max_snapshots)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -220,6 +225,8 @@ class SnapshotCallback(TrainerCallback):
             self._record(kwargs.get("model"), state.global_step)
 
     def _record(self, model, step: int) -> None:
+        if step < self.start_step:
+            return
         if model is None:
             raise ValueError("SnapshotCallback needs the model, but the Trainer passed none to the callback")
         self.store.add(trainable_state(getattr(model, "module", model)), step)
