@@ -633,6 +633,9 @@ def run_steps(args, results: dict, costs: CostModel, save) -> None:
               "step_s": args.max_step_s}
     rows = results.setdefault("steps", {})
     specs = [s for s in method_specs(args.quick) if not args.only or any(o in s["id"] for o in args.only)]
+    if args.remeasure:  # --resume keeps the other rows; these are measured afresh
+        for spec in specs:
+            rows.pop(spec["id"], None)
     specs = [s for s in specs if not (s["id"] in rows and rows[s["id"]].get("status") == "measured")]
     rounds: dict[str, list[dict]] = {}
     # round-robin: every method runs once per round, so slow drifts of a shared machine hit all methods alike
@@ -1063,6 +1066,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-steps", action="store_true", help="skip (a)")
     p.add_argument("--rounds", type=int, default=1,
                    help="(a): run every method this many times, round-robin, and pool the steps (default 1)")
+    p.add_argument("--remeasure", action="store_true",
+                   help="(a) with --resume: measure the methods chosen by --only again instead of keeping them")
     p.add_argument("--resume", action="store_true", help="keep measured results already in <out>/speed.json")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2, quick 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10, quick 3)")
