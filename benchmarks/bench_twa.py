@@ -244,7 +244,7 @@ def run_sgd(cfg, data, init_state, seed: int, epochs: float, workdir: str, probe
 def twa_extra(cfg, twa_lr: float) -> dict:
     return dict(twa=True, twa_snapshot_steps=cfg.snapshot_steps, twa_epochs=cfg.twa_epochs,
                 twa_snapshot_start_step=cfg.snapshot_start_step, twa_center=not cfg.uncentered,
-                twa_lr_schedule=cfg.twa_schedule,
+                twa_lr_schedule=cfg.twa_schedule, twa_batch_size=cfg.twa_batch_size,
                 twa_learning_rate=twa_lr, twa_momentum=0.9, twa_weight_decay=1e-5, twa_basis=cfg.twa_basis,
                 twa_num_components=cfg.twa_k, twa_lr_milestones=[0.5, 0.75], twa_lr_gamma=0.1)
 
@@ -448,7 +448,8 @@ def write_markdown(path: Path, report: dict) -> None:
         f"{cfg.get('snapshot_start_step', 0)} ({cfg.get('snapshot_start', 0):g} epochs), twa_basis {cfg['twa_basis']}"
         + (f" (k = {cfg['twa_k']})" if cfg["twa_k"] else "")
         + f", twa_center {not cfg.get('uncentered', False)}"
-        + f", twa_epochs {cfg['twa_epochs']:g}, twa_learning_rate {cfg['twa_lr']:g}, twa_momentum 0.9, "
+        + f", twa_epochs {cfg['twa_epochs']:g} (batch {cfg.get('twa_batch_size') or cfg['batch_size']}), "
+        f"twa_learning_rate {cfg['twa_lr']:g}, twa_momentum 0.9, "
         "twa_weight_decay 1e-5, twa_lr_schedule " + cfg.get("twa_schedule", "step")
         + (" (lr ÷10 at 50% and 75% of the TWA phase)" if cfg.get("twa_schedule", "step") == "step" else "")
         + ", BN recalibrated on all training batches",
@@ -493,6 +494,7 @@ def parse_args(argv=None):
                    help="epochs of the ordinary phase before the first snapshot (twa_snapshot_start_step)")
     p.add_argument("--uncentered", action="store_true", help="twa_center=False: span the raw snapshots")
     p.add_argument("--twa-schedule", default="step", choices=["step", "linear", "cosine", "constant"])
+    p.add_argument("--twa-batch-size", type=int, default=None, help="batch of the TWA phase (default: --batch-size)")
     p.add_argument("--twa-epochs", type=float, default=None, help="default E/10")
     p.add_argument("--twa-lr", type=float, default=None, help="skip tuning and use this twa_learning_rate")
     p.add_argument("--twa-lr-grid", default="0.5,1,2,4", help="tuned on seed 0 with the validation split")

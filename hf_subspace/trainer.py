@@ -56,6 +56,8 @@ class SubspaceTrainingArguments(TrainingArguments):
     twa_epochs: float = field(default=1.0, metadata={"help": "epochs of coefficient training"})
     twa_learning_rate: float = field(default=2.0, metadata={"help": "SGD learning rate on the coefficients"})
     twa_momentum: float = field(default=0.9)
+    twa_batch_size: Optional[int] = field(default=None, metadata={"help": "per-device batch of the TWA phase "
+                                                                          "(default: per_device_train_batch_size)"})
     twa_weight_decay: float = field(default=1e-5)
     twa_lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75],
                                            metadata={"help": "fractions of the TWA phase where lr is multiplied "
@@ -230,9 +232,12 @@ def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None
         args, twa=False, num_train_epochs=args.twa_epochs, max_steps=-1, learning_rate=args.twa_learning_rate,
         weight_decay=args.twa_weight_decay, output_dir=os.path.join(args.output_dir, "twa"),
         save_strategy="no", load_best_model_at_end=False, push_to_hub=False, warmup_steps=0,
+        per_device_train_batch_size=args.twa_batch_size or args.per_device_train_batch_size,
         max_grad_norm=args.twa_max_grad_norm,
     )
-    steps_per_epoch = max(1, len(train_loader) // max(1, args.gradient_accumulation_steps))
+    batches = (len(train_loader) if not args.twa_batch_size
+               else math.ceil(len(train_loader) * args.per_device_train_batch_size / args.twa_batch_size))
+    steps_per_epoch = max(1, batches // max(1, args.gradient_accumulation_steps))
     total = max(1, math.ceil(steps_per_epoch * args.twa_epochs))
     optimizer = torch.optim.SGD([engine.coeffs["twa"]], lr=args.twa_learning_rate, momentum=args.twa_momentum,
                                 weight_decay=args.twa_weight_decay)

@@ -179,6 +179,21 @@ def test_twa_one_run_stays_in_the_span_and_recalibrates_bn(tmp_out):
     assert "twa_eval_accuracy" in card
 
 
+def test_twa_phase_batch_size(tmp_out):
+    from transformers import TrainerCallback
+
+    class Steps(TrainerCallback):
+        seen = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            Steps.seen.append(args.per_device_train_batch_size)
+
+    a = args(tmp_out, twa=True, num_train_epochs=2, twa_snapshot_steps=4, twa_batch_size=4, twa_learning_rate=0.3)
+    trainer = SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset(), callbacks=[Steps()])
+    trainer.train()
+    assert Steps.seen == [8] * 16 + [4] * 16  # 64 images: 8 steps of 8 per ordinary epoch, 16 of 4 in the TWA one
+
+
 def test_twa_result_saves_as_an_adapter_that_holds_the_basis(tmp_out, tmp_path):
     from peft import PeftModel
     from safetensors import safe_open
