@@ -999,6 +999,17 @@ def markdown_report(results: dict) -> str:
                               else f"{x.get('lr', '?'):g} → {x.get('status')}" for x in r.get("runs", []))
             out.append(f"| {r['label']} | {fmt_int(r.get('trainable_params'))} | {tried or r.get('reason', '')} "
                        f"| {r.get('best_lr', '—')} | {r.get('accuracy', float('nan')):.3f} |")
+        done = {k: r for k, r in acc.items() if "accuracy" in r and r.get("trainable_params")}
+        ours = {k: r for k, r in done.items() if k.startswith(("subspace-", "global-")) and k.endswith("-10000")}
+        for k, r in ours.items():  # the target: within 1 point of the best PEFT peer with a similar trainable count
+            n = r["trainable_params"]
+            peers = [p for j, p in done.items() if j in ("lora", "vera", "unilora") and n / 2 <= p["trainable_params"] <= 2 * n]
+            if peers:
+                best = max(peers, key=lambda p: p["accuracy"])
+                gap = 100 * (r["accuracy"] - best["accuracy"])
+                out.append(f"\n**{r['label']}** vs the best peer with a similar trainable count ({best['label']}, "
+                           f"{best['trainable_params']:,}): {gap:+.1f} points — target (≥ −1.0): "
+                           f"{'met' if gap >= -1.0 else 'NOT met'}.")
         n_val = next((x.get("n_val") for r in acc.values() for x in r.get("runs", []) if x.get("n_val")), None)
         out += ["", f"One epoch of AdamW (linear decay, 6% warm-up), batch {BATCH}, {SEQ_LEN} tokens. The learning "
                 f"rate is chosen on a validation split ({n_val} sentences, disjoint from train and test); the test "
