@@ -12,11 +12,16 @@ a. **Training steps** on MiniLM-L6 sequence classification (batch 16, 64 tokens,
    VeRA, UniLoRA, hf_subspace on query/value, and hf_subspace over all weights for every projection kind and
    d in {1e3, 1e4, 1e5}. A configuration that would not fit in time or memory is not run: its cost is
    extrapolated from the projection micro-benchmark (b) and reported as an estimate, with the reason.
+   ``--rounds N`` runs the measured methods N times round-robin and pools their steps (a shared machine drifts
+   by ±10% between single runs); ``--resume --remeasure --only ...`` re-measures some methods, keeping the rest.
+   The projection's share is what the step's own projection calls took (per tensor; embeddings only for the
+   rows the batch reads).
 b. **Projection micro-benchmark**: build time, ``P c`` and ``Pᵀ g`` time and peak memory of each kind as D grows
    (d = 1000) and as d grows (D = 1e7), again one subprocess each, sizes that do not fit skipped (estimated).
    The share of a MiniLM step the projection takes at D = 22.7M comes from (a).
 c. ``--accuracy`` (slow: an epoch of 500 steps per method and learning rate): one epoch on the Rotten Tomatoes
-   split (8,000 / 2,000) and the test accuracy, for a few learning rates per method.
+   split (8,000 / 2,000), three learning rates per method chosen on the 605 remaining sentences, and that run's
+   test accuracy; each d = 10k hf_subspace row is compared with the best PEFT peer of a similar trainable count.
 d. ``--profile``: a torch.profiler breakdown of one step (full fine-tuning vs hf_subspace global hashing):
    projection, materialization of θ0 + δ, matmuls, optimizer, the rest.
 
