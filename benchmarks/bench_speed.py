@@ -788,7 +788,7 @@ def labelled_subspace_regions():
     labels = {"matvec": "hf_subspace: P c", "matvec_rows": "hf_subspace: P c",
               "rmatvec": "hf_subspace: P^T g", "rmatvec_rows": "hf_subspace: P^T g",
               "matvec_at": "hf_subspace: P c", "rmatvec_at": "hf_subspace: P^T g",
-              "apply_delta": "hf_subspace: theta0 + delta"}
+              "apply_delta": "hf_subspace: theta0 + delta", "rows_delta": "hf_subspace: theta0 + delta"}
     patched = []
 
     def labelled(fn, label):
@@ -870,6 +870,8 @@ def profile_one_step(spec: dict) -> dict:
 PROFILE_CASES = [
     {"id": "full", "family": "full", "label": "full fine-tuning", "options": {}},
     {"id": "lora", "family": "lora", "label": "PEFT LoRA r=8 (q,v)", "options": {"r": 8}},
+    {"id": "subspace-qv-hashing-10000", "family": "subspace", "label": "hf_subspace hashing d=10k (q,v)",
+     "options": {"dim": 10_000, "projection": "hashing", "target_modules": ["query", "value"]}},
     {"id": "global-hashing-10000", "family": "subspace", "label": "hf_subspace global hashing d=10k",
      "options": {"dim": 10_000, "projection": "hashing", "target_modules": None}},
 ]
