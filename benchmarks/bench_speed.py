@@ -744,6 +744,14 @@ def train_and_evaluate(spec: dict, lr: float, n_train: int, n_test: int, seed: i
             "n_train": n_train, "n_test": n_test}
 
 
+def next_lr(lr: float, up: bool) -> float:
+    """The next learning rate of the 1-3-10 ladder above (or below) ``lr``."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    ladder = [m * 10.0 ** e for e in range(exponent - 1, exponent + 2) for m in (1, 3)]
+    out = min(x for x in ladder if x > lr * 1.01) if up else max(x for x in ladder if x < lr / 1.01)
+    return float(f"{out:.1g}")
+
+
 def run_accuracy(args, results: dict, save) -> None:
     rows = results.setdefault("accuracy", {})
     steps = results.get("steps", {})
@@ -761,6 +769,22 @@ def run_accuracy(args, results: dict, save) -> None:
                               "--n-train", str(args.n_train), "--n-test", str(args.n_test)],
                              timeout=args.accuracy_timeout)
             row.setdefault("lr", lr)
+            runs.append(row)
+            save()
+        for _ in range(args.extend_edges):  # the best on validation at an end of the grid: one step further out
+            done = [r for r in runs if r.get("status") == "measured"]
+            if not done:
+                break
+            best = max(done, key=lambda r: (r.get("val_accuracy", r["accuracy"]), -r["lr"]))
+            tried = sorted(r["lr"] for r in done)
+            if len(tried) < 2 or tried[0] < best["lr"] < tried[-1]:
+                break
+            lr = next_lr(best["lr"], up=best["lr"] == tried[-1])
+            row = run_worker(["--worker", "accuracy", "--spec", json.dumps(spec), "--lr", str(lr),
+                              "--n-train", str(args.n_train), "--n-test", str(args.n_test)],
+                             timeout=args.accuracy_timeout)
+            row.setdefault("lr", lr)
+            row["extended"] = True
             runs.append(row)
             save()
         done = [r for r in runs if r.get("status") == "measured"]
@@ -1084,6 +1108,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-steps", action="store_true", help="skip (a)")
     p.add_argument("--rounds", type=int, default=1,
                    help="(a): run every method this many times, round-robin, and pool the steps (default 1)")
+    p.add_argument("--extend-edges", type=int, default=1,
+                   help="(c): when the best lr on validation is at an end of the grid, try up to this many further "
+                        "steps of the 1-3-10 ladder (default 1)")
     p.add_argument("--remeasure", action="store_true",
                    help="(a) with --resume: measure the methods chosen by --only again instead of keeping them")
     p.add_argument("--resume", action="store_true", help="keep measured results already in <out>/speed.json")
