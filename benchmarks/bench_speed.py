@@ -284,12 +284,12 @@ def build_unilora(model, r=8, theta_d_length=10_000):
                                                target_modules=["query", "value"], task_type="SEQ_CLS"))
 
 
-def build_subspace(model, dim, projection="hashing", target_modules=None):
+def build_subspace(model, dim, projection="hashing", target_modules=None, mode="global"):
     from peft import get_peft_model
 
     import hf_subspace
 
-    return get_peft_model(model, hf_subspace.SubspaceConfig(dim=dim, projection=projection, mode="global",
+    return get_peft_model(model, hf_subspace.SubspaceConfig(dim=dim, projection=projection, mode=mode,
                                                             target_modules=target_modules, task_type="SEQ_CLS"))
 
 
@@ -321,6 +321,10 @@ def method_specs(quick: bool) -> list[dict]:
         {"id": "subspace-qv-hashing-10000", "family": "subspace", "label": "hf_subspace hashing d=10k (q,v)",
          "options": {"dim": 10_000, "projection": "hashing", "target_modules": ["query", "value"]},
          "lrs": [3e-3, 1e-2, 3e-2]},
+        {"id": "subspace-qv-said-hashing-10000", "family": "subspace",
+         "label": "hf_subspace SAID hashing d=10k (q,v)",
+         "options": {"dim": 10_000, "projection": "hashing", "target_modules": ["query", "value"], "mode": "said"},
+         "lrs": [1e-2, 3e-2]},
     ]
     if quick:
         specs = [s for s in specs if s["id"] in ("full", "lora", "subspace-qv-hashing-10000")]
