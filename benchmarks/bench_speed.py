@@ -635,13 +635,23 @@ def estimate_global_step(spec: dict, D: int, head: int, costs: CostModel, measur
                      "memory: that run's peak + the projection's estimated peak"}
 
 
+def selected_specs(args) -> list[dict]:
+    """The methods ``--only`` picks: an entry equal to a method id picks that method alone, any other entry every
+    method whose id contains it."""
+    specs = method_specs(args.quick)
+    if not args.only:
+        return specs
+    ids = {s["id"] for s in specs}
+    return [s for s in specs if any(o == s["id"] or (o not in ids and o in s["id"]) for o in args.only)]
+
+
 def run_steps(args, results: dict, costs: CostModel, save) -> None:
     total, D = minilm_num_weights()
     results["minilm"] = {"num_parameters": total, "D_global": D}
     limits = {"mem_mb": args.mem_budget_gb * 1024, "product_s": args.max_step_s / 2, "build_s": args.max_build_s,
               "step_s": args.max_step_s}
     rows = results.setdefault("steps", {})
-    specs = [s for s in method_specs(args.quick) if not args.only or any(o in s["id"] for o in args.only)]
+    specs = selected_specs(args)
     if args.remeasure:  # --resume keeps the other rows; these are measured afresh
         for spec in specs:
             rows.pop(spec["id"], None)
@@ -759,7 +769,7 @@ def next_lr(lr: float, up: bool) -> float:
 def run_accuracy(args, results: dict, save) -> None:
     rows = results.setdefault("accuracy", {})
     steps = results.get("steps", {})
-    specs = [s for s in method_specs(args.quick) if not args.only or any(o in s["id"] for o in args.only)]
+    specs = selected_specs(args)
     for spec in tqdm(specs, desc="(c) accuracy"):
         if steps.get(spec["id"], {}).get("status") in ("estimated", "skipped", "failed"):
             rows[spec["id"]] = {"label": spec["label"], "status": "skipped",
@@ -1107,7 +1117,7 @@ def parse_args(argv=None):
     p.add_argument("--accuracy", action="store_true", help="also train one epoch per method and learning rate (slow)")
     p.add_argument("--profile", action="store_true", help="also profile one step (full FT, LoRA, global hashing)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="output folder")
-    p.add_argument("--only", nargs="*", help="run only methods whose id contains one of these strings")
+    p.add_argument("--only", nargs="*", help="run only these methods: an exact id, or a string the ids contain")
     p.add_argument("--skip-micro", action="store_true", help="skip (b) (estimates then have no basis)")
     p.add_argument("--skip-steps", action="store_true", help="skip (a)")
     p.add_argument("--rounds", type=int, default=1,
