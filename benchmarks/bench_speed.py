@@ -46,13 +46,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing the package
-    sys.path.insert(0, str(REPO))
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from _setup import REPO  # noqa: E402  (puts the checkout on sys.path, sets offline defaults)
 
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -1023,7 +1017,7 @@ def markdown_report(results: dict) -> str:
                     f"D = {results['minilm']['D_global']:,}", "",
                     "In the step: the time of the projection calls the step made (per tensor; embeddings only for "
                     "the rows the batch reads), median over the timed steps. Whole θ: one P c and one Pᵀ g over all "
-                    f"D weights, timed alone (what a projection without row slices pays every step).", "",
+                    "D weights, timed alone (what a projection without row slices pays every step).", "",
                     "| method | in the step: P c + Pᵀ g (s) | share of step | whole θ: P c + Pᵀ g (s) | step (s) "
                     "| whole θ ÷ step | status |", "|---|---:|---:|---:|---:|---:|---|"]
             for r in rows:

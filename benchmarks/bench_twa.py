@@ -45,13 +45,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing the package
-    sys.path.insert(0, str(REPO))
-
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from _setup import REPO  # noqa: E402  (puts the checkout on sys.path, sets offline defaults)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -60,7 +54,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from hf_subspace.data import load_image_classification  # noqa: E402
-from hf_subspace.trainer import SubspaceTrainer, SubspaceTrainingArguments, run_twa_phase  # noqa: E402
+from hf_subspace.trainer import TWA_LR_SCHEDULES, SubspaceTrainer, SubspaceTrainingArguments, run_twa_phase  # noqa: E402
 from hf_subspace.twa import recalibrate_batchnorm  # noqa: E402
 
 DATA_SPLIT_SEED = 1234  # the train/validation split is the same for every seed and arm
@@ -493,7 +487,7 @@ def parse_args(argv=None):
     p.add_argument("--snapshot-start", type=float, default=0.0,
                    help="epochs of the ordinary phase before the first snapshot (twa_snapshot_start_step)")
     p.add_argument("--uncentered", action="store_true", help="twa_center=False: span the raw snapshots")
-    p.add_argument("--twa-schedule", default="step", choices=["step", "linear", "cosine", "constant"])
+    p.add_argument("--twa-schedule", default="step", choices=TWA_LR_SCHEDULES)
     p.add_argument("--twa-batch-size", type=int, default=None, help="batch of the TWA phase (default: --batch-size)")
     p.add_argument("--twa-epochs", type=float, default=None, help="default E/10")
     p.add_argument("--twa-lr", type=float, default=None, help="skip tuning and use this twa_learning_rate")

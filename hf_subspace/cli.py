@@ -98,6 +98,8 @@ def cmd_info(ns) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .trainer import TWA_LR_SCHEDULES  # already imported with the package
+
     p = argparse.ArgumentParser(prog="hf-subspace", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -115,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--k", type=int, default=None, help="components for --basis pca")
     t.add_argument("--batch_size", type=int, default=64)
     t.add_argument("--bn_batches", type=int, default=None)
-    t.add_argument("--schedule", choices=["step", "linear", "cosine", "constant"], default="step",
+    t.add_argument("--schedule", choices=TWA_LR_SCHEDULES, default="step",
                    help="learning-rate schedule of the TWA phase")
     t.add_argument("--adapter", action="store_true",
                    help="also save OUT/twa_adapter/{base,adapter}: the snapshot mean + a PEFT adapter holding the "

@@ -34,32 +34,33 @@ class HashingProjection(Projection):
 
     supports_row_slices = True
 
-    def matvec_rows(self, c, start, stop):
+    # every product is one gather (P c) or one scatter-add (Pᵀ g) over some of the rows' indices
+    def _gather(self, c, index):
         cs = c.detach().to(self.device, torch.float32) * self.col_scale
-        return torch.index_select(torch.cat([cs, -cs]), 0, self.index[start:stop])
+        return torch.index_select(torch.cat([cs, -cs]), 0, index)
+
+    def _scatter(self, g, index):
+        g = g.detach().reshape(-1).to(self.device, torch.float32)
+        bins = torch.zeros(2 * self.d, device=self.device, dtype=torch.float32).index_add_(0, index, g)
+        return (bins[: self.d] - bins[self.d:]) * self.col_scale
+
+    def matvec_rows(self, c, start, stop):
+        return self._gather(c, self.index[start:stop])
 
     def rmatvec_rows(self, g, start, stop):
-        g = g.detach().reshape(-1).to(self.device, torch.float32)
-        bins = torch.zeros(2 * self.d, device=self.device, dtype=torch.float32).index_add_(0, self.index[start:stop], g)
-        return (bins[: self.d] - bins[self.d:]) * self.col_scale
+        return self._scatter(g, self.index[start:stop])
 
     def matvec_at(self, c, positions):
-        cs = c.detach().to(self.device, torch.float32) * self.col_scale
-        return torch.index_select(torch.cat([cs, -cs]), 0, self.index[positions.reshape(-1)]).view(positions.shape)
+        return self._gather(c, self.index[positions.reshape(-1)]).view(positions.shape)
 
     def rmatvec_at(self, g, positions):
-        g = g.detach().reshape(-1).to(self.device, torch.float32)
-        bins = torch.zeros(2 * self.d, device=self.device, dtype=torch.float32)
-        bins.index_add_(0, self.index[positions.reshape(-1)], g)
-        return (bins[: self.d] - bins[self.d:]) * self.col_scale
+        return self._scatter(g, self.index[positions.reshape(-1)])
 
     def _matvec(self, c):
-        cs = c * self.col_scale
-        return torch.index_select(torch.cat([cs, -cs]), 0, self.index)
+        return self._gather(c, self.index)
 
     def _rmatvec(self, g):
-        bins = torch.zeros(2 * self.d, device=self.device, dtype=torch.float32).index_add_(0, self.index, g)
-        return (bins[: self.d] - bins[self.d:]) * self.col_scale
+        return self._scatter(g, self.index)
 
     def state_tensors(self):
         return {"index": self.index, "col_scale": self.col_scale}
