@@ -73,8 +73,10 @@ def save_twa_adapter(model: nn.Module, result: TrajectoryBasisResult, output_dir
     state = engine.adapters[adapter_name]
     got = [slot.name for slot in state.layout.slots]
     if got != list(result.names):
-        raise ValueError("the adapter's θ does not list the basis tensors in the same order "
-                         f"(first difference: {next((a, b) for a, b in zip(got, result.names) if a != b)})")
+        where = next(((a, b) for a, b in zip(got, result.names) if a != b),
+                     f"{len(got)} tensors vs {len(result.names)}")  # same prefix, different lengths
+        raise ValueError(f"the adapter's θ does not list the basis tensors in the same order (first difference: "
+                         f"{where})")
     state.projection.load_state_tensors({"basis": result.projection.basis})
     state.invalidate()
     with torch.no_grad():
