@@ -54,7 +54,8 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from hf_subspace.data import load_image_classification  # noqa: E402
-from hf_subspace.trainer import TWA_LR_SCHEDULES, SubspaceTrainer, SubspaceTrainingArguments, run_twa_phase  # noqa: E402
+from hf_subspace.trainer import (TWA_LR_SCHEDULES, TWA_OPTIMIZERS, SubspaceTrainer,  # noqa: E402
+                                 SubspaceTrainingArguments, run_twa_phase)
 from hf_subspace.twa import recalibrate_batchnorm  # noqa: E402
 
 DATA_SPLIT_SEED = 1234  # the train/validation split is the same for every seed and arm
@@ -239,7 +240,8 @@ def twa_extra(cfg, twa_lr: float) -> dict:
     return dict(twa=True, twa_snapshot_steps=cfg.snapshot_steps, twa_epochs=cfg.twa_epochs,
                 twa_snapshot_start_step=cfg.snapshot_start_step, twa_center=not cfg.uncentered,
                 twa_lr_schedule=cfg.twa_schedule, twa_batch_size=cfg.twa_batch_size,
-                twa_learning_rate=twa_lr, twa_momentum=0.9, twa_weight_decay=1e-5, twa_basis=cfg.twa_basis,
+                twa_learning_rate=twa_lr, twa_optimizer=cfg.twa_optimizer, twa_momentum=0.9, twa_weight_decay=1e-5,
+                twa_basis=cfg.twa_basis,
                 twa_num_components=cfg.twa_k, twa_lr_milestones=[0.5, 0.75], twa_lr_gamma=0.1)
 
 
@@ -443,8 +445,9 @@ def write_markdown(path: Path, report: dict) -> None:
         + (f" (k = {cfg['twa_k']})" if cfg["twa_k"] else "")
         + f", twa_center {not cfg.get('uncentered', False)}"
         + f", twa_epochs {cfg['twa_epochs']:g} (batch {cfg.get('twa_batch_size') or cfg['batch_size']}), "
-        f"twa_learning_rate {cfg['twa_lr']:g}, twa_momentum 0.9, "
-        "twa_weight_decay 1e-5, twa_lr_schedule " + cfg.get("twa_schedule", "step")
+        f"twa_learning_rate {cfg['twa_lr']:g}, "
+        + ("twa_optimizer adamw, " if cfg.get("twa_optimizer") == "adamw" else "twa_momentum 0.9, ")
+        + "twa_weight_decay 1e-5, twa_lr_schedule " + cfg.get("twa_schedule", "step")
         + (" (lr ÷10 at 50% and 75% of the TWA phase)" if cfg.get("twa_schedule", "step") == "step" else "")
         + ", BN recalibrated on all training batches",
         "- SWA: mean of the same snapshots, BN recalibrated on all training batches",
@@ -492,6 +495,7 @@ def parse_args(argv=None):
     p.add_argument("--twa-epochs", type=float, default=None, help="default E/10")
     p.add_argument("--twa-lr", type=float, default=None, help="skip tuning and use this twa_learning_rate")
     p.add_argument("--twa-lr-grid", default="0.5,1,2,4", help="tuned on seed 0 with the validation split")
+    p.add_argument("--twa-optimizer", default="sgd", choices=TWA_OPTIMIZERS)
     p.add_argument("--twa-basis", default="twa", choices=["twa", "pca"])
     p.add_argument("--twa-k", type=int, default=None, help="k for --twa-basis pca")
     p.add_argument("--no-short-sgd", action="store_true", help="skip the same-budget SGD reference arm")
@@ -531,7 +535,7 @@ def main(argv=None):
         notes.append(f"Fashion-MNIST was not installed: this ran on {data['name']} ({data['source']}).")
     print(f"data: {data['name']} train {len(data['train'])} val {len(data['val'])} test {len(data['test'])}; "
           f"{spe} steps/epoch, E={cfg.epochs:g}, snapshot every {cfg.snapshot_steps} steps "
-          f"(~{half_steps // cfg.snapshot_steps} snapshots), twa_epochs={cfg.twa_epochs:g}", flush=True)
+          f"from step {cfg.snapshot_start_step} (~{(half_steps - cfg.snapshot_start_step) // cfg.snapshot_steps} snapshots), twa_epochs={cfg.twa_epochs:g}", flush=True)
 
     inits = {}
     for seed in cfg.seeds:

@@ -61,7 +61,8 @@ def cmd_twa(ns) -> int:
     args = SubspaceTrainingArguments(
         output_dir=ns.output, per_device_train_batch_size=ns.batch_size, per_device_eval_batch_size=ns.batch_size,
         twa_epochs=ns.epochs, twa_learning_rate=ns.lr, twa_momentum=ns.momentum, twa_weight_decay=ns.weight_decay,
-        twa_basis=ns.basis, twa_num_components=ns.k, twa_lr_schedule=ns.schedule, twa_bn_batches=ns.bn_batches, report_to=[],
+        twa_basis=ns.basis, twa_num_components=ns.k, twa_lr_schedule=ns.schedule, twa_optimizer=ns.optimizer,
+        twa_bn_batches=ns.bn_batches, report_to=[],
         save_strategy="no", logging_steps=10, use_cpu=ns.cpu, seed=ns.seed,
     )
     trainer, result = twa_from_checkpoints(ns.run_dir, model, args, train_dataset=train, eval_dataset=eval_ds)
@@ -73,7 +74,9 @@ def cmd_twa(ns) -> int:
     summary = {"snapshots": result.num_snapshots, "k": result.k, "basis": result.method,
                "orthonormality_error": result.orthonormality_error,
                "explained_variance": [round(float(v), 4) for v in result.explained_variance_ratio],
-               "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
+               "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+               "settings": {"optimizer": ns.optimizer, "lr": ns.lr, "schedule": ns.schedule, "epochs": ns.epochs,
+                            "batch_size": ns.batch_size, "weight_decay": ns.weight_decay}}
     with open(os.path.join(ns.output, "twa_summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps(summary, indent=1))
@@ -98,7 +101,7 @@ def cmd_info(ns) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .trainer import TWA_LR_SCHEDULES  # already imported with the package
+    from .trainer import TWA_LR_SCHEDULES, TWA_OPTIMIZERS  # already imported with the package
 
     p = argparse.ArgumentParser(prog="hf-subspace", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=float, default=1.0)
     t.add_argument("--lr", type=float, default=2.0)
     t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--optimizer", choices=TWA_OPTIMIZERS, default="sgd",
+                   help="optimizer of the coefficients (adamw wants a ~100x smaller --lr)")
     t.add_argument("--weight_decay", type=float, default=1e-5)
     t.add_argument("--basis", choices=["twa", "pca"], default="twa")
     t.add_argument("--k", type=int, default=None, help="components for --basis pca")

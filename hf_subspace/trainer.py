@@ -54,7 +54,9 @@ class SubspaceTrainingArguments(TrainingArguments):
                                                                "(False: the snapshots themselves, adding the mean's "
                                                                "direction, as the official TWA code does)"})
     twa_epochs: float = field(default=1.0, metadata={"help": "epochs of coefficient training"})
-    twa_learning_rate: float = field(default=2.0, metadata={"help": "SGD learning rate on the coefficients"})
+    twa_learning_rate: float = field(default=2.0, metadata={"help": "learning rate on the coefficients"})
+    twa_optimizer: str = field(default="sgd", metadata={"help": "sgd (with twa_momentum, the paper's) | adamw "
+                                                                "(per-coefficient step sizes; lr ~100x smaller)"})
     twa_momentum: float = field(default=0.9)
     twa_batch_size: Optional[int] = field(default=None, metadata={"help": "per-device batch of the TWA phase "
                                                                           "(default: per_device_train_batch_size)"})
@@ -84,6 +86,8 @@ class SubspaceTrainingArguments(TrainingArguments):
             raise ValueError(f"twa_lr_schedule must be one of {list(TWA_LR_SCHEDULES)}, got {self.twa_lr_schedule!r}")
         if self.twa_epochs <= 0:
             raise ValueError(f"twa_epochs must be positive, got {self.twa_epochs}")
+        if self.twa_optimizer not in TWA_OPTIMIZERS:
+            raise ValueError(f"twa_optimizer must be one of {list(TWA_OPTIMIZERS)}, got {self.twa_optimizer!r}")
 
 
 def _task_type(model) -> Optional[str]:
@@ -239,8 +243,7 @@ def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None
                else math.ceil(len(train_loader) * args.per_device_train_batch_size / args.twa_batch_size))
     steps_per_epoch = max(1, batches // max(1, args.gradient_accumulation_steps))
     total = max(1, math.ceil(steps_per_epoch * args.twa_epochs))
-    optimizer = torch.optim.SGD([engine.coeffs["twa"]], lr=args.twa_learning_rate, momentum=args.twa_momentum,
-                                weight_decay=args.twa_weight_decay)
+    optimizer = _twa_optimizer([engine.coeffs["twa"]], args)
     scheduler = _twa_scheduler(optimizer, args, total)
     from transformers.trainer_callback import DefaultFlowCallback, PrinterCallback, ProgressCallback
 
@@ -270,6 +273,15 @@ def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None
 
 
 TWA_LR_SCHEDULES = ("step", "linear", "cosine", "constant")
+TWA_OPTIMIZERS = ("sgd", "adamw")
+
+
+def _twa_optimizer(params, args: "SubspaceTrainingArguments") -> torch.optim.Optimizer:
+    """The TWA phase's optimizer over the coefficients (weight decay pulls c toward 0, i.e. θ toward the mean)."""
+    if args.twa_optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=args.twa_learning_rate, weight_decay=args.twa_weight_decay)
+    return torch.optim.SGD(params, lr=args.twa_learning_rate, momentum=args.twa_momentum,
+                           weight_decay=args.twa_weight_decay)
 
 
 def _twa_scheduler(optimizer, args: "SubspaceTrainingArguments", total: int):

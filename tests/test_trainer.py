@@ -118,6 +118,8 @@ def test_bad_arguments():
         args("x", twa=True, twa_basis="svd")
     with pytest.raises(ValueError, match="twa_lr_schedule"):
         args("x", twa=True, twa_lr_schedule="exp")
+    with pytest.raises(ValueError, match="twa_optimizer"):
+        args("x", twa=True, twa_optimizer="lbfgs")
 
 
 @pytest.mark.parametrize("schedule, expected", [
@@ -192,6 +194,25 @@ def test_twa_phase_batch_size(tmp_out):
     trainer = SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset(), callbacks=[Steps()])
     trainer.train()
     assert Steps.seen == [8] * 16 + [4] * 16  # 64 images: 8 steps of 8 per ordinary epoch, 16 of 4 in the TWA one
+
+
+def test_twa_phase_with_adamw_stays_in_the_span(tmp_out):
+    from hf_subspace.trainer import _twa_optimizer
+
+    c = torch.nn.Parameter(torch.zeros(3))
+    opt = _twa_optimizer([c], args("x", twa=True, twa_optimizer="adamw", twa_learning_rate=0.03, twa_weight_decay=0.0))
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["lr"] == 0.03
+    opt = _twa_optimizer([c], args("x", twa=True, twa_momentum=0.5))
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.5
+
+    a = args(tmp_out, twa=True, num_train_epochs=2, learning_rate=0.05, twa_snapshot_steps=2,
+             twa_optimizer="adamw", twa_learning_rate=0.05)
+    trainer = SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset())
+    trainer.train()
+    result = trainer.twa_result
+    assert result.coefficients.abs().min() > 0  # Adam moves every coefficient from the first step
+    residual, moved = _span_residual(result, trainer.model)
+    assert moved > 0 and residual < 1e-4
 
 
 def test_twa_result_saves_as_an_adapter_that_holds_the_basis(tmp_out, tmp_path):
@@ -303,12 +324,13 @@ def test_cli_twa_from_checkpoints(tmp_path):
     image_dataset().save_to_disk(str(tmp_path / "data"))
     out = str(tmp_path / "twa")
     proc = subprocess.run([sys.executable, "-m", "hf_subspace.cli", "twa", run_dir, "--dataset",
-                           str(tmp_path / "data"), "-o", out, "--lr", "0.3", "--batch_size", "8", "--cpu",
-                           "--schedule", "linear", "--adapter"],
+                           str(tmp_path / "data"), "-o", out, "--lr", "0.03", "--batch_size", "8", "--cpu",
+                           "--schedule", "linear", "--optimizer", "adamw", "--adapter"],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.load(open(os.path.join(out, "twa_summary.json")))
     assert summary["snapshots"] == 3 and summary["k"] == 2 and summary["orthonormality_error"] < 1e-6
+    assert summary["settings"]["optimizer"] == "adamw" and summary["settings"]["schedule"] == "linear"
     assert os.path.exists(os.path.join(out, "model.safetensors"))
     for part in ("base/model.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
         assert os.path.exists(os.path.join(out, "twa_adapter", part))
