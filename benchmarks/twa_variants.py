@@ -1,0 +1,114 @@
+"""TWA-phase variants on the validation split, from one ordinary phase (the exploration behind bench_twa's settings).
+
+One seed's ordinary phase of ``bench_twa.py`` (E/2 epochs at the constant lr) runs once with a dense snapshot
+schedule; then each variant runs the TWA phase (``run_twa_phase``, the code ``SubspaceTrainer.train`` calls) from a
+copy of the model over a subset of those snapshots, with its own TWA settings, and reports validation accuracy.
+The test set is never read. Variants are JSON objects::
+
+    {"start": 23, "every": 3}                                   # snapshots 23, 26, 29, ...
+    {"start": 23, "every": 1, "args": {"twa_basis": "pca", "twa_num_components": 32}}
+    {"start": 23, "args": {"twa_optimizer": "adamw", "twa_learning_rate": 0.05, "twa_epochs": 3}}
+
+``args`` are ``SubspaceTrainingArguments`` TWA fields; the rest keep the defaults below (lr 1, step schedule, one
+epoch, SGD momentum 0.9, weight decay 1e-5, centered ``twa`` basis)::
+
+    python benchmarks/twa_variants.py --seed 0 --snapshot-every 10 \\
+        --variants '[{"start": 23, "every": 3}, {"start": 23, "every": 1, "args": {"twa_basis": "pca", "twa_num_components": 32}}]'
+
+The session-3 table in ``benchmarks/results/twa.md`` came from this (seeds 0 and 2, ``--threads 1``, run side
+by side).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import _setup  # noqa: F401  (REPO on sys.path, offline environment)
+import torch
+from tqdm.auto import tqdm
+from transformers import Trainer
+
+import bench_twa as B
+from hf_subspace.trainer import run_twa_phase
+from hf_subspace.twa import SnapshotStore
+
+DEFAULTS = dict(twa_learning_rate=1.0, twa_lr_schedule="step", twa_lr_milestones=[0.5, 0.75], twa_lr_gamma=0.1,
+                twa_epochs=1.0, twa_optimizer="sgd", twa_momentum=0.9, twa_weight_decay=1e-5, twa_basis="twa",
+                twa_num_components=None, twa_center=True, twa_batch_size=None)
+
+
+def subset(store: SnapshotStore, start: int, every: int) -> SnapshotStore:
+    """An in-memory store of snapshots start, start + every, ... of ``store``."""
+    if every < 1 or not 0 <= start < len(store):
+        raise ValueError(f"start must be in [0, {len(store)}) and every ≥ 1, got start={start}, every={every}")
+    out = SnapshotStore()
+    for i in range(start, len(store), every):
+        out.add(store[i], step=store.steps[i])
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", required=True, help="JSON list of variants (see the module docstring)")
+    p.add_argument("--snapshot-every", type=int, default=10, help="steps between the dense snapshots")
+    p.add_argument("--out", default=None, help="write the rows here as JSON (after each variant)")
+    p.add_argument("--epochs", type=float, default=10, help="E of bench_twa (the ordinary phase is E/2)")
+    p.add_argument("--train-size", type=int, default=30000)
+    p.add_argument("--threads", type=int, default=1)
+    ns = p.parse_args(argv)
+    try:
+        ns.variants = json.loads(ns.variants)
+    except json.JSONDecodeError as e:
+        p.error(f"--variants is not valid JSON: {e}")
+    if not isinstance(ns.variants, list) or not all(isinstance(v, dict) for v in ns.variants):
+        p.error("--variants must be a JSON list of objects")
+    unknown = {k for v in ns.variants for k in v.get("args", {})} - set(DEFAULTS)
+    if unknown:
+        p.error(f"unknown TWA settings in --variants: {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    return ns
+
+
+def main(argv=None) -> list[dict]:
+    ns = parse_args(argv)
+    torch.set_num_threads(ns.threads)
+    cfg = B.parse_args(["--epochs", str(ns.epochs), "--train-size", str(ns.train_size), "--seeds", str(ns.seed),
+                        "--threads", str(ns.threads), "--twa-lr", "1"])
+    data = B.load_data(cfg.train_size, cfg.val_size, cfg.test_size, cfg.augment)
+    cfg.train_size_actual = len(data["train"])
+    cfg.snapshot_steps, cfg.snapshot_start_step, cfg.twa_batch_size = ns.snapshot_every, 0, None
+    half = math.ceil(B.steps_per_epoch(cfg) * cfg.epochs / 2)
+    print(f"ordinary phase: {half} steps, a snapshot every {ns.snapshot_every} (~{half // ns.snapshot_every})",
+          flush=True)
+    torch.manual_seed(ns.seed)
+    init = copy.deepcopy(B.SmallCNN(cfg.channels).state_dict())
+    model = B.fresh_model(cfg, init)
+    args = B.make_args(cfg, ns.seed, f"/tmp/twa_variants_seed{ns.seed}", cfg.epochs / 2, **B.twa_extra(cfg, 1.0))
+    trainer = B.SubspaceTrainer(model=model, args=args, train_dataset=data["train"],
+                                optimizers=B.make_sgd(model, cfg, None))
+    Trainer.train(trainer)  # the ordinary phase only
+    store = trainer.snapshot_callback.store
+    base = copy.deepcopy(trainer.model)
+    rows = [{"variant": "last iterate", "val": B.accuracy(base, data["val"])}]
+    for v in tqdm(ns.variants, desc="variants"):
+        snaps = subset(store, v.get("start", 0), v.get("every", 1))
+        for k, val in {**DEFAULTS, **v.get("args", {})}.items():
+            setattr(trainer.args, k, val)  # in place: see bench_twa.tune_twa_lr
+        t = time.perf_counter()
+        result = run_twa_phase(trainer, snaps, model=copy.deepcopy(base))
+        rows.append({"variant": v, "snapshots": len(snaps), "k": int(result.k),
+                     "val": B.accuracy(trainer.model, data["val"]),
+                     "twa_train_loss": float(result.metrics.get("train_loss", float("nan"))),
+                     "seconds": round(time.perf_counter() - t, 1)})
+        tqdm.write(json.dumps(rows[-1]))
+        if ns.out:
+            Path(ns.out).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
