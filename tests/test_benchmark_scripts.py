@@ -1,0 +1,42 @@
+"""The benchmark scripts' own helpers (the scripts themselves are run by hand; see benchmarks/)."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import twa_variants  # noqa: E402
+from hf_subspace.twa import SnapshotStore  # noqa: E402
+
+
+def test_subset_takes_every_nth_snapshot_from_start():
+    store = SnapshotStore()
+    for step in range(10, 110, 10):
+        store.add({"w": torch.full((2,), float(step))}, step=step)
+    sub = twa_variants.subset(store, start=2, every=3)
+    assert sub.steps == [30, 60, 90]
+    assert [float(sub[i]["w"][0]) for i in range(len(sub))] == [30.0, 60.0, 90.0]
+    with pytest.raises(ValueError, match="start must be in"):
+        twa_variants.subset(store, start=10, every=1)
+    with pytest.raises(ValueError, match="every"):
+        twa_variants.subset(store, start=0, every=0)
+
+
+@pytest.mark.parametrize("variants, message", [
+    ('[{"args": {"twa_lr": 1}}]', "unknown TWA settings"),
+    ('{"start": 1}', "JSON list of objects"),
+    ("[{start: 1}]", "not valid JSON"),
+])
+def test_variants_are_checked_before_any_training(variants, message, capsys):
+    with pytest.raises(SystemExit):
+        twa_variants.parse_args(["--variants", variants])
+    assert message in capsys.readouterr().err
+
+
+def test_variant_defaults_are_trainer_fields():
+    from hf_subspace import SubspaceTrainingArguments
+
+    fields = SubspaceTrainingArguments.__dataclass_fields__
+    assert set(twa_variants.DEFAULTS) <= set(fields)
