@@ -56,7 +56,7 @@ class SubspaceTrainingArguments(TrainingArguments):
     twa_epochs: float = field(default=1.0, metadata={"help": "epochs of coefficient training"})
     twa_learning_rate: float = field(default=2.0, metadata={"help": "learning rate on the coefficients"})
     twa_optimizer: str = field(default="sgd", metadata={"help": "sgd (with twa_momentum, the paper's) | adamw "
-                                                                "(per-coefficient step sizes; lr ~100x smaller)"})
+                                                                "(per-coefficient step sizes; lr ~10x smaller)"})
     twa_momentum: float = field(default=0.9)
     twa_batch_size: Optional[int] = field(default=None, metadata={"help": "per-device batch of the TWA phase "
                                                                           "(default: per_device_train_batch_size)"})
