@@ -241,8 +241,8 @@ def twa_extra(cfg, twa_lr: float) -> dict:
                 twa_snapshot_start_step=cfg.snapshot_start_step, twa_center=not cfg.uncentered,
                 twa_lr_schedule=cfg.twa_schedule, twa_batch_size=cfg.twa_batch_size,
                 twa_learning_rate=twa_lr, twa_optimizer=cfg.twa_optimizer, twa_momentum=0.9, twa_weight_decay=1e-5,
-                twa_basis=cfg.twa_basis,
-                twa_num_components=cfg.twa_k, twa_lr_milestones=[0.5, 0.75], twa_lr_gamma=0.1)
+                twa_basis=cfg.twa_basis, twa_num_components=cfg.twa_k, twa_lr_milestones=[0.5, 0.75],
+                twa_lr_gamma=0.1)
 
 
 def swa_of(trainer, model: nn.Module) -> tuple[nn.Module, float]:
@@ -529,13 +529,15 @@ def main(argv=None):
     spe = steps_per_epoch(cfg)
     half_steps = math.ceil(spe * cfg.epochs / 2)
     cfg.snapshot_start_step = int(round(cfg.snapshot_start * spe))
-    cfg.snapshot_steps = cfg.snapshot_steps or max(1, (half_steps - cfg.snapshot_start_step) // cfg.snapshots)
+    snapshot_span = half_steps - cfg.snapshot_start_step  # steps of the ordinary phase that record snapshots
+    cfg.snapshot_steps = cfg.snapshot_steps or max(1, snapshot_span // cfg.snapshots)
     notes = []
     if data["name"] != "fashion_mnist":
         notes.append(f"Fashion-MNIST was not installed: this ran on {data['name']} ({data['source']}).")
     print(f"data: {data['name']} train {len(data['train'])} val {len(data['val'])} test {len(data['test'])}; "
           f"{spe} steps/epoch, E={cfg.epochs:g}, snapshot every {cfg.snapshot_steps} steps "
-          f"from step {cfg.snapshot_start_step} (~{(half_steps - cfg.snapshot_start_step) // cfg.snapshot_steps} snapshots), twa_epochs={cfg.twa_epochs:g}", flush=True)
+          f"from step {cfg.snapshot_start_step} (~{snapshot_span // cfg.snapshot_steps} snapshots), "
+          f"twa_epochs={cfg.twa_epochs:g}", flush=True)
 
     inits = {}
     for seed in cfg.seeds:

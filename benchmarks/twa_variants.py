@@ -9,8 +9,8 @@ The test set is never read. Variants are JSON objects::
     {"start": 23, "every": 1, "args": {"twa_basis": "pca", "twa_num_components": 32}}
     {"start": 23, "args": {"twa_optimizer": "adamw", "twa_learning_rate": 0.05, "twa_epochs": 3}}
 
-``args`` are ``SubspaceTrainingArguments`` TWA fields; the rest keep the defaults below (lr 1, step schedule, one
-epoch, SGD momentum 0.9, weight decay 1e-5, centered ``twa`` basis)::
+``args`` are ``SubspaceTrainingArguments`` TWA-phase fields (:data:`PHASE_FIELDS`); the rest keep bench_twa's
+settings (lr 1, step schedule, one epoch, SGD momentum 0.9, weight decay 1e-5, centered ``twa`` basis)::
 
     python benchmarks/twa_variants.py --seed 0 --snapshot-every 10 \\
         --variants '[{"start": 23, "every": 3}, {"start": 23, "every": 1, "args": {"twa_basis": "pca", "twa_num_components": 32}}]'
@@ -36,9 +36,10 @@ import bench_twa as B
 from hf_subspace.trainer import run_twa_phase
 from hf_subspace.twa import SnapshotStore
 
-DEFAULTS = dict(twa_learning_rate=1.0, twa_lr_schedule="step", twa_lr_milestones=[0.5, 0.75], twa_lr_gamma=0.1,
-                twa_epochs=1.0, twa_optimizer="sgd", twa_momentum=0.9, twa_weight_decay=1e-5, twa_basis="twa",
-                twa_num_components=None, twa_center=True, twa_batch_size=None)
+# the TWA-phase settings a variant may change; the others' values are bench_twa's (read off its arguments)
+PHASE_FIELDS = ("twa_learning_rate", "twa_lr_schedule", "twa_lr_milestones", "twa_lr_gamma", "twa_epochs",
+                "twa_optimizer", "twa_momentum", "twa_weight_decay", "twa_basis", "twa_num_components", "twa_center",
+                "twa_batch_size")
 
 
 def subset(store: SnapshotStore, start: int, every: int) -> SnapshotStore:
@@ -67,9 +68,9 @@ def parse_args(argv=None):
         p.error(f"--variants is not valid JSON: {e}")
     if not isinstance(ns.variants, list) or not all(isinstance(v, dict) for v in ns.variants):
         p.error("--variants must be a JSON list of objects")
-    unknown = {k for v in ns.variants for k in v.get("args", {})} - set(DEFAULTS)
+    unknown = {k for v in ns.variants for k in v.get("args", {})} - set(PHASE_FIELDS)
     if unknown:
-        p.error(f"unknown TWA settings in --variants: {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        p.error(f"unknown TWA settings in --variants: {sorted(unknown)}; known: {sorted(PHASE_FIELDS)}")
     return ns
 
 
@@ -93,10 +94,11 @@ def main(argv=None) -> list[dict]:
     Trainer.train(trainer)  # the ordinary phase only
     store = trainer.snapshot_callback.store
     base = copy.deepcopy(trainer.model)
+    defaults = {k: copy.deepcopy(getattr(trainer.args, k)) for k in PHASE_FIELDS}
     rows = [{"variant": "last iterate", "val": B.accuracy(base, data["val"])}]
     for v in tqdm(ns.variants, desc="variants"):
         snaps = subset(store, v.get("start", 0), v.get("every", 1))
-        for k, val in {**DEFAULTS, **v.get("args", {})}.items():
+        for k, val in {**defaults, **v.get("args", {})}.items():
             setattr(trainer.args, k, val)  # in place: see bench_twa.tune_twa_lr
         t = time.perf_counter()
         result = run_twa_phase(trainer, snaps, model=copy.deepcopy(base))

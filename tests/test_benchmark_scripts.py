@@ -35,8 +35,8 @@ def test_variants_are_checked_before_any_training(variants, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_variant_defaults_are_trainer_fields():
+def test_variant_fields_are_trainer_fields():
     from hf_subspace import SubspaceTrainingArguments
 
     fields = SubspaceTrainingArguments.__dataclass_fields__
-    assert set(twa_variants.DEFAULTS) <= set(fields)
+    assert set(twa_variants.PHASE_FIELDS) <= set(fields)
