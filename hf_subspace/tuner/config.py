@@ -6,10 +6,26 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from ..projections import STORED_KINDS
-from ..reparam import validate_subspace_args
+from ..projections import PROJECTION_KINDS, STORED_KINDS
 
 PEFT_TYPE = "SUBSPACE"
+MODES = ("global", "said")
+
+
+def validate_subspace_args(dim, projection, mode) -> None:
+    """Raise a ValueError naming the problem for a bad ``dim``, ``projection`` or ``mode``.
+
+    ``projection=None`` skips the kind check (a prebuilt :class:`Projection`, e.g. a trajectory basis).
+    """
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise ValueError(f"dim must be a positive integer, got {dim!r} ({type(dim).__name__})")
+    if dim <= 0:
+        raise ValueError(f"dim must be a positive integer, got {dim}")
+    if projection is not None and projection not in PROJECTION_KINDS and projection not in STORED_KINDS:
+        raise ValueError(f"unknown projection kind {projection!r}; choose one of {sorted(PROJECTION_KINDS)} "
+                         f"(or {sorted(STORED_KINDS)} for an adapter saved with its basis)")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
 
 
 def is_subspace_model(model) -> bool:
@@ -29,17 +45,21 @@ class SubspaceConfig(PeftConfig):
             see :func:`hf_subspace.save_twa_adapter`; needs ``save_projection=True``).
         mode: ``"global"`` (DID: θ = θ0 + P c) or ``"said"`` (θ_i = θ0_i + λ_i P_i c).
         target_modules: which modules' own parameters form θ; ``None`` = every trainable parameter.
-            A string is a regex on the full module name; a list matches names or name suffixes (as in PEFT).
+            As in PEFT: a string is a regex on the full module name, a list matches names or name suffixes, and
+            ``"all-linear"`` means every Linear/Conv1D layer but the output layer (expanded to their names when the
+            adapter is created).
         exclude_modules: modules to leave out of θ (same matching rules).
         modules_to_save: modules trained in full and saved with the adapter (e.g. a classification head).
         seed: the seed ``P`` is regenerated from.
         save_projection: also save the generated ``P`` (bit-exact portability across library versions).
         projection_options: extra options of the projection kind (e.g. ``{"block": "global"}`` for fastfood).
-        check_base_fingerprint: refuse to load onto a base whose weights differ from the one trained on.
+        check_base_fingerprint: refuse to load onto a base whose weights differ from the one trained on (the
+            same weights in another dtype or on another device still load).
+        training_data, training_data_ids: what the adapter was trained on, for the model card.
 
     Filled in when the adapter is created (they let a load refuse a wrong base): ``num_weights`` (D),
-    ``layout_hash`` (names and shapes of θ), ``base_fingerprint`` (a hash of a sample of θ0),
-    ``hf_subspace_version``.
+    ``layout_hash`` (names and shapes of θ), ``base_fingerprint`` (a sketch of a sample of θ0, dtype-tolerant),
+    ``base_model_class``, ``hf_subspace_version``.
     """
 
     dim: int = field(default=1000, metadata={"help": "total trainable numbers d"})
@@ -57,6 +77,12 @@ class SubspaceConfig(PeftConfig):
     base_fingerprint: Optional[str] = field(default=None)
     hf_subspace_version: Optional[str] = field(default=None)
     training_metrics: Optional[dict] = field(default=None, metadata={"help": "shown on the model card"})
+    training_data: Optional[str] = field(default=None, metadata={"help": "what the adapter was trained on, in words "
+                                                                         "(shown on the model card)"})
+    training_data_ids: Optional[list[str]] = field(default=None, metadata={"help": "Hub ids of the training data "
+                                                                                   "sets (the card's `datasets:`)"})
+    base_model_class: Optional[str] = field(default=None, metadata={"help": "class of the base model the adapter "
+                                                                            "was created on (filled in)"})
 
     def __post_init__(self):
         super().__post_init__()
