@@ -159,6 +159,10 @@ class SubspaceTrainer(Trainer):
             )
             self.add_callback(self.snapshot_callback)
 
+    def call_model_init(self, trial=None):
+        """``model_init`` (what ``hyperparameter_search`` calls for every trial) gives a plain model: wrap it too."""
+        return wrap_model(super().call_model_init(trial), self.args)
+
     # -- information ------------------------------------------------------------------------------------------
     def subspace_info(self) -> dict:
         model = self.model
@@ -227,7 +231,7 @@ def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None
 
     engine = SubspaceEngine()
     layout = layout_from_names(model, result.names)
-    engine.add_adapter(model, "twa", result.k, result.projection, layout=layout)
+    engine.add_adapter(model, "twa", layout, result.k, result.projection)
     model.requires_grad_(False)
     model.add_module("subspace", engine)
     engine.coeffs["twa"].requires_grad_(True)
@@ -259,7 +263,7 @@ def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None
     train_out = inner.train()
 
     result.coefficients = engine.coeffs["twa"].detach().cpu().clone()
-    engine.merge(model, ["twa"])
+    engine.merge(["twa"])
     engine.remove_parametrizations(model)
     del model._modules["subspace"]
     for n, p in model.named_parameters():

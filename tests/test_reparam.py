@@ -144,7 +144,7 @@ def test_row_sliced_projection_keeps_nothing_of_size_D():
         engine.coeffs["default"].fill_(0.1)  # with c = 0 the scales' gradient ⟨P c, g⟩ is 0
     model.train()
     model(**bert_batch()).loss.backward()
-    assert engine.adapters["default"]._cache is None
+    assert engine.adapters["default"].cached_delta is None
     assert engine.coeffs["default"].grad.abs().sum() > 0 and engine.scales["default"].grad.abs().sum() > 0
 
 

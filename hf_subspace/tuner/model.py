@@ -18,9 +18,14 @@ from peft.utils.other import ModulesToSaveWrapper, set_additional_trainable_modu
 from peft.utils import other as peft_other
 
 from .. import __version__
+from ..engine import SubspaceEngine, find_engine
+from ..hub import auto_class_for
+from ..layout import (expand_all_linear, fingerprint_tensors, fingerprints_match, original_tensor,
+                      select_parameters)
+from ..plain import install_plain_save, uninstall_plain_save
 from ..projections import STORED_KINDS
-from ..reparam import SubspaceDelta, SubspaceEngine, find_engine, fingerprint_parameters, select_parameters
 from .config import SubspaceConfig
+from .layer import SubspaceLayer
 
 ENGINE_PREFIX = "base_model.subspace."
 
@@ -29,7 +34,7 @@ class SubspaceModel(BaseTuner):
     """Creates a subspace adapter (θ = θ0 + P c) around a model. Use via ``peft.get_peft_model``."""
 
     prefix: str = "subspace"
-    tuner_layer_cls = SubspaceDelta
+    tuner_layer_cls = SubspaceLayer
     target_module_mapping: dict = {}
     uses_shared_state: bool = True
 
@@ -41,27 +46,22 @@ class SubspaceModel(BaseTuner):
     def _create_and_replace(self, *args, **kwargs):  # required by BaseTuner; we never replace modules
         raise NotImplementedError("SubspaceModel reparameterizes tensors in place and replaces no modules")
 
-    def _modules_to_save_prefixes(self, model: nn.Module, config: SubspaceConfig) -> list[str]:
-        keys = config.modules_to_save or []
-        out = []
-        for name, module in model.named_modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                out.append(name)
-            elif keys and any(name == k or name.endswith("." + k) for k in keys):
-                out.append(name)
-        return out
-
     def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False,
                        state_dict=None):
+        """Choose θ for ``adapter_name``, check or record the base, and parametrize its tensors.
+
+        c is d numbers, so ``low_cpu_mem_usage`` changes nothing here: it is created on the base's device.
+        """
         config: SubspaceConfig = self.peft_config[adapter_name]
         self._pre_injection_hook(model, config, adapter_name)
-        skip = self._modules_to_save_prefixes(model, config)
-        layout = select_parameters(model, config.target_modules, config.exclude_modules, skip)
+        engine: SubspaceEngine = self.subspace
+        engine.record_base(model)  # what was trainable before the first adapter froze it: θ of every adapter
+        config.target_modules = expand_all_linear(model, config.target_modules, config.task_type)
+        layout = select_parameters(model, config.target_modules, config.exclude_modules, config.modules_to_save,
+                                   trainable=engine.was_trainable)
         self._check_or_record_base(model, config, layout)
-        state = self.subspace.add_adapter(
-            model, adapter_name, config.dim, config.projection, config.mode, config.seed,
-            layout=layout, projection_options=config.projection_options,
-        )
+        state = engine.add_adapter(model, adapter_name, layout, config.dim, config.projection, config.mode,
+                                   config.seed, projection_options=config.projection_options)
         for slot in state.layout.slots:
             for module_name, _ in slot.holders:
                 if module_name not in self.targeted_module_names:
@@ -72,31 +72,39 @@ class SubspaceModel(BaseTuner):
             model=model, peft_config=config, model_config=BaseTuner.get_model_config(self),
             adapter_name=adapter_name, activate_adapter=adapter_name in self.active_adapters,
         )
+        install_plain_save(model)
 
     def _check_or_record_base(self, model, config: SubspaceConfig, layout) -> None:
         """Record what θ is on creation; on load, refuse a base it does not fit."""
         layout_hash = layout.layout_hash()
+        tensors = [original_tensor(model, s) for s in layout.slots]
         if config.layout_hash is None:
             config.num_weights = layout.D
             config.layout_hash = layout_hash
-            config.base_fingerprint = fingerprint_parameters(model, layout)
+            config.base_fingerprint = fingerprint_tensors(tensors)
+            config.base_model_class = type(model).__name__
             config.hf_subspace_version = __version__
             return
         if config.num_weights != layout.D or config.layout_hash != layout_hash:
+            trained_on = config.base_model_class
+            hint = ""
+            if trained_on and trained_on != type(model).__name__:
+                hint = (f" The adapter was trained on a {trained_on}, and this base is a {type(model).__name__}: "
+                        f"load the base with the class it was trained with (e.g. "
+                        f"{auto_class_for(trained_on)}.from_pretrained(...)).")
             raise ValueError(
                 f"this subspace adapter was trained on a base whose θ has D={config.num_weights} weights "
                 f"(layout {config.layout_hash}); the model it is being loaded onto gives D={layout.D} "
-                f"(layout {layout_hash}) — its parameter names or shapes differ. First tensors here: "
+                f"(layout {layout_hash}) — its parameter names or shapes differ.{hint} First tensors here: "
                 + ", ".join(f"{s.name}{list(s.shape)}" for s in layout.slots[:3])
             )
         if config.check_base_fingerprint and config.base_fingerprint is not None:
-            fp = fingerprint_parameters(model, layout)
-            if fp != config.base_fingerprint:
+            if not fingerprints_match(config.base_fingerprint, tensors):
                 raise ValueError(
-                    f"the base model's weights differ from those this adapter was trained on "
-                    f"(fingerprint {fp} != {config.base_fingerprint}): it looks like another checkpoint of the "
-                    f"same architecture ({config.base_model_name_or_path!r} expected). Loading it would give a "
-                    "silently wrong model. If you are sure, opt out with "
+                    f"the base model's weights differ from those this adapter was trained on (base fingerprint "
+                    f"mismatch): it looks like another checkpoint of the same architecture "
+                    f"({config.base_model_name_or_path!r} expected). Loading it would give a silently wrong model. "
+                    "If you are sure, opt out with "
                     "`PeftModel.from_pretrained(base, path, check_base_fingerprint=False)`."
                 )
 
@@ -111,7 +119,7 @@ class SubspaceModel(BaseTuner):
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        if self.subspace.merged:
+        if self.subspace.merged_slots:
             warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
             self.unmerge_adapter()
         self.subspace.set_active(names)
@@ -126,33 +134,26 @@ class SubspaceModel(BaseTuner):
             if name.split(".")[-1] in names:
                 p.requires_grad_(requires_grad)
 
-    def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        self.subspace.enabled = enabled
-        for module in self.model.modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                module.enable_adapters(enabled)
-
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         pass  # c and λ are created in float32 and stay so
 
     # -- merging ----------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        names = [n for n in (adapter_names or self.active_adapters) if n not in self.subspace.merged]
-        self.subspace.merge(self.model, names, sign=1.0, safe=safe_merge)
-        self.subspace.merged.extend(names)
+        """Add the deltas of ``adapter_names`` (default: the active ones) into θ0; merging twice adds nothing."""
+        self.subspace.merge(list(adapter_names or self.active_adapters), safe=safe_merge)
 
     def unmerge_adapter(self) -> None:
-        if not self.subspace.merged:
+        if not self.subspace.merged_slots:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        names = list(self.subspace.merged)
-        self.subspace.merge(self.model, names, sign=-1.0)
-        self.subspace.merged.clear()
+        self.subspace.unmerge()
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        """The plain model back: deltas merged (or not), parametrizations and ``modules_to_save`` wrappers removed,
+        and every parameter's ``requires_grad`` as it was before the first adapter."""
         if merge:
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        elif self.subspace.merged:
+        elif self.subspace.merged_slots:
             self.unmerge_adapter()
         self.subspace.remove_parametrizations(self.model)
         for name, module in list(self.model.named_modules()):
@@ -165,8 +166,8 @@ class SubspaceModel(BaseTuner):
                 setattr(parent, child, replacement)
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
-        for p in self.model.parameters():
-            p.requires_grad_(True)
+        self.subspace.restore_requires_grad(self.model)
+        uninstall_plain_save(self.model)
         return self.model
 
     def delete_adapter(self, adapter_name: str) -> None:

@@ -32,7 +32,7 @@ def save_twa_adapter(model: nn.Module, result: TrajectoryBasisResult, output_dir
     """
     from peft import get_peft_model
 
-    from ..reparam import find_engine
+    from ..engine import find_engine
     from ..tuner import SubspaceConfig
 
     coefficients = getattr(result, "coefficients", None)

@@ -1,0 +1,419 @@
+"""The engine: the trainable vectors of every adapter, and ``θ0 + δ`` for each tensor of θ.
+
+* Each tensor of θ carries one :class:`~hf_subspace.tuner.layer.SubspaceLayer` (a ``torch.nn.utils.parametrize``
+  parametrization and a peft ``BaseTunerLayer``), so every read of ``module.weight`` *inside the module's
+  forward* returns ``θ0 + Σ_active λ_i P_i c``. Because the sum is computed where the weight is read,
+  non-reentrant activation checkpointing recomputes it correctly, and code that reads a weight directly (tied
+  heads, ``cls_token`` parameters) sees the adapted value too.
+* The layers hold the engine by a plain strong reference (not a submodule): a base model taken out of its
+  PeftModel keeps its adapter, and ``copy.deepcopy`` copies the engine once, with the model that uses it.
+* Projections with cheap row slices (hashing) compute each tensor's delta on the fly (one gather forward, one
+  scatter backward); the others cache the flat ``P c`` until ``c`` changes and run ``Pᵀ g`` once per backward.
+* Without autograd (evaluation, ``generate``) each adapted tensor is kept materialized until ``c``, the active
+  adapters or θ0 change, so inference costs what the plain model costs (set ``inference_cache = False`` to trade
+  that speed for the memory of one copy of θ during evaluation).
+* ``c``, ``λ`` and the projection arithmetic stay float32, whatever ``model.to(dtype)`` does; the delta is cast
+  to each weight's dtype.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .layout import ParamSlot, ThetaLayout, holder_names
+from .products import project, project_at, project_rows
+from .projections import Projection
+
+
+class Scratch:
+    """Per-process scratch state (caches of computed tensors). A deepcopy starts empty."""
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+
+class AdapterSubspace:
+    """One adapter: its layout, its projection and mode, and the cached flat ``P c`` (no parameters of its own)."""
+
+    def __init__(self, layout: ThetaLayout, projection: Projection, mode: str):
+        self.layout = layout
+        self.projection = projection
+        self.mode = mode
+        self.scratch = Scratch()
+
+    @property
+    def cached_delta(self) -> torch.Tensor | None:
+        """The flat ``P c`` kept for the current step, if any (row-sliced kinds keep none)."""
+        return getattr(self.scratch, "flat", None)
+
+    def follow_device(self, c: torch.Tensor) -> None:
+        if not c.is_meta and self.projection.device != c.device:
+            self.projection.to(c.device)
+            self.invalidate()
+
+    def flat_delta(self, c: torch.Tensor) -> torch.Tensor:
+        """``P c`` of shape ``(D,)`` (float32), recomputed only when ``c`` changed since the last call."""
+        self.follow_device(c)
+        s = self.scratch
+        key = (c.data_ptr(), torch.is_grad_enabled() and c.requires_grad)
+        # Compare values, not c._version: fused optimizers (AdamW(fused=True), the Trainer's CPU default)
+        # update parameters in place without bumping the version counter. d numbers: cheap.
+        if getattr(s, "flat", None) is None or s.key != key or not torch.equal(s.c, c.detach()):
+            s.flat = project(c, self.projection)
+            # one split node for all tensors: its backward concatenates the per-tensor gradients in one pass
+            sizes = [slot.numel for slot in self.layout.slots]
+            s.pieces = [piece.view(slot.shape) for piece, slot in zip(torch.split(s.flat, sizes), self.layout.slots)]
+            s.key, s.c = key, c.detach().clone()
+        return s.flat
+
+    def piece(self, c: torch.Tensor, i: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``λ_i P_i c``: the part of ``P c`` for tensor ``i`` of the layout, in its shape (float32)."""
+        slot = self.layout.slots[i]
+        if self.projection.supports_row_slices:
+            self.follow_device(c)
+            src = c if scale is None else c * scale
+            return project_rows(src, self.projection, slot.offset, slot.offset + slot.numel).view(slot.shape)
+        self.flat_delta(c)
+        piece = self.scratch.pieces[i]
+        return piece if scale is None else piece * scale
+
+    def rows(self, c: torch.Tensor, i: int, rows: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``rows`` (distinct, int64) of ``λ_i P_i c`` reshaped as tensor ``i``: ``(len(rows), ...)``."""
+        slot = self.layout.slots[i]
+        if not self.projection.supports_row_slices:
+            return self.piece(c, i, scale)[rows]
+        self.follow_device(c)
+        device = self.projection.device
+        width = slot.numel // slot.shape[0]
+        positions = rows.to(device).unsqueeze(1) * width + torch.arange(width, device=device) + slot.offset
+        src = c if scale is None else c * scale
+        return project_at(src, self.projection, positions).view(len(rows), *slot.shape[1:])
+
+    def invalidate(self) -> None:
+        self.scratch = Scratch()
+
+
+class SubspaceEngine(nn.Module):
+    """Owns the trainable vectors of every adapter and puts ``θ0 + δ`` into the model's weights.
+
+    Parameters (float32): ``coeffs[name]`` is ``c`` (shape ``(d_c,)``), ``scales[name]`` the SAID scales (shape
+    ``(m,)``, SAID mode only). State: ``active`` adapters, ``enabled``, and ``merged_slots`` — the
+    ``(adapter, tensor)`` pairs whose delta has been added into θ0.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.coeffs = nn.ParameterDict()
+        self.scales = nn.ParameterDict()
+        self.adapters: dict[str, AdapterSubspace] = {}
+        self.active: list[str] = []
+        self.enabled = True
+        self.merged_slots: set[tuple[str, str]] = set()
+        #: every (module, attribute) holding each tensor of θ, by slot name (plain references, not submodules)
+        self.holders: dict[str, list[tuple[nn.Module, str]]] = {}
+        #: ``requires_grad`` of every parameter before the first adapter froze the base (restored on unload)
+        self.base_requires_grad: dict[str, bool] | None = None
+        #: plain ``nn.Embedding`` layers add the delta to the rows a batch reads instead of the whole table
+        self.row_path_embeddings = True
+        #: keep adapted tensors materialized while nothing needs their gradient (see the module docstring)
+        self.inference_cache = True
+        self.scratch = Scratch()
+
+    # -- building ---------------------------------------------------------------------------------------------
+    def record_base(self, model: nn.Module) -> None:
+        """Remember which parameters were trainable before any adapter (once, at the first adapter)."""
+        if self.base_requires_grad is None:
+            self.base_requires_grad = {n: bool(p.requires_grad) for n, (_, _, p) in holder_names(model).items()}
+
+    def was_trainable(self, name: str, p: torch.Tensor) -> bool:
+        if self.base_requires_grad is None:
+            return bool(p.requires_grad)
+        return self.base_requires_grad.get(name, bool(p.requires_grad))
+
+    def add_adapter(self, model: nn.Module, name: str, layout: ThetaLayout, dim: int,
+                    projection: "str | Projection" = "hashing", mode: str = "global", seed: int = 0,
+                    projection_options: dict | None = None) -> AdapterSubspace:
+        """Reparameterize ``model``'s tensors in ``layout`` for adapter ``name``; returns its state."""
+        from .projections import make_projection
+        from .tuner.layer import SubspaceLayer
+
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists")
+        n_scales = len(layout.slots) if mode == "said" else 0
+        d_c = dim - n_scales
+        if d_c <= 0:
+            raise ValueError(
+                f"SAID mode spends one of the dim={dim} trainable numbers on each of the {n_scales} tensors of θ, "
+                f"leaving none for c; use dim > {n_scales} or mode='global'"
+            )
+        if dim > layout.D:
+            raise ValueError(f"dim={dim} is larger than the number of weights in θ (D={layout.D})")
+        self.record_base(model)
+        first = _stored(model, layout.slots[0])
+        device = first.device
+        proj_device = torch.device("cpu") if device.type == "meta" else device
+        if isinstance(projection, Projection):
+            if (projection.D, projection.d) != (layout.D, d_c):
+                raise ValueError(
+                    f"the given {projection.kind} projection maps R^{projection.d} -> R^{projection.D}, but this "
+                    f"model's θ needs R^{d_c} -> R^{layout.D}"
+                )
+            proj = projection.to(proj_device)
+        else:
+            proj = make_projection(projection, layout.D, d_c, seed=seed, device=proj_device,
+                                   **(projection_options or {}))
+        state = AdapterSubspace(layout, proj, mode)
+        self.coeffs[name] = nn.Parameter(torch.zeros(d_c, device=device, dtype=torch.float32))
+        if n_scales:
+            self.scales[name] = nn.Parameter(torch.ones(n_scales, device=device, dtype=torch.float32))
+        self.adapters[name] = state
+        from peft.utils.integrations import _skip_init_on_device
+
+        from .embedding import use_row_path_if_embedding
+
+        # peft's low_cpu_mem_usage builds adapters under init_empty_weights, which would move every weight that
+        # register_parametrization re-registers to the meta device: θ0 stays where it is
+        with _skip_init_on_device():
+            for slot in layout.slots:
+                holders = self.holders.setdefault(slot.name, [])
+                for module_name, attr in slot.holders:
+                    module = model.get_submodule(module_name)
+                    if not is_subspace_parametrized(module, attr):
+                        parametrize.register_parametrization(module, attr, SubspaceLayer(self, slot.name),
+                                                             unsafe=True)
+                        use_row_path_if_embedding(module, attr)
+                    if not any(m is module and a == attr for m, a in holders):
+                        holders.append((module, attr))
+                    module.parametrizations[attr].original.requires_grad_(False)
+        if not self.active:
+            self.active = [name]
+        return state
+
+    def original(self, slot_name: str) -> torch.Tensor:
+        """θ0 of one tensor of θ (the parametrization's stored tensor)."""
+        module, attr = self.holders[slot_name][0]
+        return module.parametrizations[attr].original
+
+    # -- the forward path -------------------------------------------------------------------------------------
+    def _live(self, slot_name: str) -> list[tuple[str, AdapterSubspace, int]]:
+        """The active, unmerged adapters that cover ``slot_name``: ``(name, state, index in its layout)``."""
+        out = []
+        if not self.enabled:
+            return out
+        for name in self.active:
+            state = self.adapters.get(name)
+            i = state.layout.index.get(slot_name) if state is not None else None
+            if i is not None and (name, slot_name) not in self.merged_slots:
+                out.append((name, state, i))
+        return out
+
+    def _scale(self, name: str, i: int) -> torch.Tensor | None:
+        return self.scales[name][i] if name in self.scales else None
+
+    def needs_grad(self, live, original: torch.Tensor) -> bool:
+        """Whether autograd must see the delta (otherwise the materialized tensor may be cached)."""
+        if not torch.is_grad_enabled():
+            return False
+        return original.requires_grad or any(
+            self.coeffs[n].requires_grad or (n in self.scales and self.scales[n].requires_grad) for n, _, _ in live)
+
+    def apply_delta(self, slot_name: str, original: torch.Tensor) -> torch.Tensor:
+        """``θ0 + Σ λ_i P_i c`` for one tensor, over the active unmerged adapters."""
+        live = self._live(slot_name)
+        if not live:
+            return original
+        cache = self._inference_cache(live, original)
+        if cache is not None:
+            hit = cache.get(slot_name)
+            if hit is not None and hit[0] is original and hit[1] == original._version:
+                return hit[2]
+        out = original
+        for name, state, i in live:
+            out = out + state.piece(self.coeffs[name], i, self._scale(name, i)).to(original.dtype)
+        if cache is not None:
+            cache[slot_name] = (original, original._version, out)
+        return out
+
+    def rows_delta(self, slot_name: str, rows: torch.Tensor) -> torch.Tensor | None:
+        """Rows ``rows`` of the summed active delta of one tensor (float32), or None when nothing applies."""
+        total = None
+        for name, state, i in self._live(slot_name):
+            part = state.rows(self.coeffs[name], i, rows, self._scale(name, i))
+            total = part if total is None else total + part
+        return total
+
+    def wants_whole_tensor(self, slot_name: str, original: torch.Tensor) -> bool:
+        """True when ``slot_name`` is best read whole (its materialized value may be cached): no autograd."""
+        live = self._live(slot_name)
+        return bool(live) and self._inference_cache(live, original) is not None
+
+    def _inference_cache(self, live, original: torch.Tensor) -> dict | None:
+        """The cache of materialized tensors when it applies (no autograd through the delta), else None.
+
+        It is emptied whenever the values of an active ``c`` / ``λ``, the active adapters, the merged pairs or the
+        inference mode change, and dropped as soon as a forward needs gradients again.
+        """
+        s = self.scratch
+        if not self.inference_cache or self.needs_grad(live, original):
+            if getattr(s, "cache", None):
+                self.scratch = Scratch()
+            return None
+        key = (tuple(self.active), frozenset(self.merged_slots), torch.is_inference_mode_enabled())
+        values = [(self.coeffs[n], self.scales[n] if n in self.scales else None) for n in self.active]
+        if getattr(s, "cache_key", None) != key or not all(
+                torch.equal(a, c) and (b is None) == (lam is None) and (b is None or torch.equal(b, lam))
+                for (a, b), (c, lam) in zip(s.values, values)):
+            s.cache, s.cache_key = {}, key
+            s.values = [(c.detach().clone(), None if lam is None else lam.detach().clone()) for c, lam in values]
+        return s.cache
+
+    def slot_delta(self, name: str, i: int) -> torch.Tensor:
+        """``λ_i P_i c`` for tensor ``i`` of adapter ``name`` (float32, no autograd)."""
+        with torch.no_grad():
+            return self.adapters[name].piece(self.coeffs[name], i, self._scale(name, i))
+
+    # -- merging and removal ----------------------------------------------------------------------------------
+    @property
+    def merged_adapters(self) -> list[str]:
+        """Adapters whose every tensor is merged into θ0."""
+        return [n for n, st in self.adapters.items()
+                if all((n, s.name) in self.merged_slots for s in st.layout.slots)]
+
+    @torch.no_grad()
+    def merge(self, names: Sequence[str], slots: set[str] | None = None, safe: bool = False) -> None:
+        """Add the deltas of ``names`` into θ0 (only the tensors in ``slots``, if given); merged pairs are skipped."""
+        for name in names:
+            state = self.adapters[name]
+            todo = [(i, s) for i, s in enumerate(state.layout.slots)
+                    if (slots is None or s.name in slots) and (name, s.name) not in self.merged_slots]
+            deltas = [(s, self.slot_delta(name, i)) for i, s in todo]
+            if safe and not all(torch.isfinite(d).all() for _, d in deltas):
+                raise ValueError(f"NaN or inf in the delta of adapter {name!r}; refusing to merge it")
+            for slot, delta in deltas:
+                original = self.original(slot.name)
+                original.add_(delta.to(original.device, original.dtype))
+                self.merged_slots.add((name, slot.name))
+        self.invalidate()
+
+    @torch.no_grad()
+    def unmerge(self, slots: set[str] | None = None) -> None:
+        """Subtract every merged delta (only for the tensors in ``slots``, if given) back out of θ0."""
+        for name, slot_name in sorted(self.merged_slots):
+            if slots is not None and slot_name not in slots:
+                continue
+            state = self.adapters[name]
+            original = self.original(slot_name)
+            delta = self.slot_delta(name, state.layout.index[slot_name])
+            original.sub_(delta.to(original.device, original.dtype))
+            self.merged_slots.discard((name, slot_name))
+        self.invalidate()
+
+    def remove_parametrizations(self, model: nn.Module) -> None:
+        """Take every subspace parametrization off ``model``, leaving the (possibly merged) θ0 in place."""
+        for module in list(model.modules()):
+            if not parametrize.is_parametrized(module):
+                continue
+            for attr in list(module.parametrizations.keys()):
+                if is_subspace_parametrized(module, attr):
+                    original = module.parametrizations[attr].original
+                    _own_parametrized_class(module)
+                    parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+                    # remove_parametrizations re-registers the very same Parameter object, so ties survive
+                    assert getattr(module, attr) is original
+        self.holders.clear()
+
+    def restore_requires_grad(self, model: nn.Module) -> None:
+        """Give every parameter the ``requires_grad`` it had before the first adapter (what unload returns)."""
+        for name, (_, _, p) in holder_names(model).items():
+            if p.is_floating_point() or p.is_complex():
+                p.requires_grad_(self.was_trainable(name, p) if self.base_requires_grad is not None else True)
+
+    def delete_adapter(self, model: nn.Module, name: str) -> None:
+        if any(a == name for a, _ in self.merged_slots):
+            raise ValueError(f"adapter {name!r} is merged; unmerge it before deleting it")
+        del self.adapters[name]
+        del self.coeffs[name]
+        if name in self.scales:
+            del self.scales[name]
+        self.active = [a for a in self.active if a != name]
+        if not self.active and self.adapters:
+            self.active = [next(iter(self.adapters))]  # as peft does: fall back to the first remaining adapter
+        if not self.adapters:
+            self.remove_parametrizations(model)
+        self.invalidate()
+
+    def set_active(self, names: Sequence[str]) -> None:
+        for n in names:
+            if n not in self.adapters:
+                raise ValueError(f"unknown adapter {n!r}; have {sorted(self.adapters)}")
+        self.active = list(names)
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        self.scratch = Scratch()
+        for state in self.adapters.values():
+            state.invalidate()
+
+    def _apply(self, fn, recurse=True):
+        """``model.to(device)`` moves c and λ; dtype casts (``.half()``, ``.to(torch.bfloat16)``) leave them float32;
+        ``to_empty()`` after the meta device starts them again at c = 0, λ = 1."""
+        was_meta = any(p.is_meta for p in self.parameters())
+
+        def keep_dtype(t):
+            out = fn(t)
+            if t.is_floating_point() and out.dtype != t.dtype:
+                return t.to(out.device)
+            return out
+
+        out = super()._apply(keep_dtype, recurse)
+        if was_meta and not any(p.is_meta for p in self.parameters()):
+            with torch.no_grad():
+                for p in self.coeffs.values():
+                    p.zero_()
+                for p in self.scales.values():
+                    p.fill_(1.0)
+        self.invalidate()
+        return out
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: {st.projection.kind} d={st.projection.d} D={st.layout.D} {st.mode}"
+                         for n, st in self.adapters.items())
+
+
+def _stored(model: nn.Module, slot: ParamSlot) -> torch.Tensor:
+    module_name, attr = slot.holders[0]
+    module = model.get_submodule(module_name)
+    if parametrize.is_parametrized(module, attr):
+        return module.parametrizations[attr].original
+    return getattr(module, attr)
+
+
+def is_subspace_parametrized(module: nn.Module, attr: str) -> bool:
+    return parametrize.is_parametrized(module, attr) and any(
+        getattr(p, "is_subspace_layer", False) for p in module.parametrizations[attr])
+
+
+def _own_parametrized_class(module: nn.Module) -> None:
+    """Give ``module`` a private copy of torch's injected ``Parametrized*`` class before a parametrization is removed.
+
+    ``register_parametrization`` makes one class per module, but ``copy.deepcopy`` shares it between the original
+    and the copy; removing a parametrization deletes its property from the class, which would break the other.
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
+def find_engine(model: nn.Module) -> "SubspaceEngine | None":
+    """The :class:`SubspaceEngine` of ``model`` (a PEFT subspace model, a reparameterized model or the base model
+    inside either), or None."""
+    for module in model.modules():
+        if isinstance(module, SubspaceEngine):
+            return module
+        engine = getattr(module, "_engine", None)
+        if isinstance(engine, SubspaceEngine) and getattr(module, "is_subspace_layer", False):
+            return engine
+    return None

@@ -1,0 +1,269 @@
+"""Which tensors form θ, and where each lives in the flat vector of length ``D``.
+
+* :func:`select_parameters` chooses θ: the floating-point parameters owned directly by the modules that match
+  ``target_modules`` (peft's own matching: a regex string, a list of names or suffixes, ``"all-linear"``),
+  minus ``exclude_modules`` and anything under ``modules_to_save`` or a peft ``ModulesToSaveWrapper``.
+* :class:`ThetaLayout` lays them end to end; a parameter shared by several modules (tied embeddings) is one
+  tensor of θ with several holders.
+* :func:`fingerprint_tensors` summarizes θ0 so that a loaded adapter can refuse another checkpoint, while the
+  same weights in another dtype or on another device still match.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class ParamSlot:
+    """One tensor of θ: where it lives in the model and where it lives in the flat vector."""
+
+    name: str  # canonical name (first module path + attribute)
+    holders: list[tuple[str, str]]  # every (module path, attribute) that holds this tensor (tied weights)
+    shape: tuple[int, ...]
+    offset: int = 0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class ThetaLayout:
+    """The tensors that form θ, in order, and their offsets in the flat vector of length ``D``."""
+
+    slots: list[ParamSlot] = field(default_factory=list)
+
+    def __post_init__(self):
+        offset = 0
+        for slot in self.slots:
+            slot.offset = offset
+            offset += slot.numel
+        self.D = offset
+        self.index = {slot.name: i for i, slot in enumerate(self.slots)}
+
+    def layout_hash(self) -> str:
+        """A short hash of the parameter names and shapes (what a loaded adapter must match)."""
+        h = hashlib.sha256()
+        for slot in self.slots:
+            h.update(f"{slot.name}:{slot.shape};".encode())
+        return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# matching modules: peft's rules, one home
+# ----------------------------------------------------------------------------------------------------------------
+def _match_config(target_modules, exclude_modules, modules_to_save):
+    return SimpleNamespace(target_modules=target_modules, exclude_modules=exclude_modules,
+                           modules_to_save=list(modules_to_save or ()) or None, target_parameters=None,
+                           layers_to_transform=None, layers_pattern=None, task_type=None)
+
+
+def expand_all_linear(model: nn.Module, target_modules, task_type=None):
+    """``"all-linear"`` -> the sorted names of every Linear / Conv1D module except the output layer (peft's rule)."""
+    if not (isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR):
+        return target_modules
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+    cfg = _match_config(target_modules, None, None)
+    cfg.task_type = task_type
+    return sorted(_maybe_include_all_linear_layers(cfg, model).target_modules)
+
+
+def module_matches(module_name: str, target_modules=None, exclude_modules=None, modules_to_save=()) -> bool:
+    """Whether ``module_name`` is targeted, by peft's ``check_target_module_exists``; ``None`` targets all."""
+    from peft.tuners.tuners_utils import _ExcludedModule, check_target_module_exists
+
+    cfg = _match_config(target_modules if target_modules is not None else [], exclude_modules, modules_to_save)
+    found = check_target_module_exists(cfg, module_name)
+    if isinstance(found, _ExcludedModule):
+        return False
+    return target_modules is None or bool(found)
+
+
+def under_modules_to_save(module_name: str, modules_to_save) -> bool:
+    """Whether ``module_name`` is (inside) one of ``modules_to_save`` — peft's rule for them."""
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", module_name) for m in (modules_to_save or ()))
+
+
+def _wrapper_prefixes(model: nn.Module) -> list[str]:
+    from peft.utils.other import ModulesToSaveWrapper
+
+    return [name for name, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+
+
+def _is_under(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``(attr, tensor)`` for the parameters ``module`` owns directly; one under a subspace parametrization gives
+    its ``original`` (θ0)."""
+    out = []
+    if parametrize.is_parametrized(module):
+        # a tensor under someone else's parametrization is not θ0 + δ material: leave it out
+        for attr, plist in module.parametrizations.items():
+            if all(getattr(p, "is_subspace_layer", False) for p in plist):
+                out.append((attr, plist.original))
+    return out + list(module.named_parameters(recurse=False))
+
+
+def select_parameters(
+    model: nn.Module,
+    target_modules: str | Sequence[str] | None = None,
+    exclude_modules: str | Sequence[str] | None = None,
+    modules_to_save: Iterable[str] = (),
+    trainable: Callable[[str, torch.Tensor], bool] | None = None,
+) -> ThetaLayout:
+    """Choose the tensors that form θ.
+
+    By default every trainable floating-point parameter; ``trainable(name, tensor)`` replaces the
+    ``requires_grad`` test (the tuner passes what was trainable before its first adapter froze the base).
+    ``target_modules`` restricts θ to the parameters owned directly by matching modules (peft's rules: a regex
+    string, a list of names or suffixes, or ``"all-linear"``). Modules under ``modules_to_save`` are trained in
+    full and left out of θ.
+    """
+    if isinstance(target_modules, (list, tuple, set)) and len(target_modules) == 0:
+        raise ValueError("target_modules is an empty list; pass None to reparameterize every trainable parameter")
+    target_modules = expand_all_linear(model, target_modules)
+    trainable = trainable or (lambda name, p: p.requires_grad)
+    skip = _wrapper_prefixes(model)
+    slots: dict[int, ParamSlot] = {}
+    order: list[int] = []
+    matched_module = False
+    for module_name, module in model.named_modules():
+        if _is_under(module_name, skip) or not module_matches(module_name, target_modules, exclude_modules,
+                                                               modules_to_save):
+            continue
+        for attr, p in own_tensors(module):
+            name = f"{module_name}.{attr}" if module_name else attr
+            if not p.is_floating_point():
+                continue
+            matched_module = True
+            if not trainable(name, p):
+                continue
+            if id(p) not in slots:
+                slots[id(p)] = ParamSlot(name=name, holders=[], shape=tuple(p.shape))
+                order.append(id(p))
+            slots[id(p)].holders.append((module_name, attr))
+    if not order:
+        if target_modules is not None and not matched_module:
+            raise ValueError(
+                f"target_modules={target_modules!r} matched no module with floating-point parameters; "
+                "module names look like: " + ", ".join(n for n, _ in list(model.named_modules())[1:6])
+            )
+        raise ValueError(
+            "the model has no trainable floating-point parameters to reparameterize "
+            "(all are frozen, integer, or under modules_to_save)"
+        )
+    return ThetaLayout([slots[k] for k in order])
+
+
+def layout_from_names(model: nn.Module, names: Sequence[str]) -> ThetaLayout:
+    """A layout holding exactly the parameters ``names`` (as ``model.named_parameters()`` spells them), in order.
+
+    Tied parameters keep every holder, so writing the delta into one updates all uses.
+    """
+    params = dict(model.named_parameters())
+    by_id: dict[int, list[tuple[str, str]]] = {}
+    for module_name, module in model.named_modules():
+        for attr, p in module.named_parameters(recurse=False):
+            by_id.setdefault(id(p), []).append((module_name, attr))
+    slots = []
+    for name in names:
+        if name not in params:
+            raise ValueError(f"parameter {name!r} is not in the model (it has e.g. {list(params)[:3]})")
+        p = params[name]
+        slots.append(ParamSlot(name=name, holders=by_id[id(p)], shape=tuple(p.shape)))
+    return ThetaLayout(slots)
+
+
+def original_tensor(model: nn.Module, slot: ParamSlot) -> torch.Tensor:
+    """The stored tensor of ``slot`` (θ0 — the parametrization's ``original`` once the model is wrapped)."""
+    module_name, attr = slot.holders[0]
+    module = model.get_submodule(module_name)
+    if parametrize.is_parametrized(module, attr):
+        return module.parametrizations[attr].original
+    return getattr(module, attr)
+
+
+def holder_names(model: nn.Module) -> dict[str, tuple[nn.Module, str, torch.Tensor]]:
+    """Every parameter of ``model`` by its plain name (``module.attr``, parametrizations looked through)."""
+    out = {}
+    for module_name, module in model.named_modules():
+        for attr, p in own_tensors(module):
+            out[f"{module_name}.{attr}" if module_name else attr] = (module, attr, p)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fingerprint of θ0
+# ----------------------------------------------------------------------------------------------------------------
+FINGERPRINT_SKETCHES = 16
+#: half an ulp, relative: the largest rounding error of one value stored in this dtype
+_HALF_ULP = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def fingerprint_tensors(tensors: Sequence[torch.Tensor]) -> str | None:
+    """A dtype-tolerant fingerprint of ``tensors`` (θ0): ``"fp2:<dtype>:<16 numbers>"``; None on the meta device.
+
+    A strided sample of 64 values and the mean absolute value of every tensor form a vector ``s`` (float64);
+    the fingerprint is 16 fixed random ±1 sketches of ``s / ‖s‖``. Rounding every weight to a dtype of relative
+    precision ``ε`` moves each sketch by about ``ε/√3`` (at most ``ε``), while another checkpoint moves them by
+    its relative distance — O(1) for an unrelated one. :func:`fingerprints_match` compares within ``4ε`` of the
+    coarser of the two dtypes.
+    """
+    if any(t.is_meta for t in tensors):
+        return None
+    parts, dtypes = [], set()
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        dtypes.add(t.dtype)
+        step = max(1, flat.numel() // 64)
+        parts.append(flat[::step][:64].double().cpu())
+        parts.append(flat.double().abs().mean().reshape(1).cpu())
+    s = torch.cat(parts)
+    g = torch.Generator().manual_seed(20_260_101)
+    signs = torch.randint(0, 2, (FINGERPRINT_SKETCHES, s.numel()), generator=g, dtype=torch.int8).double() * 2 - 1
+    sketch = signs @ (s / s.norm().clamp_min(1e-300))
+    coarsest = max(dtypes, key=lambda d: _HALF_ULP.get(d, 0.0))
+    return f"fp2:{str(coarsest).removeprefix('torch.')}:" + ",".join(f"{v:.9g}" for v in sketch.tolist())
+
+
+def fingerprints_match(saved: str, tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether ``tensors`` fit the fingerprint ``saved`` (an old-format fingerprint is compared exactly)."""
+    if not saved.startswith("fp2:"):
+        return _fingerprint_v1(tensors) == saved
+    current = fingerprint_tensors(tensors)
+    if current is None:
+        return True  # nothing to compare on the meta device
+    _, saved_dtype, saved_vals = saved.split(":", 2)
+    _, cur_dtype, cur_vals = current.split(":", 2)
+    eps = max(_HALF_ULP.get(getattr(torch, saved_dtype, None), 2.0**-8),
+              _HALF_ULP.get(getattr(torch, cur_dtype, None), 2.0**-8))
+    tol = max(4 * eps, 1e-7)
+    a = [float(v) for v in saved_vals.split(",")]
+    b = [float(v) for v in cur_vals.split(",")]
+    return len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b))
+
+
+def _fingerprint_v1(tensors: Sequence[torch.Tensor]) -> str:
+    """The fingerprint of hf_subspace 0.1.0 adapters (4 significant digits: exact only in the dtype saved)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 64)
+        sample = flat[::step][:64].double().cpu()
+        stats = torch.stack([sample.sum(), sample.abs().sum(), flat.double().abs().sum().cpu() / flat.numel()])
+        h.update(("|".join(f"{v:.4g}" for v in sample.tolist() + stats.tolist())).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,88 @@
+"""``SubspaceLayer``: the per-tensor tuner layer of the subspace method.
+
+Unlike LoRA's layers it wraps no module: it is the ``torch.nn.utils.parametrize`` parametrization put on each
+tensor of θ (``module.parametrizations.<attr>[0]``), mapping ``θ0 -> θ0 + Σ_active λ_i P_i c``. It is also a
+peft ``BaseTunerLayer``, so ``disable_adapter()``, ``get_model_status()``, ``get_layer_status()`` and per-layer
+``merge()`` / ``unmerge()`` work as they do for LoRA. All state (c, λ, active adapters, enabled, merged pairs)
+lives in the :class:`~hf_subspace.engine.SubspaceEngine` the layer holds by a strong, non-submodule reference,
+so every layer reports the same state and the layer itself has no parameters (nothing extra is saved).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+
+class SubspaceLayer(nn.Module, BaseTunerLayer):
+    """The parametrization of one tensor of θ (``slot_name``), backed by ``engine``."""
+
+    is_subspace_layer = True
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+
+    def __init__(self, engine, slot_name: str):
+        nn.Module.__init__(self)
+        object.__setattr__(self, "_engine", engine)  # a strong reference, not a submodule
+        self.slot_name = slot_name
+
+    @property
+    def engine(self):
+        return self._engine
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return self._engine.apply_delta(self.slot_name, original)
+
+    # -- BaseTunerLayer state, read from the engine -----------------------------------------------------------
+    @property
+    def active_adapter(self) -> list[str]:
+        return list(self._engine.active)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return not self._engine.enabled
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        return [n for n in self._engine.adapters if (n, self.slot_name) in self._engine.merged_slots]
+
+    def _get_available_adapters(self) -> set[str]:
+        return {n for n, st in self._engine.adapters.items() if self.slot_name in st.layout.index}
+
+    def _all_available_adapter_names(self) -> list[str]:
+        return sorted(self._get_available_adapters())
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._engine.enabled = bool(enabled)
+        self._engine.invalidate()
+
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        self._engine.set_active([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        names = [n for n in (adapter_names or self._engine.active) if n in self._get_available_adapters()]
+        self._engine.merge(names, slots={self.slot_name}, safe=safe_merge)
+
+    def unmerge(self) -> None:
+        self._engine.unmerge(slots={self.slot_name})
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        pass  # adapters live in the engine; the tuner deletes them there
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        pass  # the trainable vectors live in the engine; the tuner sets them there
+
+    # a parametrization has no base layer: keep BaseTunerLayer's weight/bias properties from recursing
+    @property
+    def weight(self):
+        raise AttributeError("a SubspaceLayer holds no weight; read it from the module it parametrizes")
+
+    @property
+    def bias(self):
+        raise AttributeError("a SubspaceLayer holds no bias; read it from the module it parametrizes")
+
+    def extra_repr(self) -> str:
+        return f"slot={self.slot_name!r}, adapters={sorted(self._get_available_adapters())}"
