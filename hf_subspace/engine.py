@@ -76,8 +76,13 @@ class AdapterSubspace:
             self.follow_device(c)
             src = c if scale is None else c * scale
             return project_rows(src, self.projection, slot.offset, slot.offset + slot.numel).view(slot.shape)
-        self.flat_delta(c)
-        piece = self.scratch.pieces[i]
+        if torch.compiler.is_compiling():
+            # a tensor kept across compiled calls would carry the compiled graph's saved tensors, freed by the
+            # first backward: recompute instead (AOT autograd's CSE merges the repeats within one graph)
+            piece = project(c, self.projection)[slot.offset: slot.offset + slot.numel].view(slot.shape)
+        else:
+            self.flat_delta(c)
+            piece = self.scratch.pieces[i]
         return piece if scale is None else piece * scale
 
     def rows(self, c: torch.Tensor, i: int, rows: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -257,7 +262,7 @@ class SubspaceEngine(nn.Module):
         inference mode change, and dropped as soon as a forward needs gradients again.
         """
         s = self.scratch
-        if not self.inference_cache or self.needs_grad(live, original):
+        if not self.inference_cache or torch.compiler.is_compiling() or self.needs_grad(live, original):
             if getattr(s, "cache", None):
                 self.scratch = Scratch()
             return None

@@ -10,6 +10,12 @@ Invariants shared by all kinds:
 * ``rmatvec(g)``: ``g`` has shape ``(D,)`` -> returns ``Pᵀ g`` of shape ``(d,)``, float32; the exact adjoint,
   so ``<P c, g> == <c, Pᵀ g>`` up to float rounding.
 * columns have unit length over the whole of θ (``‖P e_i‖ ≈ 1``), not per tensor.
+* device-independent: all random state is drawn from CPU generators (:func:`cpu_generator`; CPU random streams
+  are the same on every machine) and only then moved to ``device``, so a ``P`` built on a GPU is the ``P``
+  rebuilt on a CPU from the same ``(kind, D, d, seed)``.
+* the meta device (a model built under ``init_empty_weights``) holds no data, so a projection asked for it
+  is built, and kept, on the CPU instead (its state is regenerable and small); it follows the model to a
+  real device once the model is materialized.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ class Projection:
         self.D = D
         self.d = d
         self.seed = int(seed)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = _storage_device(device)
 
     # -- public API -------------------------------------------------------------------------------
     def matvec(self, c: torch.Tensor) -> torch.Tensor:
@@ -74,16 +80,19 @@ class Projection:
         return self.rmatvec(full)
 
     def to(self, device: torch.device | str) -> "Projection":
-        """Move the projection's (regenerable) state to ``device``; returns ``self``."""
+        """Move the projection's (regenerable) state to ``device``; returns ``self``.
+
+        Moving to the meta device keeps the state where it is (meta tensors hold no data, and nothing could
+        bring it back): a meta model's projection stays usable and follows the model to its real device later.
+        """
         device = torch.device(device)
+        if device.type == "meta":
+            return self
         if device != self.device:
             self.device = device
             self._move(device)
         return self
 
-    def describe(self) -> dict:
-        """What a config needs to rebuild this projection (no tensors)."""
-        return {"kind": self.kind, "D": self.D, "d": self.d, "seed": self.seed}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The generated random state, for users who want bit-exact portability (``save_projection=True``)."""
@@ -119,6 +128,14 @@ class Projection:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(D={self.D}, d={self.d}, seed={self.seed}, device={self.device})"
+
+
+def _storage_device(device: torch.device | str | None) -> torch.device:
+    """Where a projection asked for ``device`` keeps its state: ``device`` itself, or the CPU for ``None`` and meta."""
+    if device is None:
+        return torch.device("cpu")
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def cpu_generator(seed: int, stream: int) -> torch.Generator:

@@ -20,7 +20,7 @@ import math
 import torch
 
 from .base import Projection, cpu_generator
-from .hadamard import fwht
+from .hadamard import fwht, hadamard_factors
 
 
 class FastfoodProjection(Projection):
@@ -34,39 +34,44 @@ class FastfoodProjection(Projection):
         size = d if block == "d" else D
         self.B = 1 << max(0, math.ceil(math.log2(size)))
         self.n_blocks = math.ceil(D / self.B)
+        # generated on the CPU (CPU random streams are the same on every machine), then moved to the device
         g = cpu_generator(self.seed, stream=3)
         shape = (self.n_blocks, self.B)
-        self.signs = torch.randint(0, 2, shape, generator=g, dtype=torch.int8).float().mul_(2).sub_(1)
-        self.gauss = torch.randn(shape, generator=g)
-        self.perm = torch.randperm(self.B, generator=g)
+        cpu = torch.device("cpu")
+        self.signs = torch.randint(0, 2, shape, generator=g, dtype=torch.int8, device=cpu).float().mul_(2).sub_(1)
+        self.gauss = torch.randn(shape, generator=g, device=cpu)
+        self.perm = torch.randperm(self.B, generator=g, device=cpu)
         sq = self.gauss.double().pow(2).sum(1) / self.B
         kept_last = D - (self.n_blocks - 1) * self.B
         sq[-1] *= kept_last / self.B
         self.scale = float(sq.sum().rsqrt())
-        self.signs, self.gauss, self.perm = (t.to(self.device) for t in (self.signs, self.gauss, self.perm))
         self.inv_perm = torch.argsort(self.perm)
+        self.signs, self.gauss, self.perm, self.inv_perm = (
+            t.to(self.device) for t in (self.signs, self.gauss, self.perm, self.inv_perm)
+        )
+        # the Walsh–Hadamard factor matrices for length B: deterministic (not state_tensors), held here on
+        # self.device and passed to fwht, so no global cache is read or filled inside a (compiled) forward
+        self.hadamard = hadamard_factors(self.B, self.device)
 
-    def describe(self):
-        return {**super().describe(), "block": self.block}
 
     def _matvec(self, c):
         x = torch.zeros(self.B, device=self.device, dtype=torch.float32)
         x[: self.d] = c
-        y = fwht(self.signs * x)  # (n_blocks, B): H B_b c
+        y = fwht(self.signs * x, self.hadamard)  # (n_blocks, B): H B_b c
         y = y[:, self.perm] * self.gauss  # G_b Π
-        y = fwht(y)
+        y = fwht(y, self.hadamard)
         return y.reshape(-1)[: self.D] * self.scale
 
     def _rmatvec(self, g):
         y = torch.zeros(self.n_blocks * self.B, device=self.device, dtype=torch.float32)
         y[: self.D] = g * self.scale
-        y = fwht(y.view(self.n_blocks, self.B)) * self.gauss
-        y = fwht(y[:, self.inv_perm]) * self.signs
+        y = fwht(y.view(self.n_blocks, self.B), self.hadamard) * self.gauss
+        y = fwht(y[:, self.inv_perm], self.hadamard) * self.signs
         return y.sum(0)[: self.d]
 
     def state_tensors(self):
         return {"signs": self.signs, "gauss": self.gauss, "perm": self.perm,
-                "scale": torch.tensor([self.scale], dtype=torch.float64)}
+                "scale": torch.tensor([self.scale], dtype=torch.float64, device="cpu")}
 
     def load_state_tensors(self, tensors):
         tensors = dict(tensors)
@@ -80,3 +85,8 @@ class FastfoodProjection(Projection):
         self.signs, self.gauss, self.perm, self.inv_perm = (
             t.to(device) for t in (self.signs, self.gauss, self.perm, self.inv_perm)
         )
+        moved: dict[int, torch.Tensor] = {}  # factors of equal size share one tensor; keep it that way
+        for h in self.hadamard:
+            if id(h) not in moved:
+                moved[id(h)] = h.to(device)
+        self.hadamard = tuple(moved[id(h)] for h in self.hadamard)

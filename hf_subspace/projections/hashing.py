@@ -20,13 +20,14 @@ class HashingProjection(Projection):
 
     def __init__(self, D, d, seed=0, device=None):
         super().__init__(D, d, seed, device)
+        # generated on the CPU (CPU random streams are the same on every machine), then moved to the device
         g = cpu_generator(self.seed, stream=2)
         index_dtype = torch.int32 if D < 2**31 and 2 * d < 2**31 else torch.int64
         # a random permutation taken mod d assigns every column ⌊D/d⌋ or ⌈D/d⌉ rows, shuffled; built in place
         # in the final dtype so the transient memory stays ~2 ints per row
-        idx = torch.randperm(D, generator=g, dtype=index_dtype).remainder_(d)
+        idx = torch.randperm(D, generator=g, dtype=index_dtype, device="cpu").remainder_(d)
         counts = torch.bincount(idx, minlength=d).float()
-        negative = torch.randint(0, 2, (D,), generator=g, dtype=torch.int8)
+        negative = torch.randint(0, 2, (D,), generator=g, dtype=torch.int8, device="cpu")
         idx.add_(negative.to(index_dtype).mul_(d))
         del negative
         self.index = idx.to(self.device)

@@ -27,21 +27,24 @@ class SparseProjection(Projection):
                 f"a very sparse {D}x{d} projection has ~{nnz_expected:.2e} nonzeros "
                 f"(~{nnz_expected * 12 / 2**30:.1f} GiB); use projection='hashing' or 'fastfood' at this size"
             )
+        # generated on the CPU (CPU random streams are the same on every machine), then moved to the device
         g = cpu_generator(self.seed, stream=1)
-        counts = torch.binomial(torch.full((d,), float(D)), torch.full((d,), self.density), generator=g).long()
+        cpu = torch.device("cpu")
+        counts = torch.binomial(torch.full((d,), float(D), device=cpu), torch.full((d,), self.density, device=cpu),
+                                generator=g).long()
         counts.clamp_(min=1)  # every column gets at least one entry, so it can be normalized
         total = int(counts.sum())
-        rows = torch.randint(0, D, (total,), generator=g)
-        cols = torch.repeat_interleave(torch.arange(d), counts)
-        vals = torch.randint(0, 2, (total,), generator=g).float() * 2 - 1
+        rows = torch.randint(0, D, (total,), generator=g, device=cpu)
+        cols = torch.repeat_interleave(torch.arange(d, device=cpu), counts)
+        vals = torch.randint(0, 2, (total,), generator=g, device=cpu).float() * 2 - 1
         coo = torch.sparse_coo_tensor(
-            torch.stack([rows, cols]), vals, (D, d), check_invariants=True
+            torch.stack([rows, cols]), vals, (D, d), check_invariants=True, device=cpu
         ).coalesce()
         rows, cols = coo.indices()
         vals = coo.values()
         keep = vals != 0  # a duplicate +1/-1 pair cancels
         rows, cols, vals = rows[keep], cols[keep], vals[keep]
-        norms = torch.zeros(d).index_add_(0, cols, vals * vals).sqrt()
+        norms = torch.zeros(d, device=cpu).index_add_(0, cols, vals * vals).sqrt()
         if (norms == 0).any():
             raise ValueError("sparse projection generated an empty column; increase density or change the seed")
         vals = vals / norms[cols]
@@ -50,8 +53,6 @@ class SparseProjection(Projection):
         self.cols = cols.to(torch.int32).to(self.device)
         self.vals = vals.to(self.device)
 
-    def describe(self):
-        return {**super().describe(), "density": self.density}
 
     @property
     def nnz(self) -> int:

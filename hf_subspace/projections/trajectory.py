@@ -60,7 +60,7 @@ class TrajectoryProjection(Projection):
         """A zero ``(k, D)`` placeholder, to be filled by :meth:`load_state_tensors` (e.g. from an adapter file)."""
         if not isinstance(D, int) or not isinstance(k, int) or D <= 0 or k <= 0:
             raise ValueError(f"D and k must be positive integers, got D={D!r}, k={k!r}")
-        return cls(torch.zeros(k, D, dtype=torch.float32), device=device)
+        return cls(torch.zeros(k, D, dtype=torch.float32, device="cpu"), device=device)
 
     # -- products ---------------------------------------------------------------------------------------------
     def _local_rows(self) -> slice:
@@ -92,12 +92,6 @@ class TrajectoryProjection(Projection):
         return out
 
     # -- state ------------------------------------------------------------------------------------------------
-    def describe(self) -> dict:
-        out = super().describe()
-        if self.row_range is not None:
-            out["row_range"] = list(self.row_range)
-        return out
-
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """``{"basis": (k, D)}`` — the basis is data, not regenerable, so it must be saved with the adapter."""
         return {"basis": self.basis}

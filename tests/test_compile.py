@@ -1,0 +1,118 @@
+"""``torch.compile`` of a reparameterized model gives the eager logits and the eager gradient of ``c``.
+
+Each kind runs in a FRESH Python process: that is what exposed the bug this guards against — fastfood's
+Walsh–Hadamard factors used to live in a module-level cache filled lazily on first use, so in a new process
+the first ``fwht`` ran inside dynamo's trace and compiling failed (``InternalTorchDynamoError: RuntimeError: An
+intermediate tensor 'h_7' created inside a higher-order op subgraph aliases an input or output ...``); in a
+process where an eager forward had already filled the cache it passed.
+
+Backend: ``aot_eager``, not ``inductor``. It still runs dynamo tracing and AOT autograd (forward and backward
+graphs), which is where the bug was; inductor's code generation took ~60 s for one kind on a 2-core CPU
+machine (aot_eager: ~11–22 s), too slow for the test suite. The four processes are started together, one
+thread each, so the file takes about as long as the slowest two of them.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+KINDS = ["dense", "fastfood", "hashing", "sparse"]
+BACKEND = "aot_eager"
+TIMEOUT_S = 300
+
+_CHILD = textwrap.dedent(
+    """
+    import json, os, sys, time
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import torch
+    torch.set_num_threads(1)
+    import hf_subspace as hs
+    from transformers import BertConfig, BertForSequenceClassification
+
+    kind, backend = sys.argv[1], sys.argv[2]
+
+    def build():
+        torch.manual_seed(0)
+        cfg = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=37, max_position_embeddings=64, num_labels=2)
+        model = BertForSequenceClassification(cfg).eval()
+        engine = hs.reparameterize(model, 64, kind)
+        c = engine.coeffs["default"]
+        with torch.no_grad():
+            c.copy_(0.05 * torch.randn(c.shape, generator=torch.Generator().manual_seed(1)))
+        return model, c
+
+    ids = torch.randint(0, 99, (2, 8), generator=torch.Generator().manual_seed(2))
+
+    def step(model, c):
+        logits = model(input_ids=ids).logits
+        logits.square().sum().backward()
+        return logits.detach(), c.grad.detach().clone()
+
+    # the compiled model runs first: nothing in this process has used the projection before it is traced.
+    # The eager reference is a second, identical model (its own engine and P c cache).
+    model, c = build()
+    compiled = torch.compile(model, backend=backend)
+    t0 = time.perf_counter()
+    logits_c, grad_c = step(compiled, c)
+    compile_s = time.perf_counter() - t0
+    # a second micro-batch with c unchanged (gradient accumulation): nothing cached may carry the first
+    # compiled backward's freed tensors; then the eager model itself and a compiled no-grad eval
+    _, grad_c2 = step(compiled, c)
+    ref_model, ref_c = build()
+    logits_e, grad_e = step(ref_model, ref_c)
+    _, grad_own = step(model, c)
+    with torch.no_grad():
+        eval_c = compiled(input_ids=ids).logits
+    print(json.dumps({
+        "compile_s": round(compile_s, 1),
+        "logits_close": torch.allclose(logits_c, logits_e, rtol=1e-4, atol=1e-5),
+        "grad_close": torch.allclose(grad_c, grad_e, rtol=1e-4, atol=1e-6),
+        "accumulated_close": torch.allclose(grad_c2, 2 * grad_e, rtol=1e-4, atol=1e-6),
+        "eager_after_compiled_close": torch.allclose(grad_own, 3 * grad_e, rtol=1e-4, atol=1e-6),
+        "eval_close": torch.allclose(eval_c, logits_e, rtol=1e-4, atol=1e-5),
+        "logits_diff": (logits_c - logits_e).abs().max().item(),
+        "grad_diff": (grad_c - grad_e).abs().max().item(),
+        "grad_max": grad_e.abs().max().item(),
+    }))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def compile_runs(request):
+    """Start one fresh process per selected kind, all at once (one thread each); kind -> Popen."""
+    selected = [kind for kind in KINDS
+                if any(f"test_compiled_matches_eager[{kind}]" in item.nodeid for item in request.session.items)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    procs = {kind: subprocess.Popen([sys.executable, "-c", _CHILD, kind, BACKEND], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=env)
+             for kind in (selected or KINDS)}
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_matches_eager(compile_runs, kind):
+    proc = compile_runs[kind]
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"compiling the {kind} model took over {TIMEOUT_S} s\n{err[-3000:]}")
+    assert proc.returncode == 0, f"torch.compile ({BACKEND}) of a {kind} model failed:\n{err[-3000:]}"
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["grad_max"] > 0, result  # c gets a gradient at all
+    assert result["logits_close"], result
+    assert result["grad_close"], result
+    assert result["accumulated_close"], result  # a second compiled backward with c unchanged
+    assert result["eager_after_compiled_close"], result
+    assert result["eval_close"], result
