@@ -6,7 +6,7 @@ and ``PeftModel.from_pretrained(base, path)`` work.
 __version__ = "0.1.0"
 
 from .projections import PROJECTION_KINDS, Projection, make_projection  # noqa: E402
-from .engine import SubspaceEngine  # noqa: E402
+from .engine import SubspaceEngine, find_engine  # noqa: E402
 from .layout import ThetaLayout, select_parameters  # noqa: E402
 from .reparam import plain_state_dict, reparameterize  # noqa: E402
 from .tuner import SubspaceConfig, SubspaceModel  # noqa: E402
@@ -35,6 +35,7 @@ __all__ = [
     "save_twa_adapter",
     "twa_from_checkpoints",
     "ThetaLayout",
+    "find_engine",
     "get_subspace_model",
     "make_projection",
     "plain_state_dict",

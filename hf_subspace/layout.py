@@ -65,7 +65,7 @@ class ThetaLayout:
 # ----------------------------------------------------------------------------------------------------------------
 def _match_config(target_modules, exclude_modules, modules_to_save):
     return SimpleNamespace(target_modules=target_modules, exclude_modules=exclude_modules,
-                           modules_to_save=list(modules_to_save or ()) or None, target_parameters=None,
+                           modules_to_save=modules_to_save, target_parameters=None,
                            layers_to_transform=None, layers_pattern=None, task_type=None)
 
 
@@ -84,7 +84,9 @@ def module_matches(module_name: str, target_modules=None, exclude_modules=None, 
     """Whether ``module_name`` is targeted, by peft's ``check_target_module_exists``; ``None`` targets all."""
     from peft.tuners.tuners_utils import _ExcludedModule, check_target_module_exists
 
-    cfg = _match_config(target_modules if target_modules is not None else [], exclude_modules, modules_to_save)
+    if under_modules_to_save(module_name, modules_to_save):
+        return False
+    cfg = _match_config(target_modules if target_modules is not None else [], exclude_modules, None)
     found = check_target_module_exists(cfg, module_name)
     if isinstance(found, _ExcludedModule):
         return False
