@@ -813,7 +813,7 @@ def labelled_subspace_regions():
     without changing the library: every class that defines one of the methods gets a labelled wrapper."""
     from torch.profiler import record_function
 
-    from hf_subspace import reparam
+    from hf_subspace.engine import SubspaceEngine
     from hf_subspace.projections import PROJECTION_KINDS
     from hf_subspace.projections.base import Projection
 
@@ -829,7 +829,7 @@ def labelled_subspace_regions():
                 return fn(*a, **k)
         return wrapper
 
-    for cls in {Projection, reparam.SubspaceEngine, *PROJECTION_KINDS.values()}:
+    for cls in {Projection, SubspaceEngine, *PROJECTION_KINDS.values()}:
         for name, label in labels.items():
             if name in vars(cls):
                 patched.append((cls, name, vars(cls)[name]))

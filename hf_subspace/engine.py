@@ -195,6 +195,7 @@ class SubspaceEngine(nn.Module):
                     module.parametrizations[attr].original.requires_grad_(False)
         if not self.active:
             self.active = [name]
+        self.hook_into(model)
         return state
 
     def original(self, slot_name: str) -> torch.Tensor:
@@ -266,6 +267,8 @@ class SubspaceEngine(nn.Module):
             if getattr(s, "cache", None):
                 self.scratch = Scratch()
             return None
+        if getattr(s, "checked_in_forward", False):
+            return s.cache  # already checked in this forward of the model: c cannot change during it
         key = (tuple(self.active), frozenset(self.merged_slots), torch.is_inference_mode_enabled())
         values = [(self.coeffs[n], self.scales[n] if n in self.scales else None) for n in self.active]
         if getattr(s, "cache_key", None) != key or not all(
@@ -273,7 +276,27 @@ class SubspaceEngine(nn.Module):
                 for (a, b), (c, lam) in zip(s.values, values)):
             s.cache, s.cache_key = {}, key
             s.values = [(c.detach().clone(), None if lam is None else lam.detach().clone()) for c, lam in values]
+        s.checked_in_forward = getattr(s, "in_forward", False)
         return s.cache
+
+    def _forward_started(self, module, args) -> None:
+        """Forward pre-hook on the wrapped model: the cache is checked once per forward, not once per tensor."""
+        self.scratch.in_forward, self.scratch.checked_in_forward = True, False
+
+    def _forward_finished(self, module, args, output) -> None:
+        self.scratch.in_forward, self.scratch.checked_in_forward = False, False
+
+    def hook_into(self, model: nn.Module) -> None:
+        """Register the forward hooks above on ``model`` (once)."""
+        if not any(getattr(h, "__self__", None) is self for h in model._forward_pre_hooks.values()):
+            model.register_forward_pre_hook(self._forward_started)
+            model.register_forward_hook(self._forward_finished, always_call=True)
+
+    def unhook(self, model: nn.Module) -> None:
+        for hooks in (model._forward_pre_hooks, model._forward_hooks):
+            for key in [k for k, h in hooks.items() if getattr(h, "__self__", None) is self]:
+                del hooks[key]
+                model._forward_hooks_always_called.pop(key, None)
 
     def slot_delta(self, name: str, i: int) -> torch.Tensor:
         """``λ_i P_i c`` for tensor ``i`` of adapter ``name`` (float32, no autograd)."""
@@ -329,6 +352,7 @@ class SubspaceEngine(nn.Module):
                     # remove_parametrizations re-registers the very same Parameter object, so ties survive
                     assert getattr(module, attr) is original
         self.holders.clear()
+        self.unhook(model)
 
     def restore_requires_grad(self, model: nn.Module) -> None:
         """Give every parameter the ``requires_grad`` it had before the first adapter (what unload returns)."""

@@ -451,3 +451,21 @@ class TestAdapterChecklist:
         assert type(plain).__name__ == "BertForSequenceClassification"
         assert not any("parametrizations" in k for k in plain.state_dict())
         torch.testing.assert_close(_logits(plain, bert_batch()), out, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_cache_outside_the_models_own_forward_still_follows_c():
+    # calling a submodule directly skips the model's forward hooks: every read then checks c itself
+    model = _bert()
+    engine = find_engine(model)
+    encoder = model.base_model.model.bert
+    ids = bert_batch()["input_ids"]
+    with torch.no_grad():
+        first = encoder(input_ids=ids).last_hidden_state
+        engine.coeffs["default"].fill_(0.05)
+        second = encoder(input_ids=ids).last_hidden_state
+        engine.inference_cache = False
+        third = encoder(input_ids=ids).last_hidden_state
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(second, third)
+    model.merge_and_unload()
+    assert not model.base_model.model._forward_pre_hooks  # unloading removes the engine's hooks
