@@ -234,13 +234,13 @@ class SubspaceEngine(nn.Module):
         cache = self._inference_cache(live, original)
         if cache is not None:
             hit = cache.get(slot_name)
-            if hit is not None and hit[0] is original and hit[1] == original._version:
-                return hit[2]
+            if hit is not None and hit[0] == _identity(original):
+                return hit[1]
         out = original
         for name, state, i in live:
-            out = out + state.piece(self.coeffs[name], i, self._scale(name, i)).to(original.dtype)
+            out = out + state.piece(self.coeffs[name], i, self._scale(name, i)).to(original.device, original.dtype)
         if cache is not None:
-            cache[slot_name] = (original, original._version, out)
+            cache[slot_name] = (_identity(original), out)
         return out
 
     def rows_delta(self, slot_name: str, rows: torch.Tensor) -> torch.Tensor | None:
@@ -263,7 +263,10 @@ class SubspaceEngine(nn.Module):
         inference mode change, and dropped as soon as a forward needs gradients again.
         """
         s = self.scratch
-        if not self.inference_cache or torch.compiler.is_compiling() or self.needs_grad(live, original):
+        # a forward of a model in training mode never caches: reentrant activation checkpointing runs the layers
+        # under no_grad, and keeping their weights would hold a copy of θ through the step
+        if (not self.inference_cache or torch.compiler.is_compiling() or getattr(s, "training_forward", False)
+                or self.needs_grad(live, original)):
             if getattr(s, "cache", None):
                 self.scratch = Scratch()
             return None
@@ -282,9 +285,11 @@ class SubspaceEngine(nn.Module):
     def _forward_started(self, module, args) -> None:
         """Forward pre-hook on the wrapped model: the cache is checked once per forward, not once per tensor."""
         self.scratch.in_forward, self.scratch.checked_in_forward = True, False
+        self.scratch.training_forward = module.training
 
     def _forward_finished(self, module, args, output) -> None:
         self.scratch.in_forward, self.scratch.checked_in_forward = False, False
+        self.scratch.training_forward = False
 
     def hook_into(self, model: nn.Module) -> None:
         """Register the forward hooks above on ``model`` (once)."""
@@ -302,6 +307,16 @@ class SubspaceEngine(nn.Module):
         """``λ_i P_i c`` for tensor ``i`` of adapter ``name`` (float32, no autograd)."""
         with torch.no_grad():
             return self.adapters[name].piece(self.coeffs[name], i, self._scale(name, i))
+
+    def unmerged_original(self, slot_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (the stored θ0 of ``slot_name``) minus every delta merged into it: the base weights as loaded."""
+        merged = [n for n, slot in self.merged_slots if slot == slot_name]
+        if not merged:
+            return tensor
+        out = tensor.detach().float().clone()
+        for name in merged:
+            out -= self.slot_delta(name, self.adapters[name].layout.index[slot_name]).to(out.device)
+        return out
 
     # -- merging and removal ----------------------------------------------------------------------------------
     @property
@@ -410,6 +425,12 @@ class SubspaceEngine(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: {st.projection.kind} d={st.projection.d} D={st.layout.D} {st.mode}"
                          for n, st in self.adapters.items())
+
+
+def _identity(t: torch.Tensor) -> tuple:
+    """What must not change for a materialized θ0 + δ to stay valid: the tensor, its storage (``.data =`` and
+    ``Module._apply`` swap it without a version bump), dtype, device and version (in-place updates)."""
+    return (id(t), t.data_ptr(), t.dtype, t.device, t._version)
 
 
 def _stored(model: nn.Module, slot: ParamSlot) -> torch.Tensor:

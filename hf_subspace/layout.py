@@ -111,6 +111,8 @@ def _is_under(name: str, prefixes: Iterable[str]) -> bool:
 def own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """``(attr, tensor)`` for the parameters ``module`` owns directly; one under a subspace parametrization gives
     its ``original`` (θ0)."""
+    if isinstance(module, parametrize.ParametrizationList):
+        return []  # its `original` is the parametrized module's tensor, listed there
     out = []
     if parametrize.is_parametrized(module):
         # a tensor under someone else's parametrization is not θ0 + δ material: leave it out
@@ -158,6 +160,15 @@ def select_parameters(
                 slots[id(p)] = ParamSlot(name=name, holders=[], shape=tuple(p.shape))
                 order.append(id(p))
             slots[id(p)].holders.append((module_name, attr))
+    # a tensor shared with modules outside the match (a tied LM head when only one side is targeted) is one
+    # tensor of θ: every holder reads θ0 + δ, or merging (which writes the shared tensor) would change the rest
+    chosen = set(slots)
+    for module_name, module in model.named_modules():
+        if _is_under(module_name, skip):
+            continue
+        for attr, p in own_tensors(module):
+            if id(p) in chosen and (module_name, attr) not in slots[id(p)].holders:
+                slots[id(p)].holders.append((module_name, attr))
     if not order:
         if target_modules is not None and not matched_module:
             raise ValueError(

@@ -1,7 +1,9 @@
 """The autograd products of a projection: ``c -> P c`` (whole, rows, or entries) with ``Pᵀ g`` as backward.
 
 None of them saves a tensor of size ``D`` for the backward, so one cached output can serve several backward
-passes (gradient accumulation, activation checkpointing).
+passes (gradient accumulation, activation checkpointing). Each backward is the adjoint product as an autograd
+function of its own, whose backward is the forward product again: second derivatives (Hessian-vector products
+in c) are exact.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import torch
 
 
 class Project(torch.autograd.Function):
-    """``c -> P c`` with backward ``g -> Pᵀ g``."""
+    """``c -> P c``; backward ``g -> Pᵀ g`` through :class:`ProjectT`, so second derivatives are exact too."""
 
     @staticmethod
     def forward(ctx, c, projection):
@@ -18,7 +20,20 @@ class Project(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.projection.rmatvec(grad.contiguous()), None
+        return ProjectT.apply(grad.contiguous(), ctx.projection), None
+
+
+class ProjectT(torch.autograd.Function):
+    """``g -> Pᵀ g``, the adjoint; its backward is ``P`` again (P is linear)."""
+
+    @staticmethod
+    def forward(ctx, g, projection):
+        ctx.projection = projection
+        return projection.rmatvec(g)
+
+    @staticmethod
+    def backward(ctx, v):
+        return Project.apply(v, ctx.projection), None
 
 
 class ProjectRows(torch.autograd.Function):
@@ -31,7 +46,18 @@ class ProjectRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.projection.rmatvec_rows(grad, ctx.start, ctx.stop), None, None, None
+        return ProjectRowsT.apply(grad, ctx.projection, ctx.start, ctx.stop), None, None, None
+
+
+class ProjectRowsT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, projection, start, stop):
+        ctx.projection, ctx.start, ctx.stop = projection, start, stop
+        return projection.rmatvec_rows(g, start, stop)
+
+    @staticmethod
+    def backward(ctx, v):
+        return ProjectRows.apply(v, ctx.projection, ctx.start, ctx.stop), None, None, None
 
 
 class ProjectAt(torch.autograd.Function):
@@ -46,7 +72,20 @@ class ProjectAt(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (positions,) = ctx.saved_tensors
-        return ctx.projection.rmatvec_at(grad, positions), None, None
+        return ProjectAtT.apply(grad, ctx.projection, positions), None, None
+
+
+class ProjectAtT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, projection, positions):
+        ctx.projection = projection
+        ctx.save_for_backward(positions)
+        return projection.rmatvec_at(g, positions)
+
+    @staticmethod
+    def backward(ctx, v):
+        (positions,) = ctx.saved_tensors
+        return ProjectAt.apply(v, ctx.projection, positions), None, None
 
 
 def project(c: torch.Tensor, projection) -> torch.Tensor:

@@ -469,3 +469,136 @@ def test_inference_cache_outside_the_models_own_forward_still_follows_c():
     torch.testing.assert_close(second, third)
     model.merge_and_unload()
     assert not model.base_model.model._forward_pre_hooks  # unloading removes the engine's hooks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# found in review
+# ---------------------------------------------------------------------------------------------------------------
+def test_inference_cache_sees_theta0_cast_or_replaced_from_outside_the_engine():
+    model = _bert()
+    with torch.no_grad():
+        find_engine(model).coeffs["default"].normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    _logits(model, bert_batch())  # fills the cache
+    model.get_base_model().bert.encoder.to(torch.bfloat16)  # a submodule cast: the engine is not inside it
+    q = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    with torch.no_grad():
+        assert q.weight.dtype == torch.bfloat16
+        original = q.parametrizations.weight.original
+        original.data = torch.zeros_like(original.data)  # replaced through .data: no version bump
+        w = q.weight
+    assert torch.equal(w.float(), (w - original).float())  # θ0 = 0: the weight is the delta alone
+
+
+def test_a_tied_weight_targeted_on_one_side_is_adapted_on_both():
+    cfg = hs.SubspaceConfig(dim=50, target_modules=["lm_head"], task_type="CAUSAL_LM")
+    model = get_peft_model(tiny_gpt2(), cfg)
+    with torch.no_grad():
+        find_engine(model).coeffs["default"].normal_(0, 1.0, generator=torch.Generator().manual_seed(3))
+    inner = model.base_model.model
+    torch.testing.assert_close(inner.transformer.wte.weight, inner.lm_head.weight)
+    out = _logits(model, gpt2_batch())
+    torch.testing.assert_close(_logits(copy.deepcopy(model).merge_and_unload(), gpt2_batch()), out,
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_fingerprint_ignores_what_another_adapter_merged(tmp_out):
+    first = _train(get_peft_model(tiny_gpt2(), hs.SubspaceConfig(dim=60, task_type="CAUSAL_LM")), gpt2_batch())
+    second = _train(get_peft_model(tiny_gpt2(), hs.SubspaceConfig(dim=40, seed=4, task_type="CAUSAL_LM")),
+                    gpt2_batch(seed=3))
+    first.save_pretrained(os.path.join(tmp_out, "one"))
+    second.save_pretrained(os.path.join(tmp_out, "two"))
+    model = PeftModel.from_pretrained(tiny_gpt2(), os.path.join(tmp_out, "one"), adapter_name="one")
+    model.merge_adapter()
+    model.load_adapter(os.path.join(tmp_out, "two"), adapter_name="two")  # used to be refused: θ0 had one merged
+    model.add_adapter("three", hs.SubspaceConfig(dim=30, task_type="CAUSAL_LM"))
+    model.save_pretrained(os.path.join(tmp_out, "all"), selected_adapters=["three"])
+    PeftModel.from_pretrained(tiny_gpt2(), os.path.join(tmp_out, "all", "three"))  # its true base accepts it
+
+
+def test_set_adapter_that_fails_changes_nothing():
+    model = _bert()
+    model.add_adapter("b", hs.SubspaceConfig(dim=50, task_type="SEQ_CLS", seed=1))
+    model.set_adapter("b")
+    with torch.no_grad():
+        find_engine(model).coeffs["b"].fill_(0.05)
+    before = _logits(model, bert_batch())
+    with pytest.raises(ValueError):
+        model.base_model.set_adapter(["default", "b"])  # the SEQ_CLS head wrapper takes one adapter only
+    assert find_engine(model).active == ["b"]
+    torch.testing.assert_close(_logits(model, bert_batch()), before)
+
+
+def test_reentrant_checkpointing_keeps_no_copy_of_theta():
+    model = get_peft_model(tiny_gpt2(), hs.SubspaceConfig(dim=100, task_type="CAUSAL_LM"))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    engine = find_engine(model)
+    seen = []
+    layer = model.base_model.model.transformer.h[1].attn.c_attn.parametrizations.weight[0]
+    layer.register_forward_hook(lambda *a: seen.append(len(getattr(engine.scratch, "cache", {}) or {})))
+    model.train()
+    model(**gpt2_batch()).loss.backward()
+    assert seen and max(seen) == 0  # the no_grad forward inside checkpointing materialized nothing to keep
+    assert engine.coeffs["default"].grad.abs().sum() > 0
+
+
+def test_adapter_wrapped_on_meta_gets_its_fingerprint_when_saved(tmp_out):
+    from accelerate import init_empty_weights
+
+    real = tiny_bert_cls()
+    with init_empty_weights():
+        empty = tiny_bert_cls()
+    model = get_peft_model(empty, hs.SubspaceConfig(dim=300, task_type="SEQ_CLS"))
+    model.to_empty(device="cpu")
+    engine = find_engine(model)
+    with torch.no_grad():
+        real_params = dict(real.named_parameters())
+        for slot in engine.adapters["default"].layout.slots:
+            engine.original(slot.name).copy_(real_params[slot.name])
+    assert model.peft_config["default"].base_fingerprint is None
+    model.save_pretrained(tmp_out)
+    assert model.peft_config["default"].base_fingerprint is not None
+    with pytest.raises(ValueError, match="check_base_fingerprint=False"):
+        PeftModel.from_pretrained(tiny_bert_cls(seed=5), tmp_out)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hessian_vector_products_in_c_are_exact(kind):
+    """Hv by double backward equals the finite difference of the gradient (the adjoint products are differentiable)."""
+    model = get_peft_model(MLP(), hs.SubspaceConfig(dim=20, projection=kind, mode="said")).double()
+    engine = find_engine(model)
+    c = engine.coeffs["default"]
+    with torch.no_grad():
+        c.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    v = torch.randn(c.shape, generator=torch.Generator().manual_seed(1))
+    x = X.double()
+
+    def loss():
+        return torch.tanh(model(x)).pow(2).sum()
+
+    def grad_at(point):
+        with torch.no_grad():
+            c.copy_(point)
+        return torch.autograd.grad(loss(), c)[0].double()
+
+    c0 = c.detach().clone()
+    (g,) = torch.autograd.grad(loss(), c, create_graph=True)
+    (hv,) = torch.autograd.grad(g, c, grad_outputs=v)
+    eps = 1e-3
+    fd = (grad_at(c0 + eps * v) - grad_at(c0 - eps * v)) / (2 * eps)
+    assert fd.norm() > 0
+    torch.testing.assert_close(hv.double(), fd, rtol=1e-3, atol=1e-4 * float(fd.norm()))
+
+
+@pytest.mark.parametrize("kind", ["fastfood", "dense"])
+def test_projection_arithmetic_stays_float32_under_autocast(kind):
+    model = _bert(kind)
+    engine = find_engine(model)
+    with torch.no_grad():
+        engine.coeffs["default"].normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    state = engine.adapters["default"]
+    exact = state.projection.matvec(engine.coeffs["default"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = state.projection.matvec(engine.coeffs["default"])
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, exact)

@@ -47,13 +47,15 @@ class Projection:
         """``P c``: ``(d,)`` -> ``(D,)`` float32 on ``self.device``."""
         if c.shape != (self.d,):
             raise ValueError(f"{self.kind} projection expects a vector of shape ({self.d},), got {tuple(c.shape)}")
-        return self._matvec(c.detach().to(self.device, torch.float32))
+        with torch.autocast(self.device.type, enabled=False):  # the projection arithmetic stays float32
+            return self._matvec(c.detach().to(self.device, torch.float32))
 
     def rmatvec(self, g: torch.Tensor) -> torch.Tensor:
         """``Pᵀ g``: ``(D,)`` -> ``(d,)`` float32 on ``self.device``."""
         if g.shape != (self.D,):
             raise ValueError(f"{self.kind} projection expects a vector of shape ({self.D},), got {tuple(g.shape)}")
-        return self._rmatvec(g.detach().to(self.device, torch.float32))
+        with torch.autocast(self.device.type, enabled=False):
+            return self._rmatvec(g.detach().to(self.device, torch.float32))
 
     #: True when :meth:`matvec_rows` / :meth:`rmatvec_rows` are as cheap as their share of the full products;
     #: the engine then computes each tensor's delta on the fly instead of caching the whole ``P c``.

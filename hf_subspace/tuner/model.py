@@ -77,7 +77,8 @@ class SubspaceModel(BaseTuner):
     def _check_or_record_base(self, model, config: SubspaceConfig, layout) -> None:
         """Record what θ is on creation; on load, refuse a base it does not fit."""
         layout_hash = layout.layout_hash()
-        tensors = [original_tensor(model, s) for s in layout.slots]
+        engine = self.subspace  # θ0 as loaded: without what other adapters merged into it
+        tensors = [engine.unmerged_original(s.name, original_tensor(model, s)) for s in layout.slots]
         if config.layout_hash is None:
             config.num_weights = layout.D
             config.layout_hash = layout_hash
@@ -100,11 +101,12 @@ class SubspaceModel(BaseTuner):
             )
         if config.check_base_fingerprint and config.base_fingerprint is not None:
             if not fingerprints_match(config.base_fingerprint, tensors):
+                expected = (f" ({config.base_model_name_or_path!r} expected)" if config.base_model_name_or_path
+                            else "")
                 raise ValueError(
                     f"the base model's weights differ from those this adapter was trained on (base fingerprint "
-                    f"mismatch): it looks like another checkpoint of the same architecture "
-                    f"({config.base_model_name_or_path!r} expected). Loading it would give a silently wrong model. "
-                    "If you are sure, opt out with "
+                    f"mismatch): it looks like another checkpoint of the same architecture{expected}. Loading it "
+                    "would give a silently wrong model. If you are sure, opt out with "
                     "`PeftModel.from_pretrained(base, path, check_base_fingerprint=False)`."
                 )
 
@@ -119,13 +121,16 @@ class SubspaceModel(BaseTuner):
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.subspace.adapters]
+        if unknown:
+            raise ValueError(f"unknown adapter {unknown[0]!r}; have {sorted(self.subspace.adapters)}")
         if self.subspace.merged_slots:
             warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
             self.unmerge_adapter()
+        peft_other._set_adapter(self.model, names, inference_mode=inference_mode)  # may refuse: change nothing before
         self.subspace.set_active(names)
         for name, p in self.subspace.named_parameters():
             p.requires_grad_(name.split(".")[-1] in names and not inference_mode)
-        peft_other._set_adapter(self.model, names, inference_mode=inference_mode)
         self.active_adapter = adapter_name
 
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
@@ -192,8 +197,13 @@ class SubspaceModel(BaseTuner):
             for k in (key, key.removeprefix("base_model.")):
                 if k in state_dict:
                     out[k] = state_dict[k]
+        engine = _find_engine(model)
+        if config.base_fingerprint is None and config.layout_hash is not None:
+            # created on the meta device: fingerprint θ0 now that it holds the weights trained on
+            tensors = [engine.unmerged_original(s.name, engine.original(s.name))
+                       for s in engine.adapters[adapter_name].layout.slots]
+            config.base_fingerprint = fingerprint_tensors(tensors)
         if getattr(config, "save_projection", False):
-            engine = _find_engine(model)
             proj = engine.adapters[adapter_name].projection
             for name, t in proj.state_tensors().items():
                 out[f"{ENGINE_PREFIX}projection_{name}.{adapter_name}"] = t.detach().cpu().contiguous()
