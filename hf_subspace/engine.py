@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .layout import ParamSlot, ThetaLayout, holder_names
+from .layout import ThetaLayout, holder_names, original_tensor
 from .products import project, project_at, project_rows
 from .projections import Projection
 
@@ -157,7 +157,7 @@ class SubspaceEngine(nn.Module):
         if dim > layout.D:
             raise ValueError(f"dim={dim} is larger than the number of weights in θ (D={layout.D})")
         self.record_base(model)
-        first = _stored(model, layout.slots[0])
+        first = original_tensor(model, layout.slots[0])
         device = first.device
         proj_device = torch.device("cpu") if device.type == "meta" else device
         if isinstance(projection, Projection):
@@ -431,14 +431,6 @@ def _identity(t: torch.Tensor) -> tuple:
     """What must not change for a materialized θ0 + δ to stay valid: the tensor, its storage (``.data =`` and
     ``Module._apply`` swap it without a version bump), dtype, device and version (in-place updates)."""
     return (id(t), t.data_ptr(), t.dtype, t.device, t._version)
-
-
-def _stored(model: nn.Module, slot: ParamSlot) -> torch.Tensor:
-    module_name, attr = slot.holders[0]
-    module = model.get_submodule(module_name)
-    if parametrize.is_parametrized(module, attr):
-        return module.parametrizations[attr].original
-    return getattr(module, attr)
 
 
 def is_subspace_parametrized(module: nn.Module, attr: str) -> bool:

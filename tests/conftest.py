@@ -79,6 +79,25 @@ MODELS = {
 }
 
 
+def logits(model, batch):
+    """The model's logits on ``batch`` (labels dropped), without autograd."""
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+def train_steps(model, batch, steps=3, lr=5e-2):
+    """A few Adam steps on whatever requires grad, then eval mode; returns the model."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model
+
+
 @pytest.fixture
 def tmp_out(tmp_path):
     return str(tmp_path)

@@ -14,28 +14,13 @@ from peft import PeftModel, get_peft_model
 import hf_subspace as hs
 from hf_subspace import _registry, hub
 
-from conftest import bert_batch, tiny_bert_cls
+from conftest import bert_batch, tiny_bert_cls, logits as _logits, train_steps as _train
 
 TRAINING_WORDS = "64 made-up sentences (a test fixture)"
 DATASET_ID = "cornell-movie-review-data/rotten_tomatoes"
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-
-
-def _train(model, batch, steps=3, lr=5e-2):
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    for _ in range(steps):
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return model
 
 
 def _adapter(dim=200, **kw):

@@ -12,25 +12,9 @@ from safetensors.torch import load_file
 import hf_subspace as hs
 from hf_subspace import _registry
 
-from conftest import bert_batch, gpt2_batch, tiny_bert_cls, tiny_gpt2
+from conftest import bert_batch, gpt2_batch, tiny_bert_cls, tiny_gpt2, logits as _logits, train_steps as _train
 
 
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-
-
-def _train(model, batch, steps=3, lr=5e-2):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    model.train()
-    for _ in range(steps):
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return model
 
 
 def _bert_adapter(kind="fastfood", mode="said", **kw):

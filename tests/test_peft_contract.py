@@ -17,26 +17,15 @@ from torch import nn
 import hf_subspace as hs
 from hf_subspace.engine import find_engine
 
-from conftest import bert_batch, gpt2_batch, tiny_bert_cls, tiny_gpt2
+from conftest import bert_batch, gpt2_batch, tiny_bert_cls, tiny_gpt2, logits as _logits, train_steps
 
 KINDS = ["hashing", "fastfood", "sparse", "dense"]
 
 
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
 def _train(model, batch, steps=2, lr=5e-2):
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    for _ in range(steps):
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return model
+    return train_steps(model, batch, steps, lr)
 
 
 def _bert(kind="hashing", mode="global", dim=300, **kw):
