@@ -116,7 +116,7 @@ def cmd_intrinsic_dim(ns) -> int:
 
     if ns.script:
         task = ScriptTask(ns.script, ns.script_args, metric=ns.metric, val_metric=ns.val_metric,
-                          work_dir=os.path.join(ns.output_dir, "runs"))
+                          work_dir=os.path.join(ns.output_dir, "runs"), keep_outputs=ns.keep_outputs)
         full_bytes = None
     elif ns.task == "toy":
         task, full_bytes = ToyTask(), None
@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=None)
     d.add_argument("--metric", default="eval_accuracy", help="--script: the key of all_results.json to report")
     d.add_argument("--val_metric", default=None, help="--script: the key that chooses the lr (default --metric)")
+    d.add_argument("--keep_outputs", action="store_true",
+                   help="--script: keep every run's saved model/adapter under OUTPUT_DIR/runs (default: metrics only)")
     d.set_defaults(func=cmd_intrinsic_dim)
 
     r = sub.add_parser("effective-rank", help="effective rank of a model's weight matrices (and of a trajectory)")

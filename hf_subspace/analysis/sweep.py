@@ -212,8 +212,14 @@ def run_sweep(task: Task, dims: Sequence[int], seeds: Sequence[int], lrs: Sequen
     for d in dims:
         evaluate(d, lrs)
 
+    grid_lrs = {float(lr) for lr in lrs}
+    base_lrs = {float(lr) for lr in baseline_lrs}
+
+    def in_this_sweep(r):  # runs of another grid in the same file (an earlier command) do not count here
+        return r["seed"] in seeds and r["lr"] in (base_lrs if r["dim"] == BASELINE else grid_lrs)
+
     def current():
-        table = summarize_dims(store.for_task(task.name))
+        table = summarize_dims([r for r in store.for_task(task.name) if in_this_sweep(r)])
         base = table.pop(BASELINE, None)
         return table, base
 
@@ -253,9 +259,10 @@ def run_sweep(task: Task, dims: Sequence[int], seeds: Sequence[int], lrs: Sequen
         "dims": [{"dim": d, "lr": s.lr, "mean": s.mean, "val_mean": s.val_mean, "per_seed": s.per_seed,
                   "reaches_target": s.mean >= target} for d, s in sorted(table.items())],
     }
+    records = [r for r in store.for_task(task.name) if in_this_sweep(r)]
     if d_int is not None:
-        summary["compression"] = _compression(store.for_task(task.name), d_int, full_model_bytes)
-    _write_outputs(out, store.for_task(task.name), summary)
+        summary["compression"] = _compression(records, d_int, full_model_bytes)
+    _write_outputs(out, records, summary)
     return summary
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -127,12 +128,14 @@ class ScriptTask:
     """An example script run once per (d, seed, lr) in a subprocess; ``args`` are passed through to it."""
 
     def __init__(self, script: str, args: Sequence[str] = (), metric: str = "eval_accuracy",
-                 val_metric: str | None = None, work_dir: str | None = None, name: str | None = None):
+                 val_metric: str | None = None, work_dir: str | None = None, name: str | None = None,
+                 keep_outputs: bool = False):
         if not os.path.isfile(script):
             raise ValueError(f"no such script: {script}")
         self.script, self.args, self.metric = script, list(args), metric
         self.val_metric = val_metric or metric
         self.work_dir = work_dir or tempfile.mkdtemp(prefix="hf_subspace_sweep_")
+        self.keep_outputs = keep_outputs  # False: keep each run's metrics files only (a baseline is a full model)
         self.name = name or (os.path.basename(os.path.dirname(os.path.abspath(script))) + (
             "" if not self.args else " " + " ".join(self.args)))
 
@@ -151,8 +154,14 @@ class ScriptTask:
         if self.metric not in metrics:
             raise RuntimeError(f"{path} has no {self.metric!r}; it has {sorted(metrics)}")
         adapter = os.path.join(out, "final", "adapter_model.safetensors")
-        return {"val_metric": float(metrics[self.val_metric]), "test_metric": float(metrics[self.metric]),
-                "adapter_bytes": os.path.getsize(adapter) if dim is not None and os.path.isfile(adapter) else None}
+        result = {"val_metric": float(metrics[self.val_metric]), "test_metric": float(metrics[self.metric]),
+                  "adapter_bytes": os.path.getsize(adapter) if dim is not None and os.path.isfile(adapter) else None}
+        if not self.keep_outputs:
+            for entry in os.listdir(out):
+                path = os.path.join(out, entry)
+                if not entry.endswith("_results.json"):
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        return result
 
 
 class ToyTask:
