@@ -328,6 +328,11 @@ def plot_sweep(summary: dict, records: list[dict], path: str) -> str:
         if iv.get("low") is not None and iv.get("high") is not None and iv["high"] > iv["low"]:
             ax.axvspan(iv["low"], iv["high"], color="#c0392b", alpha=0.08,
                        label=f"{iv['level']:.0%} bootstrap [{iv['low']:,}, {iv['high']:,}]")
+    values = [v for r in dims for v in r["per_seed"].values()] + [summary["target"]]
+    if summary.get("baseline") is not None:
+        values.append(summary["baseline"])
+    lo, hi = min(values), max(values)
+    ax.set_ylim(lo - 0.05 * (hi - lo or 1), hi + 0.08 * (hi - lo or 1))  # the baseline line inside the frame
     ax.set_xscale("log")
     ax.set_xlabel("subspace dimension d")
     ax.set_ylabel("test metric")
