@@ -195,7 +195,7 @@ class SubspaceEngine(nn.Module):
         if (not self.inference_cache or torch.compiler.is_compiling() or getattr(s, "training_forward", False)
                 or self.needs_grad(live, original)):
             if getattr(s, "cache", None):
-                self.scratch = Scratch()
+                self._drop_cache()
             return None
         if getattr(s, "checked_in_forward", False):
             return s.cache  # already checked in this forward of the model: c cannot change during it
@@ -323,8 +323,14 @@ class SubspaceEngine(nn.Module):
         self.active = list(names)
         self.invalidate()
 
+    def _drop_cache(self) -> None:
+        """Forget the materialized tensors and what they were checked against, but not the state of the forward
+        in progress (``in_forward``, ``training_forward``): dropping mid-forward must not end it."""
+        for key in ("cache", "cache_key", "values", "checked_in_forward"):
+            self.scratch.__dict__.pop(key, None)
+
     def invalidate(self) -> None:
-        self.scratch = Scratch()
+        self._drop_cache()
         for state in self.adapters.values():
             state.invalidate()
 

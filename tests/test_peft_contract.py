@@ -525,6 +525,9 @@ def test_reentrant_checkpointing_keeps_no_copy_of_theta():
     seen = []
     layer = model.base_model.model.transformer.h[1].attn.c_attn.parametrizations.weight[0]
     layer.register_forward_hook(lambda *a: seen.append(len(getattr(engine.scratch, "cache", {}) or {})))
+    _logits(model.eval(), gpt2_batch())  # an evaluation first fills the cache; training must drop it and keep none
+    assert engine.scratch.cache
+    seen.clear()
     model.train()
     model(**gpt2_batch()).loss.backward()
     assert seen and max(seen) == 0  # the no_grad forward inside checkpointing materialized nothing to keep
