@@ -3,7 +3,7 @@
 Importing it registers the ``SUBSPACE`` method with peft, so ``peft.get_peft_model(model, SubspaceConfig(...))``
 and ``PeftModel.from_pretrained(base, path)`` work.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .projections import PROJECTION_KINDS, Projection, make_projection  # noqa: E402
 from .engine import SubspaceEngine, find_engine  # noqa: E402

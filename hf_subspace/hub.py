@@ -342,6 +342,7 @@ def write_adapter_card(model, output_dir: str, repo_id: str | None = None, adapt
 
     An adapter other than ``"default"`` is described as PEFT saves it: its files in ``output_dir/<name>``.
     """
+    output_dir = os.fspath(output_dir)  # a pathlib.Path is as good as a str
     names = _subspace_names(model)
     if adapter_name is None:
         adapter_name = "default" if "default" in names else names[0]
@@ -358,6 +359,7 @@ def write_adapter_cards(model, save_directory: str, selected_adapters: list[str]
     such subfolder gets the card of its adapter; ``save_directory`` gets the card of ``"default"``, or, if that was
     not saved, of the first saved adapter (loaded with ``subfolder=``). Returns the paths written.
     """
+    save_directory = os.fspath(save_directory)  # a pathlib.Path is as good as a str
     names = _subspace_names(model, selected_adapters)
     if not names:
         return []

@@ -1,12 +1,22 @@
-"""Count-sketch (hashing) projection: exactly one nonzero per row.
+"""Count-sketch (hashing) projection, format 2: one nonzero per row, O(d) state, regenerated per slice.
 
-Row ``i`` of ``P`` is ``s_i / √n_h(i)`` in column ``h(i)``: ``h`` spreads the ``D`` rows evenly over the ``d``
-columns (each column gets ``⌊D/d⌋`` or ``⌈D/d⌉`` rows, shuffled), ``s_i = ±1``. Columns are then exactly
-orthonormal (``PᵀP = I``), so ``c`` and θ - θ0 have the same length.
+The rows of θ are cut into blocks of ``d`` consecutive rows (block ``b`` = rows ``[b·d, (b+1)·d)``, the last one
+partial). Row ``i = b·d + k`` of ``P`` has a single nonzero::
 
-Cost is the floor of any projection: the sign is folded into the index (row ``i`` reads entry
-``h(i) + d·[s_i < 0]`` of ``[c/√n, -c/√n]``), so ``P c`` is one gather and ``Pᵀ g`` one scatter-add into ``2d``
-bins — no other pass over ``D``. Memory: one int32 per row. The default kind.
+    P[i, (k + r_b) mod d] = u_b · v_k / √n_col
+
+``r_b ∈ [0, d)`` and ``u_b = ±1`` come from a counter-based hash of ``(seed, b)``, computed when a slice is
+used; ``v ∈ {±1}^d`` is drawn once from the seed. Every full block meets every column exactly once, so each
+column holds ``⌊D/d⌋`` or ``⌈D/d⌉`` rows (the partial block adds one to the columns it covers), counted
+analytically; with ``n_col`` that count the columns are exactly orthonormal (``PᵀP = I``). Within a column the
+rows sit at an independent random offset in each block, with independent signs.
+
+Cost: ``P c`` over a slice is, per block, a contiguous window of ``[w, w, -w, -w]`` (``w = c/√n``) chosen by
+``r_b`` and ``u_b`` — one gather of whole windows — times ``v``; ``Pᵀ g`` multiplies by the signs and adds each
+block into ``2d`` bins at its offset (one ``scatter_add`` with an index built a chunk at a time). State:
+``v``, ``1/√n`` and ``arange(d)`` — ``O(d)``, e.g. 160 KB at d = 10k whatever ``D`` is; nothing of size ``D``
+is built, not even while constructing ``P``. Format 1 (one int32 per row, hf_subspace 0.1.0) is in
+:mod:`hf_subspace.projections.hashing_v1`.
 """
 from __future__ import annotations
 
@@ -14,54 +24,149 @@ import torch
 
 from .base import Projection, cpu_generator
 
+_P31 = 2**31 - 1  # a Mersenne prime: products of two residues stay below 2**62, so int64 never overflows
+_MULTS = (1_103_515_245, 2_147_482_951, 1_664_525_397)
+#: rows per index chunk of the backward: 1M rows = 8 MiB of int64 index
+CHUNK_ROWS = 1 << 20
+
+
+def block_hash(blocks: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
+    """A deterministic pseudo-random residue in ``[0, 2^31 - 1)`` for each block number (int64 in, int64 out).
+
+    Three rounds of a multiply-add mod a Mersenne prime with xor-shift mixing: integer arithmetic only, the same
+    on every device and process.
+    """
+    x = (blocks.to(torch.int64) + (int(seed) * 7_919 + stream * 104_729 + 12_345)) % _P31
+    for m in _MULTS:
+        x = (x * m + 40_503) % _P31
+        x = x ^ (x >> 13)
+    return x
+
 
 class HashingProjection(Projection):
     kind = "hashing"
+    format = 2
 
     def __init__(self, D, d, seed=0, device=None):
         super().__init__(D, d, seed, device)
-        # generated on the CPU (CPU random streams are the same on every machine), then moved to the device
-        g = cpu_generator(self.seed, stream=2)
-        index_dtype = torch.int32 if D < 2**31 and 2 * d < 2**31 else torch.int64
-        # a random permutation taken mod d assigns every column ⌊D/d⌋ or ⌈D/d⌉ rows, shuffled; built in place
-        # in the final dtype so the transient memory stays ~2 ints per row
-        idx = torch.randperm(D, generator=g, dtype=index_dtype, device="cpu").remainder_(d)
-        counts = torch.bincount(idx, minlength=d).float()
-        negative = torch.randint(0, 2, (D,), generator=g, dtype=torch.int8, device="cpu")
-        idx.add_(negative.to(index_dtype).mul_(d))
-        del negative
-        self.index = idx.to(self.device)
-        self.col_scale = counts.rsqrt().to(self.device)
+        self._saved: tuple[torch.Tensor, torch.Tensor] | None = None
+        g = cpu_generator(self.seed, stream=4)
+        cpu = torch.device("cpu")  # explicit: a default-device context (meta, cuda) must not change P
+        self.v = torch.randint(0, 2, (d,), generator=g, dtype=torch.int8, device=cpu).float().mul_(2).sub_(1)
+        self.n_blocks = -(-D // d)
+        counts = torch.full((d,), float(D // d), device=cpu)
+        partial = D - (D // d) * d
+        if partial:  # the last block covers columns (k + r_last) mod d for k < partial
+            r_last = int(self.shifts_signs(torch.tensor([self.n_blocks - 1], device=cpu))[0][0])
+            counts[(torch.arange(partial, device=cpu) + r_last) % d] += 1
+        self.col_scale = counts.rsqrt()
+        self.positions = torch.arange(d, device=cpu)
+        self.v, self.col_scale, self.positions = (t.to(self.device) for t in (self.v, self.col_scale, self.positions))
 
     supports_row_slices = True
 
-    # every product is one gather (P c) or one scatter-add (Pᵀ g) over some of the rows' indices
-    def _gather(self, c, index):
-        cs = c.detach().to(self.device, torch.float32) * self.col_scale
-        return torch.index_select(torch.cat([cs, -cs]), 0, index)
+    def shifts_signs(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(r_b, u_b < 0)`` for block numbers ``blocks``: the column offset and whether the block's sign is -1."""
+        if self._saved is not None:  # a saved P (save_projection=True) replays its own block offsets
+            shifts, negative = self._saved
+            return shifts[blocks.to(shifts.device)].to(blocks.device, torch.int64), negative[blocks.to(
+                negative.device)].to(blocks.device) != 0
+        h = block_hash(blocks, self.seed, stream=5)
+        return h % self.d, (h >> 7) & 1 == 1
 
-    def _scatter(self, g, index):
-        g = g.detach().reshape(-1).to(self.device, torch.float32)
-        bins = torch.zeros(2 * self.d, device=self.device, dtype=torch.float32).index_add_(0, index, g)
-        return (bins[: self.d] - bins[self.d:]) * self.col_scale
+    # -- P c ------------------------------------------------------------------------------------------------
+    def _windows(self, c):
+        """``[w, w, -w, -w]`` (``w = c/√n``): block ``b`` reads window ``r_b`` (``u_b = 1``) or ``2d + r_b``."""
+        w = c.detach().to(self.device, torch.float32) * self.col_scale
+        return torch.cat([w, w, -w, -w])
 
     def matvec_rows(self, c, start, stop):
-        return self._gather(c, self.index[start:stop])
-
-    def rmatvec_rows(self, g, start, stop):
-        return self._scatter(g, self.index[start:stop])
+        d = self.d
+        z = self._windows(c)
+        out = torch.empty(stop - start, device=self.device, dtype=torch.float32)
+        b0, b1 = start // d, (stop - 1) // d  # first and last block touched
+        r, neg = self.shifts_signs(torch.arange(b0, b1 + 1, device=self.device))
+        offsets = r + neg * (2 * d)  # where each block's window starts in z
+        for j, b in ((0, b0), (b1 - b0, b1))[: 1 if b1 == b0 else 2]:  # first and last block: plain slices
+            lo, hi = max(start, b * d) - b * d, min(stop, (b + 1) * d) - b * d
+            o = int(offsets[j])
+            at = b * d + lo - start
+            torch.mul(z[o + lo: o + hi], self.v[lo:hi], out=out[at: at + hi - lo])
+        if b1 - b0 >= 2:  # whole blocks in between: one gather of windows
+            mid = out[(b0 + 1) * d - start: b1 * d - start].view(b1 - b0 - 1, d)
+            torch.index_select(z.unfold(0, d, 1), 0, offsets[1:-1], out=mid)
+            mid.mul_(self.v)
+        return out
 
     def matvec_at(self, c, positions):
-        return self._gather(c, self.index[positions.reshape(-1)]).view(positions.shape)
-
-    def rmatvec_at(self, g, positions):
-        return self._scatter(g, self.index[positions.reshape(-1)])
+        flat = positions.reshape(-1).to(self.device, torch.int64)
+        b = torch.div(flat, self.d, rounding_mode="floor")
+        k = flat - b * self.d
+        r, neg = self.shifts_signs(b)
+        z = self._windows(c)
+        return (z[k + r + neg * (2 * self.d)] * self.v[k]).view(positions.shape)
 
     def _matvec(self, c):
-        return self._gather(c, self.index)
+        return self.matvec_rows(c, 0, self.D)
+
+    # -- Pᵀ g -----------------------------------------------------------------------------------------------
+    def _fold(self, bins):
+        """``2d`` bins (offset ``r_b + k`` of each row) back onto the ``d`` columns, scaled."""
+        return (bins[: self.d] + bins[self.d:]) * self.col_scale
+
+    def rmatvec_rows(self, g, start, stop):
+        d = self.d
+        g = g.detach().reshape(-1).to(self.device, torch.float32)
+        bins = torch.zeros(2 * d, device=self.device, dtype=torch.float32)
+        b0, b1 = start // d, (stop - 1) // d
+        r, neg = self.shifts_signs(torch.arange(b0, b1 + 1, device=self.device))
+        for j, b in ((0, b0), (b1 - b0, b1))[: 1 if b1 == b0 else 2]:  # first and last block: slice adds
+            lo, hi = max(start, b * d) - b * d, min(stop, (b + 1) * d) - b * d
+            o, at = int(r[j]), b * d + lo - start
+            part = g[at: at + hi - lo] * self.v[lo:hi]
+            bins[o + lo: o + hi].add_(part, alpha=-1.0 if bool(neg[j]) else 1.0)
+        if b1 - b0 >= 2:  # whole blocks in between: signed values scattered at r_b + k, a chunk at a time
+            step = max(1, CHUNK_ROWS // d)
+            mid = g[(b0 + 1) * d - start: b1 * d - start].view(b1 - b0 - 1, d)
+            for c0 in range(0, len(mid), step):
+                rows = mid[c0: c0 + step]
+                rr, nn = r[1 + c0: 1 + c0 + len(rows)], neg[1 + c0: 1 + c0 + len(rows)]
+                val = rows * self.v
+                val.mul_(torch.where(nn, -1.0, 1.0).unsqueeze(1))
+                idx = (rr.unsqueeze(1) + self.positions).view(-1)
+                bins.scatter_add_(0, idx, val.view(-1))
+        return self._fold(bins)
+
+    def rmatvec_at(self, g, positions):
+        flat = positions.reshape(-1).to(self.device, torch.int64)
+        b = torch.div(flat, self.d, rounding_mode="floor")
+        k = flat - b * self.d
+        r, neg = self.shifts_signs(b)
+        val = g.reshape(-1).to(self.device, torch.float32) * self.v[k] * torch.where(neg, -1.0, 1.0)
+        bins = torch.zeros(2 * self.d, device=self.device, dtype=torch.float32).index_add_(0, k + r, val)
+        return self._fold(bins)
 
     def _rmatvec(self, g):
-        return self._scatter(g, self.index)
+        return self.rmatvec_rows(g, 0, self.D)
 
     def state_tensors(self):
-        return {"index": self.index, "col_scale": self.col_scale}
+        """``v``, ``1/√n`` and every block's offset and sign (``O(D/d)``: only built when a P is saved)."""
+        r, neg = self.shifts_signs(torch.arange(self.n_blocks, device=self.device))
+        return {"v": self.v, "col_scale": self.col_scale, "shifts": r.to(torch.int32),
+                "negative": neg.to(torch.int8)}
+
+    def load_state_tensors(self, tensors):
+        tensors = dict(tensors)
+        shifts, negative = tensors.pop("shifts"), tensors.pop("negative")
+        if shifts.shape != (self.n_blocks,) or negative.shape != (self.n_blocks,):
+            raise ValueError(f"saved hashing projection has {tuple(shifts.shape)} block offsets, expected "
+                             f"({self.n_blocks},)")
+        super().load_state_tensors(tensors)
+        self._saved = (shifts.to(torch.int64), negative.to(torch.int8))
+
+    def _move(self, device):
+        self.v, self.col_scale, self.positions = (t.to(device) for t in (self.v, self.col_scale, self.positions))
+
+    def state_bytes(self) -> int:
+        """Bytes of persistent state (what a GPU holds beside the model for this projection)."""
+        return sum(t.numel() * t.element_size() for t in (self.v, self.col_scale, self.positions))

@@ -53,6 +53,8 @@ class SubspaceConfig(PeftConfig):
         seed: the seed ``P`` is regenerated from.
         save_projection: also save the generated ``P`` (bit-exact portability across library versions).
         projection_options: extra options of the projection kind (e.g. ``{"block": "global"}`` for fastfood).
+        projection_format: which format of the kind's ``P`` a seed gives (filled in with the latest when the adapter
+            is created; an adapter saved without it is format 1, hf_subspace 0.1.0, and is rebuilt as such).
         check_base_fingerprint: refuse to load onto a base whose weights differ from the one trained on (the
             same weights in another dtype or on another device still load).
         training_data, training_data_ids: what the adapter was trained on, for the model card.
@@ -71,6 +73,7 @@ class SubspaceConfig(PeftConfig):
     seed: int = field(default=0)
     save_projection: bool = field(default=False)
     projection_options: dict = field(default_factory=dict)
+    projection_format: Optional[int] = field(default=None, metadata={"help": "format of P (filled in)"})
     check_base_fingerprint: bool = field(default=True)
     num_weights: Optional[int] = field(default=None)
     layout_hash: Optional[str] = field(default=None)

@@ -23,7 +23,7 @@ from ..hub import auto_class_for
 from ..layout import (expand_all_linear, fingerprint_tensors, fingerprints_match, original_tensor,
                       select_parameters)
 from ..plain import install_plain_save, uninstall_plain_save
-from ..projections import STORED_KINDS
+from ..projections import PROJECTION_KINDS, STORED_KINDS, latest_format
 from .config import SubspaceConfig
 from .layer import SubspaceLayer
 
@@ -60,8 +60,11 @@ class SubspaceModel(BaseTuner):
         layout = select_parameters(model, config.target_modules, config.exclude_modules, config.modules_to_save,
                                    trainable=engine.was_trainable)
         self._check_or_record_base(model, config, layout)
+        options = dict(config.projection_options)
+        if config.projection in PROJECTION_KINDS:
+            options["format"] = config.projection_format
         state = engine.add_adapter(model, adapter_name, layout, config.dim, config.projection, config.mode,
-                                   config.seed, projection_options=config.projection_options)
+                                   config.seed, projection_options=options)
         for slot in state.layout.slots:
             for module_name, _ in slot.holders:
                 if module_name not in self.targeted_module_names:
@@ -80,12 +83,16 @@ class SubspaceModel(BaseTuner):
         engine = self.subspace  # θ0 as loaded: without what other adapters merged into it
         tensors = [engine.unmerged_original(s.name, original_tensor(model, s)) for s in layout.slots]
         if config.layout_hash is None:
+            if config.projection in PROJECTION_KINDS and config.projection_format is None:
+                config.projection_format = latest_format(config.projection)
             config.num_weights = layout.D
             config.layout_hash = layout_hash
             config.base_fingerprint = fingerprint_tensors(tensors)
             config.base_model_class = type(model).__name__
             config.hf_subspace_version = __version__
             return
+        if config.projection in PROJECTION_KINDS and config.projection_format is None:
+            config.projection_format = 1  # saved by hf_subspace 0.1.0, before formats were recorded
         if config.num_weights != layout.D or config.layout_hash != layout_hash:
             trained_on = config.base_model_class
             hint = ""

@@ -1,0 +1,85 @@
+"""Issue 11: the projection's state is O(d), and no second copy of θ lives from forward to backward."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+import hf_subspace as hs
+from hf_subspace.projections import HashingProjection, HashingProjectionV1, make_projection
+
+from conftest import bert_batch, tiny_bert_cls
+
+FIXTURES = Path(__file__).parent / "fixtures" / "adapters_0_1_0"
+
+
+# -- hashing format 2: O(d) state, the same promises as format 1 -----------------------------------------------------
+@pytest.mark.parametrize("D,d", [(1000, 10), (5003, 64), (999, 998), (1000, 7), (12345, 1000), (4096, 4096)])
+def test_format2_columns_orthonormal_and_balanced(D, d):
+    p = make_projection("hashing", D, d, seed=3)
+    assert isinstance(p, HashingProjection) and p.format == 2
+    M = p.dense_matrix().double()
+    assert ((M != 0).sum(1) == 1).all()  # one nonzero per row
+    counts = (M != 0).sum(0)
+    assert counts.min() >= D // d and counts.max() <= -(-D // d)  # ⌊D/d⌋ or ⌈D/d⌉ rows per column
+    torch.testing.assert_close(M.T @ M, torch.eye(d, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("D,d", [(1000, 10), (5003, 64), (999, 998)])
+def test_format2_slices_and_entries_are_the_whole_products_cut(D, d):
+    p = make_projection("hashing", D, d, seed=5)
+    M = p.dense_matrix()
+    g = torch.Generator().manual_seed(0)
+    c, v = torch.randn(d, generator=g), torch.randn(D, generator=g)
+    for a, b in [(0, D), (3, D - 1), (d - 1, min(D, d + 1)), (5, 6), (D - 1, D), (0, min(D, 3 * d + 2))]:
+        torch.testing.assert_close(p.matvec_rows(c, a, b), (M @ c)[a:b])
+        torch.testing.assert_close(p.rmatvec_rows(v[a:b], a, b), M[a:b].T @ v[a:b], atol=1e-5, rtol=1e-5)
+    pos = torch.randperm(D, generator=g)[:40].view(4, 10)
+    torch.testing.assert_close(p.matvec_at(c, pos), (M @ c)[pos])
+    w = torch.randn(4, 10, generator=g)
+    torch.testing.assert_close(p.rmatvec_at(w, pos), M[pos.reshape(-1)].T @ w.reshape(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_format2_state_is_O_d_at_gpt2_size():
+    """D = 124M, d = 10k: the persistent state is under 1 MB (format 1 holds one int32 per row: 0.5 GB)."""
+    p = make_projection("hashing", 124_000_000, 10_000, seed=0)
+    held = [t for t in vars(p).values() if isinstance(t, torch.Tensor)]
+    assert sum(t.numel() * t.element_size() for t in held) == p.state_bytes() <= 1_000_000
+    # and a slice of it is computed from (seed, position) alone: the same values whatever slice asks
+    c = torch.randn(10_000)
+    whole = p.matvec_rows(c, 60_000_000, 60_100_000)
+    torch.testing.assert_close(p.matvec_rows(c, 60_050_000, 60_060_000), whole[50_000:60_000], rtol=0, atol=0)
+
+
+def test_format1_is_kept_bit_exactly():
+    old = make_projection("hashing", 3000, 30, seed=1, format=1)
+    assert isinstance(old, HashingProjectionV1) and old.index.numel() == 3000
+    with pytest.raises(ValueError, match="format 7 is unknown.*upgrade hf_subspace"):
+        make_projection("hashing", 3000, 30, seed=1, format=7)
+
+
+def test_new_adapters_record_format2(tmp_path):
+    model = get_peft_model(tiny_bert_cls(), hs.SubspaceConfig(dim=40, modules_to_save=["classifier"]))
+    assert model.peft_config["default"].projection_format == 2
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["projection_format"] == 2
+    loaded = PeftModel.from_pretrained(tiny_bert_cls(), tmp_path)
+    assert isinstance(hs.find_engine(loaded).adapters["default"].projection, HashingProjection)
+
+
+@pytest.mark.parametrize("name", ["hashing_global", "hashing_said"])
+def test_adapters_saved_by_0_1_0_load_bit_exactly(name, tmp_path):
+    """Saved by hf_subspace 0.1.0 (no projection_format in the config): rebuilt in format 1, same logits."""
+    folder = tmp_path / name
+    shutil.copytree(FIXTURES / name, folder)
+    assert "projection_format" not in json.loads((folder / "adapter_config.json").read_text())
+    model = PeftModel.from_pretrained(tiny_bert_cls(), folder)
+    assert model.peft_config["default"].projection_format == 1
+    assert isinstance(hs.find_engine(model).adapters["default"].projection, HashingProjectionV1)
+    with torch.no_grad():
+        logits = model(input_ids=bert_batch()["input_ids"]).logits
+    torch.testing.assert_close(logits, torch.load(folder / "expected_logits.pt"), rtol=0, atol=0)
+    model.save_pretrained(tmp_path / "again")  # saved again: still says format 1
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["projection_format"] == 1
