@@ -12,11 +12,17 @@
 * Without autograd (evaluation, ``generate``) each adapted tensor is kept materialized until ``c``, the active
   adapters or θ0 change, so inference costs what the plain model costs (set ``inference_cache = False`` to trade
   that speed for the memory of one copy of θ during evaluation).
+* With autograd, no adapted tensor stays materialized from the forward to the backward: while the wrapped model's
+  forward runs, ``torch.autograd.graph`` saved-tensor hooks store a layer's adapted weight as a reference to θ0
+  and the d numbers of c, and the backward recomputes ``θ0 + δ`` when it needs it (one tensor at a time). Other
+  saved-tensor hooks the user has entered (``save_on_cpu``) still see every other tensor. Set
+  ``recompute_saved_weights = False`` to keep the materialized weights instead (one copy of θ more, no recompute).
 * ``c``, ``λ`` and the projection arithmetic stay float32, whatever ``model.to(dtype)`` does; the delta is cast
   to each weight's dtype.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Sequence
 
 import torch
@@ -52,6 +58,8 @@ class SubspaceEngine(nn.Module):
         self.row_path_embeddings = True
         #: keep adapted tensors materialized while nothing needs their gradient (see the module docstring)
         self.inference_cache = True
+        #: recompute adapted weights in the backward instead of keeping them from the forward (module docstring)
+        self.recompute_saved_weights = True
         self.scratch = Scratch()
 
     # -- building ---------------------------------------------------------------------------------------------
@@ -168,7 +176,85 @@ class SubspaceEngine(nn.Module):
             out = out + state.piece(self.coeffs[name], i, self._scale(name, i)).to(original.device, original.dtype)
         if cache is not None:
             cache[slot_name] = (_identity(original), out)
+        elif getattr(self.scratch, "saved", None) is not None and self.needs_grad(live, original):
+            self._register_saved(slot_name, original, live, out)
         return out
+
+    # -- recomputing adapted weights in the backward ------------------------------------------------------------
+    def _register_saved(self, slot_name: str, original: torch.Tensor, live, out: torch.Tensor) -> None:
+        """Remember how to recompute ``out`` (θ0 + δ of ``slot_name``) if autograd saves it in this forward."""
+        s = self.scratch
+        terms = []
+        for name, state, i in live:
+            if name not in s.snapshots:  # c and λ as this forward used them: d numbers, once per forward
+                lam = self.scales[name].detach().clone() if name in self.scales else None
+                s.snapshots[name] = (self.coeffs[name].detach().clone(), lam)
+            c, lam = s.snapshots[name]
+            # kinds that cache the flat P c keep it for the step anyway: point at their piece instead of recomputing
+            view = None if state.projection.supports_row_slices else state.scratch.pieces[i].detach()
+            terms.append((name, state, i, c, None if lam is None else lam[i], view))
+        s.saved[out.untyped_storage().data_ptr()] = (weakref.ref(out), slot_name, original, tuple(terms))
+
+    def _recompute(self, slot_name: str, original: torch.Tensor, terms) -> torch.Tensor:
+        """``θ0 + δ`` of one tensor again, bit for bit as the forward computed it.
+
+        A backward that builds a graph (``create_graph=True``: Hessian-vector products) gets it through the live
+        ``c`` and ``λ``; an ordinary backward gets a plain tensor from the values the forward used.
+        """
+        out = original
+        if torch.is_grad_enabled():
+            for name, state, i, _, _, _ in terms:
+                out = out + state.piece(self.coeffs[name], i, self._scale(name, i)).to(original.device,
+                                                                                       original.dtype)
+            return out
+        for name, state, i, c, lam, view in terms:
+            piece = state.piece(c, i, lam) if view is None else (view if lam is None else view * lam)
+            out = out + piece.to(original.device, original.dtype)
+        return out
+
+    def _pack_saved(self, t: torch.Tensor):
+        saved = self.scratch.saved
+        if saved and isinstance(t, torch.Tensor) and t.layout == torch.strided:
+            key = t.untyped_storage().data_ptr()
+            hit = saved.get(key)
+            if hit is not None:
+                ref, slot_name, original, terms = hit
+                w = ref()
+                if w is not None and w.untyped_storage().data_ptr() == key and w.dtype == t.dtype:
+                    return _SavedWeight(slot_name, original, terms, t.size(), t.stride(), t.storage_offset())
+        outer = self.scratch.outer_hooks
+        return t if outer is None else _OuterSaved(outer[1], outer[0](t))
+
+    def _unpack_saved(self, packed):
+        if isinstance(packed, _SavedWeight):
+            w = self._recompute(packed.slot_name, packed.original, packed.terms)
+            return w.as_strided(packed.size, packed.stride, packed.offset)
+        if isinstance(packed, _OuterSaved):
+            return packed.unpack(packed.value)
+        return packed
+
+    def _enter_saved_hooks(self) -> None:
+        s = self.scratch
+        s.saved_depth = getattr(s, "saved_depth", 0) + 1
+        if s.saved_depth > 1:
+            return  # a nested forward of the same model: the outer one's hooks are in place
+        if (not self.recompute_saved_weights or not torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or not torch._C._autograd._saved_tensors_hooks_is_enabled()):
+            s.saved = None
+            return
+        s.outer_hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        s.saved, s.snapshots = {}, {}
+        torch._C._autograd._push_saved_tensors_default_hooks(self._pack_saved, self._unpack_saved)
+        s.pushed = True
+
+    def _exit_saved_hooks(self) -> None:
+        s = self.scratch
+        s.saved_depth = max(0, getattr(s, "saved_depth", 1) - 1)
+        if s.saved_depth:
+            return
+        if getattr(s, "pushed", False):
+            torch._C._autograd._pop_saved_tensors_default_hooks()
+        s.pushed, s.saved, s.snapshots, s.outer_hooks = False, None, None, None
 
     def rows_delta(self, slot_name: str, rows: torch.Tensor) -> torch.Tensor | None:
         """Rows ``rows`` of the summed active delta of one tensor (float32), or None when nothing applies."""
@@ -213,8 +299,10 @@ class SubspaceEngine(nn.Module):
         """Forward pre-hook on the wrapped model: the cache is checked once per forward, not once per tensor."""
         self.scratch.in_forward, self.scratch.checked_in_forward = True, False
         self.scratch.training_forward = module.training
+        self._enter_saved_hooks()
 
     def _forward_finished(self, module, args, output) -> None:
+        self._exit_saved_hooks()
         self.scratch.in_forward, self.scratch.checked_in_forward = False, False
         self.scratch.training_forward = False
 
@@ -358,6 +446,26 @@ class SubspaceEngine(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: {st.projection.kind} d={st.projection.d} D={st.layout.D} {st.mode}"
                          for n, st in self.adapters.items())
+
+
+class _SavedWeight:
+    """What autograd keeps of an adapted weight between forward and backward: θ0 (alive anyway), the d numbers the
+    forward used, and the saved view's geometry — not the ``D``-sized tensor."""
+
+    __slots__ = ("slot_name", "original", "terms", "size", "stride", "offset")
+
+    def __init__(self, slot_name, original, terms, size, stride, offset):
+        self.slot_name, self.original, self.terms = slot_name, original, terms
+        self.size, self.stride, self.offset = size, stride, offset
+
+
+class _OuterSaved:
+    """A tensor packed by saved-tensor hooks the user entered around ours (e.g. ``save_on_cpu``)."""
+
+    __slots__ = ("unpack", "value")
+
+    def __init__(self, unpack, value):
+        self.unpack, self.value = unpack, value
 
 
 def _identity(t: torch.Tensor) -> tuple:

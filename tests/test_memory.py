@@ -83,3 +83,81 @@ def test_adapters_saved_by_0_1_0_load_bit_exactly(name, tmp_path):
     torch.testing.assert_close(logits, torch.load(folder / "expected_logits.pt"), rtol=0, atol=0)
     model.save_pretrained(tmp_path / "again")  # saved again: still says format 1
     assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["projection_format"] == 1
+
+
+# -- no second copy of θ between forward and backward ---------------------------------------------------------------
+def _saved_during_forward(model, batch):
+    """Shapes of every tensor autograd saves in one training forward (an outer hook, as a user's own would be)."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    return loss, shapes
+
+
+def _weight_shapes(model):
+    engine = hs.find_engine(model)
+    return {tuple(engine.original(s.name).shape) for s in engine.adapters["default"].layout.slots
+            if engine.original(s.name).dim() == 2}
+
+
+@pytest.mark.parametrize("kind", ["hashing", "fastfood", "dense"])
+def test_no_adapted_weight_is_saved_for_backward(kind):
+    """A global subspace over all of θ: autograd keeps no materialized weight (they are recomputed in the backward),
+    and c's gradient is bit for bit the one of keeping them."""
+    grads, saved = {}, {}
+    for recompute in (False, True):
+        model = get_peft_model(tiny_bert_cls(), hs.SubspaceConfig(dim=60, projection=kind)).train()
+        engine = hs.find_engine(model)
+        engine.recompute_saved_weights = recompute
+        with torch.no_grad():
+            engine.coeffs["default"].normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+        weights = _weight_shapes(model)
+        loss, shapes = _saved_during_forward(model, bert_batch())
+        saved[recompute] = [s for s in shapes if s in weights or s[::-1] in weights]
+        loss.backward()
+        grads[recompute] = engine.coeffs["default"].grad.clone()
+    assert saved[False], "the check must see the weights when they are kept"
+    assert saved[True] == []
+    torch.testing.assert_close(grads[True], grads[False], rtol=0, atol=0)
+
+
+def test_recompute_keeps_the_user_saved_tensor_hooks():
+    """save_on_cpu (or any hooks a user enters around the forward) still packs every other tensor."""
+    model = get_peft_model(tiny_bert_cls(), hs.SubspaceConfig(dim=60)).train()
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or ("mine", t), lambda p: p[1]):
+        loss = model(**bert_batch()).loss
+    assert len(packed) > 10
+    loss.backward()
+    assert hs.find_engine(model).coeffs["default"].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "reentrant", "non-reentrant"])
+def test_gradient_checkpointing_and_accumulation_give_the_same_c_gradient(checkpointing):
+    def grad(accumulate, ckpt):
+        model = get_peft_model(tiny_bert_cls(), hs.SubspaceConfig(dim=60, modules_to_save=["classifier"])).train()
+        for m in model.modules():  # training mode (checkpointing needs it) without dropout's randomness
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        if ckpt != "none":
+            model.gradient_checkpointing_enable({"use_reentrant": ckpt == "reentrant"})
+            model.enable_input_require_grads()
+        engine = hs.find_engine(model)
+        with torch.no_grad():
+            engine.coeffs["default"].normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+        batch = bert_batch(n=4)
+        if accumulate:
+            for half in (slice(0, 2), slice(2, 4)):
+                (model(**{k: v[half] for k, v in batch.items()}).loss / 2).backward()
+        else:
+            model(**batch).loss.backward()
+        return engine.coeffs["default"].grad.clone()
+
+    reference = grad(False, "none")
+    torch.testing.assert_close(grad(False, checkpointing), reference, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad(True, checkpointing), reference, rtol=1e-5, atol=1e-7)
