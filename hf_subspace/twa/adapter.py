@@ -17,7 +17,8 @@ from .basis import TrajectoryBasisResult
 
 
 def save_twa_adapter(model: nn.Module, result: TrajectoryBasisResult, output_dir: str | os.PathLike,
-                     adapter_name: str = "default") -> dict[str, str]:
+                     adapter_name: str = "default", training_metrics: dict | None = None,
+                     training_data: str | None = None) -> dict[str, str]:
     """Write ``output_dir/base`` (``model`` with θ set to the snapshot mean) and ``output_dir/adapter``.
 
     Args:
@@ -26,6 +27,8 @@ def save_twa_adapter(model: nn.Module, result: TrajectoryBasisResult, output_dir
             ``model`` exactly.
         result: the :class:`TrajectoryBasisResult` of that run (``trainer.twa_result``), with ``coefficients``.
         output_dir: created if needed.
+        training_metrics, training_data: recorded in the adapter's config and model card (beside the number of
+            snapshots and the basis method).
 
     Returns ``{"base": path, "adapter": path}``. The base is saved with ``save_pretrained`` when the model has it
     (a transformers model), else as ``model.safetensors`` (``safetensors.torch.load_model`` reads it back).
@@ -67,7 +70,8 @@ def save_twa_adapter(model: nn.Module, result: TrajectoryBasisResult, output_dir
         base.__dict__["name_or_path"] = str(base_dir)
     config = SubspaceConfig(dim=result.k, projection="trajectory", save_projection=True,
                             training_metrics={"twa_snapshots": int(result.num_snapshots),
-                                              "twa_basis": result.method})
+                                              "twa_basis": result.method, **(training_metrics or {})},
+                            training_data=training_data)
     peft_model = get_peft_model(base, config, adapter_name=adapter_name)
     engine = find_engine(peft_model)
     state = engine.adapters[adapter_name]
