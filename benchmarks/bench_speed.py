@@ -35,180 +35,30 @@ import argparse
 import json
 import math
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from _setup import REPO  # noqa: E402  (puts the checkout on sys.path, sets offline defaults)
+from _harness import (MIB, PeakMemory, fmt_int, fmt_mb, fmt_ratio, fmt_s, machine_info, median_time,  # noqa: E402
+                      pool_rounds, source_state, sources_sha256)
+import _harness  # noqa: E402
 
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 BATCH, SEQ_LEN = 16, 64
-MIB = 2**20
 WORKER_THREADS = None  # torch threads of the workers (None: torch's default); set from --threads
 
 
 # ================================================================================================================
-# small utilities
+# small utilities (the shared ones are in _harness.py)
 # ================================================================================================================
-def current_rss() -> int:
-    """Resident set size of this process in bytes."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def max_rss() -> int:
-    """Peak resident set size of this process so far, in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class PeakMemory:
-    """Peak RSS growth over a baseline: exact via max-RSS once it exceeds the import-time peak, else sampled."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval = interval
-        self.baseline = current_rss()
-        self.maxrss_at_start = max_rss()
-        self.sampled = self.baseline
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.sampled = max(self.sampled, current_rss())
-            time.sleep(self.interval)
-
-    def growth(self) -> int:
-        self.sampled = max(self.sampled, current_rss())
-        peak = self.sampled
-        if max_rss() > self.maxrss_at_start:
-            peak = max(peak, max_rss())
-        return peak - self.baseline
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.growth()
-
-
-def median_time(fn, repeats: int) -> tuple[float, list[float]]:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
-
-
-def machine_info() -> dict:
-    cpu_model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    mem_total = mem_available = None
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        mem_total = int(info["MemTotal"].split()[0]) * 1024
-        mem_available = int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError):
-        pass
-    import numpy
-    import peft
-    import transformers
-
-    import hf_subspace
-
-    return {
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-        "mkl_num_threads_env": os.environ.get("MKL_NUM_THREADS"),
-        "mem_total_gib": round(mem_total / 2**30, 1) if mem_total else None,
-        "mem_available_gib": round(mem_available / 2**30, 1) if mem_available else None,
-        "load_average": os.getloadavg(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "numpy": numpy.__version__,
-        "hf_subspace": hf_subspace.__version__,
-        "torch_parallel_backend": next(
-            (line.split(":", 1)[1].strip() for line in torch.__config__.parallel_info().splitlines()
-             if "parallel backend" in line), None),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "hf_subspace_source": source_state(),
-    }
-
-
-def sources_sha256() -> str:
-    """A hash of the hf_subspace sources this run imports (each result records it: the tree may change mid-run)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for path in sorted((REPO / "hf_subspace").rglob("*.py")):
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def source_state() -> dict:
-    """The git commit of the checkout and a hash of hf_subspace's sources (the working tree may be ahead of it)."""
-    root = REPO / "hf_subspace"
-    state = {"sources_sha256": sources_sha256()}
-    try:
-        state["commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                                         capture_output=True, text=True, timeout=10).stdout.strip()
-        state["modified"] = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "."],
-                                           capture_output=True, text=True, timeout=10).stdout.split("\n")
-        state["modified"] = [line.strip() for line in state["modified"] if line.strip()]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    if not state.get("commit"):  # not a checkout (e.g. a frozen copy of one): the caller may say which commit
-        state["commit"] = os.environ.get("HF_SUBSPACE_COMMIT", "unknown")
-    return state
-
-
 def run_worker(args: list[str], timeout: float) -> dict:
-    """Run this script in a fresh subprocess with ``args``; returns the JSON it writes (or the failure)."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        result_file = f.name
-    cmd = [sys.executable, str(Path(__file__).resolve()), *args, "--result-file", result_file]
-    if WORKER_THREADS:
-        cmd += ["--threads", str(WORKER_THREADS)]
-    load_before = os.getloadavg()[0]
-    try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": "failed", "reason": f"timed out after {timeout:.0f} s"}
-    finally:
-        load_after = os.getloadavg()[0]
-    try:
-        with open(result_file) as f:
-            result = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        tail = (proc.stderr or "").strip().splitlines()[-8:]
-        why = " (killed: out of memory?)" if proc.returncode == -9 else ""
-        result = {"status": "failed", "reason": f"worker exited with {proc.returncode}{why}: " + " | ".join(tail)}
-    finally:
-        if os.path.exists(result_file):
-            os.unlink(result_file)
-    result["load_average_1min"] = [round(load_before, 2), round(load_after, 2)]
-    return result
+    """This script again in a fresh subprocess (see :func:`_harness.run_worker`)."""
+    return _harness.run_worker(__file__, args, timeout, WORKER_THREADS)
 
 
 # ================================================================================================================
@@ -672,26 +522,6 @@ def run_steps(args, results: dict, costs: CostModel, save) -> None:
     save()
 
 
-POOLED_MEDIANS = ("forward_s", "backward_s", "optimizer_s", "cpu_s", "peak_mem_mb", "mem_after_build_mb",
-                  "step_matvec_s", "step_rmatvec_s", "projection_share", "matvec_s", "rmatvec_s", "build_s")
-
-
-def pool_rounds(runs: list[dict]) -> dict:
-    """One row from several rounds of the same method: step time is the median over all their timed steps,
-    the other numbers the median of the rounds' values."""
-    measured = [r for r in runs if r.get("status") == "measured"]
-    row = dict(measured[-1])
-    if len(measured) > 1:
-        row["step_s_all"] = [t for r in measured for t in r["step_s_all"]]
-        row["step_s"] = statistics.median(row["step_s_all"])
-        for key in POOLED_MEDIANS:
-            if all(key in r for r in measured):
-                row[key] = statistics.median(r[key] for r in measured)
-        row["load_average_1min"] = [measured[0]["load_average_1min"][0], measured[-1]["load_average_1min"][-1]]
-    row["rounds"] = [{"step_s": r["step_s"], "peak_mem_mb": r["peak_mem_mb"]} for r in measured]
-    return row
-
-
 def add_ratios(rows: dict) -> None:
     for ref in ("full", "lora"):
         base = rows.get(ref)
@@ -920,26 +750,6 @@ def run_profile(args, results: dict, save) -> None:
 # ================================================================================================================
 # report
 # ================================================================================================================
-def fmt_s(x, digits=3):
-    if x is None:
-        return "—"
-    if x >= 100:
-        return f"{x:.0f}"
-    return f"{x:.{digits}f}" if x >= 0.001 else f"{x * 1e3:.3f} ms"
-
-
-def fmt_mb(x):
-    return "—" if x is None else (f"{x / 1024:.2f} GiB" if x >= 1024 else f"{x:.0f} MiB")
-
-
-def fmt_ratio(x):
-    return "—" if x is None else f"{x:.2f}×"
-
-
-def fmt_int(x):
-    return "—" if x is None else f"{x:,}"
-
-
 def markdown_report(results: dict) -> str:
     m = results["machine"]
     out = ["# hf_subspace speed benchmark", "",

@@ -13,7 +13,8 @@ rows sit at an independent random offset in each block, with independent signs.
 
 Cost: ``P c`` over a slice is, per block, a contiguous window of ``[w, w, -w, -w]`` (``w = c/√n``) chosen by
 ``r_b`` and ``u_b`` — one gather of whole windows — times ``v``; ``Pᵀ g`` multiplies by the signs and adds each
-block into ``2d`` bins at its offset (one ``scatter_add`` with an index built a chunk at a time). State:
+block into ``4d`` bins at its offset (one ``scatter_add`` with an index built a chunk at a time; a block of
+sign -1 adds to the second half). State:
 ``v``, ``1/√n`` and ``arange(d)`` — ``O(d)``, e.g. 160 KB at d = 10k whatever ``D`` is; nothing of size ``D``
 is built, not even while constructing ``P``. Format 1 (one int32 per row, hf_subspace 0.1.0) is in
 :mod:`hf_subspace.projections.hashing_v1`.
@@ -50,6 +51,7 @@ class HashingProjection(Projection):
     def __init__(self, D, d, seed=0, device=None):
         super().__init__(D, d, seed, device)
         self._saved: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._ranges: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         g = cpu_generator(self.seed, stream=4)
         cpu = torch.device("cpu")  # explicit: a default-device context (meta, cuda) must not change P
         self.v = torch.randint(0, 2, (d,), generator=g, dtype=torch.int8, device=cpu).float().mul_(2).sub_(1)
@@ -64,6 +66,22 @@ class HashingProjection(Projection):
         self.v, self.col_scale, self.positions = (t.to(self.device) for t in (self.v, self.col_scale, self.positions))
 
     supports_row_slices = True
+
+    def _block_range(self, b0: int, b1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(r_b, r_b + 2d·[u_b < 0])`` for blocks ``b0..b1``: the column offset, and where the block's window
+        starts in ``[w, w, -w, -w]`` (and its bins in the backward).
+
+        Kept per range asked (one per tensor of θ: ``O(D/d)`` numbers in all, 16 B per block, e.g. 200 KB at
+        D = 124M, d = 10k), so a training step does not hash the same blocks again and again.
+        """
+        key = (b0, b1)
+        hit = self._ranges.get(key)
+        if hit is None:
+            r, neg = self.shifts_signs(torch.arange(b0, b1 + 1, device=self.device))
+            hit = (r, r + neg * (2 * self.d))
+            if not torch.compiler.is_compiling():
+                self._ranges[key] = hit
+        return hit
 
     def shifts_signs(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(r_b, u_b < 0)`` for block numbers ``blocks``: the column offset and whether the block's sign is -1."""
@@ -85,8 +103,7 @@ class HashingProjection(Projection):
         z = self._windows(c)
         out = torch.empty(stop - start, device=self.device, dtype=torch.float32)
         b0, b1 = start // d, (stop - 1) // d  # first and last block touched
-        r, neg = self.shifts_signs(torch.arange(b0, b1 + 1, device=self.device))
-        offsets = r + neg * (2 * d)  # where each block's window starts in z
+        _, offsets = self._block_range(b0, b1)  # where each block's window starts in z
         for j, b in ((0, b0), (b1 - b0, b1))[: 1 if b1 == b0 else 2]:  # first and last block: plain slices
             lo, hi = max(start, b * d) - b * d, min(stop, (b + 1) * d) - b * d
             o = int(offsets[j])
@@ -111,30 +128,27 @@ class HashingProjection(Projection):
 
     # -- Pᵀ g -----------------------------------------------------------------------------------------------
     def _fold(self, bins):
-        """``2d`` bins (offset ``r_b + k`` of each row) back onto the ``d`` columns, scaled."""
-        return (bins[: self.d] + bins[self.d:]) * self.col_scale
+        """``4d`` bins (row offsets ``r_b + k``, plus ``2d`` where ``u_b = -1``) back onto the ``d`` columns, scaled."""
+        d = self.d
+        return ((bins[:d] + bins[d: 2 * d]) - (bins[2 * d: 3 * d] + bins[3 * d:])) * self.col_scale
 
     def rmatvec_rows(self, g, start, stop):
         d = self.d
         g = g.detach().reshape(-1).to(self.device, torch.float32)
-        bins = torch.zeros(2 * d, device=self.device, dtype=torch.float32)
+        bins = torch.zeros(4 * d, device=self.device, dtype=torch.float32)
         b0, b1 = start // d, (stop - 1) // d
-        r, neg = self.shifts_signs(torch.arange(b0, b1 + 1, device=self.device))
+        _, offsets = self._block_range(b0, b1)  # the sign of a block is which half of the bins it adds to
         for j, b in ((0, b0), (b1 - b0, b1))[: 1 if b1 == b0 else 2]:  # first and last block: slice adds
             lo, hi = max(start, b * d) - b * d, min(stop, (b + 1) * d) - b * d
-            o, at = int(r[j]), b * d + lo - start
-            part = g[at: at + hi - lo] * self.v[lo:hi]
-            bins[o + lo: o + hi].add_(part, alpha=-1.0 if bool(neg[j]) else 1.0)
-        if b1 - b0 >= 2:  # whole blocks in between: signed values scattered at r_b + k, a chunk at a time
+            o, at = int(offsets[j]), b * d + lo - start
+            bins[o + lo: o + hi].addcmul_(g[at: at + hi - lo], self.v[lo:hi])
+        if b1 - b0 >= 2:  # whole blocks in between: values scattered at their offsets, a chunk at a time
             step = max(1, CHUNK_ROWS // d)
             mid = g[(b0 + 1) * d - start: b1 * d - start].view(b1 - b0 - 1, d)
             for c0 in range(0, len(mid), step):
                 rows = mid[c0: c0 + step]
-                rr, nn = r[1 + c0: 1 + c0 + len(rows)], neg[1 + c0: 1 + c0 + len(rows)]
-                val = rows * self.v
-                val.mul_(torch.where(nn, -1.0, 1.0).unsqueeze(1))
-                idx = (rr.unsqueeze(1) + self.positions).view(-1)
-                bins.scatter_add_(0, idx, val.view(-1))
+                idx = (offsets[1 + c0: 1 + c0 + len(rows)].unsqueeze(1) + self.positions).view(-1)
+                bins.scatter_add_(0, idx, (rows * self.v).view(-1))
         return self._fold(bins)
 
     def rmatvec_at(self, g, positions):
@@ -142,9 +156,9 @@ class HashingProjection(Projection):
         b = torch.div(flat, self.d, rounding_mode="floor")
         k = flat - b * self.d
         r, neg = self.shifts_signs(b)
-        val = g.reshape(-1).to(self.device, torch.float32) * self.v[k] * torch.where(neg, -1.0, 1.0)
-        bins = torch.zeros(2 * self.d, device=self.device, dtype=torch.float32).index_add_(0, k + r, val)
-        return self._fold(bins)
+        val = g.reshape(-1).to(self.device, torch.float32) * self.v[k]
+        bins = torch.zeros(4 * self.d, device=self.device, dtype=torch.float32)
+        return self._fold(bins.index_add_(0, k + r + neg * (2 * self.d), val))
 
     def _rmatvec(self, g):
         return self.rmatvec_rows(g, 0, self.D)
@@ -163,10 +177,14 @@ class HashingProjection(Projection):
                              f"({self.n_blocks},)")
         super().load_state_tensors(tensors)
         self._saved = (shifts.to(torch.int64), negative.to(torch.int8))
+        self._ranges = {}
 
     def _move(self, device):
         self.v, self.col_scale, self.positions = (t.to(device) for t in (self.v, self.col_scale, self.positions))
+        self._ranges = {}
 
     def state_bytes(self) -> int:
-        """Bytes of persistent state (what a GPU holds beside the model for this projection)."""
-        return sum(t.numel() * t.element_size() for t in (self.v, self.col_scale, self.positions))
+        """Bytes held beside the model for this projection: ``v``, ``1/√n``, ``arange(d)`` and the block ranges
+        kept so far (at most 16 B per block of d rows)."""
+        held = [self.v, self.col_scale, self.positions] + [t for hit in self._ranges.values() for t in hit]
+        return sum(t.numel() * t.element_size() for t in held)

@@ -1,0 +1,256 @@
+"""Peak memory and step time of training the whole model in a subspace, against full fine-tuning and LoRA.
+
+    python benchmarks/bench_memory.py [--rounds 2] [--threads 1] [--models gpt2 minilm] [--out benchmarks/results]
+
+writes ``<out>/memory.json`` and ``<out>/memory.md``. For each model — GPT-2 124M from its default config (causal
+LM, batch 4 x 128) and MiniLM-L6 (22.7M, sequence classification, batch 16 x 64) — each method runs in a fresh
+process (so its peak is its own): build the model and the method, then 1 warm-up + 3 timed AdamW steps on random
+token ids. Peak memory is the growth of the resident set over the process after its imports (model, adapter,
+activations, gradients, optimizer state). The methods run ``--rounds`` times round-robin, and step times are the
+median over all timed steps of all rounds (peaks: the median of the rounds' peaks). Methods: full fine-tuning,
+PEFT LoRA r=8 (attention q,v), hf_subspace hashing d=10k on q,v, and hf_subspace over all weights (global) at
+d = 1k / 10k / 100k — plus, for comparison in the same run, the global d=10k configuration as hf_subspace 0.1.0
+ran it (hashing format 1: an int32 index per weight; adapted weights kept from forward to backward).
+
+The report also carries the same bytes per parameter to a 7B model (bf16 weights) on paper.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from _setup import REPO  # noqa: E402  (puts the checkout on sys.path, sets offline defaults)
+from _harness import (MIB, PeakMemory, fmt_int, fmt_mb, fmt_ratio, fmt_s, machine_info,  # noqa: E402
+                      markdown_table, pool_rounds, round_robin, source_state)
+
+import torch  # noqa: E402
+
+MODELS = {
+    "gpt2": {"title": "GPT-2 124M (default config), causal LM, batch 4 x 128", "batch": 4, "seq": 128,
+             "qv": ["c_attn"], "task": "CAUSAL_LM"},
+    "minilm": {"title": "MiniLM-L6 (22.7M), sequence classification, batch 16 x 64", "batch": 16, "seq": 64,
+               "qv": ["query", "value"], "task": "SEQ_CLS"},
+}
+
+METHODS = [
+    {"id": "full", "label": "full fine-tuning (AdamW)"},
+    {"id": "lora", "label": "PEFT LoRA r=8 (q,v)"},
+    {"id": "qv10k", "label": "hf_subspace hashing d=10k (q,v)", "dim": 10_000, "qv": True},
+    {"id": "global1k", "label": "hf_subspace global hashing d=1k", "dim": 1_000},
+    {"id": "global10k", "label": "hf_subspace global hashing d=10k", "dim": 10_000},
+    {"id": "global100k", "label": "hf_subspace global hashing d=100k", "dim": 100_000},
+    {"id": "global10k_0.1.0", "label": "global hashing d=10k as in 0.1.0 (format 1, weights kept)", "dim": 10_000,
+     "format": 1, "keep_weights": True},
+]
+WARMUP, STEPS = 1, 3
+
+
+def build_model(name: str):
+    if name == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config())
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_subspace.data import minilm_path
+
+    return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+
+
+def build_method(model, model_name: str, method: dict):
+    from peft import LoraConfig, get_peft_model
+
+    import hf_subspace
+
+    spec = MODELS[model_name]
+    if method["id"] == "full":
+        return model
+    if method["id"] == "lora":
+        return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=spec["qv"],
+                                                task_type=spec["task"], fan_in_fan_out=model_name == "gpt2"))
+    config = hf_subspace.SubspaceConfig(dim=method["dim"], target_modules=spec["qv"] if method.get("qv") else None,
+                                        projection_format=method.get("format"), task_type=spec["task"])
+    peft_model = get_peft_model(model, config)
+    if method.get("keep_weights"):
+        hf_subspace.find_engine(peft_model).recompute_saved_weights = False
+    return peft_model
+
+
+def projection_state_bytes(model) -> int | None:
+    """Bytes of tensors the projections of ``model`` hold (their persistent state)."""
+    import hf_subspace
+
+    engine = hf_subspace.find_engine(model)
+    if engine is None:
+        return None
+    total = 0
+    for state in engine.adapters.values():
+        total += sum(t.numel() * t.element_size() for t in vars(state.projection).values()
+                     if isinstance(t, torch.Tensor))
+    return total
+
+
+def measure(model_name: str, method_id: str) -> dict:
+    """One method on one model, in this (fresh) process: build, then WARMUP + STEPS AdamW steps."""
+    spec = MODELS[model_name]
+    method = next(m for m in METHODS if m["id"] == method_id)
+    g = torch.Generator().manual_seed(0)
+    memory = PeakMemory()
+    model = build_model(model_name)
+    vocab = model.config.vocab_size
+    n = WARMUP + STEPS
+    ids = torch.randint(0, vocab, (n, spec["batch"], spec["seq"]), generator=g)
+    labels = ids if spec["task"] == "CAUSAL_LM" else torch.randint(0, 2, (n, spec["batch"]), generator=g)
+    model = build_method(model, model_name, method).train()
+    after_build = memory.growth()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        model(input_ids=ids[i], labels=labels[i]).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= WARMUP:
+            times.append(time.perf_counter() - t0)
+    peak = memory.stop()
+    return {"status": "measured", "step_s": statistics.median(times), "step_s_all": times,
+            "peak_mem_mb": peak / MIB, "mem_after_build_mb": after_build / MIB,
+            "trainable": sum(p.numel() for p in params), "projection_state_bytes": projection_state_bytes(model),
+            "torch_threads": torch.get_num_threads()}
+
+
+# -- on paper: a 7B model, bf16 weights ---------------------------------------------------------------------------
+LLAMA_7B = {"params": 6_738_415_616, "hidden": 4096, "layers": 32, "vocab": 32_000}
+
+
+def paper_7b(d: int = 10_000) -> list[dict]:
+    """Bytes per GPU (one GPU holding the whole model, activations left out: the same for all at the same batch)."""
+    P = LLAMA_7B["params"]
+    h, L = LLAMA_7B["hidden"], LLAMA_7B["layers"]
+    lora = L * 2 * 8 * (h + h)  # r=8 on q and v: A (8 x h) and B (h x 8) per projection
+    largest = LLAMA_7B["vocab"] * h  # the embedding / LM head: the largest tensor whose gradient exists at once
+    rows = [
+        {"method": "full fine-tuning (bf16 weights + grads, fp32 master + AdamW)", "bytes": P * (2 + 2 + 4 + 8),
+         "how": "16 B per weight"},
+        {"method": "LoRA r=8 (q,v)", "bytes": P * 2 + lora * 16, "how": f"2 B per weight + {lora:,} adapter weights "
+                                                                         "x 16 B"},
+        {"method": f"global subspace d={d:,} (hf_subspace 0.2)", "bytes": P * 2 + d * 16 + 3 * d * 4 + largest * 4,
+         "how": "2 B per weight + c (16 B x d) + projection state (12 B x d) + one fp32 weight gradient of the "
+                "largest tensor (the LM head), transiently"},
+        {"method": f"global subspace d={d:,} as in 0.1.0", "bytes": P * (2 + 4 + 2) + d * 16,
+         "how": "+ an int32 index per weight (4 B) + every adapted weight kept for the backward (2 B)"},
+    ]
+    return rows
+
+
+# -- report ---------------------------------------------------------------------------------------------------------
+def add_ratios(rows: dict) -> None:
+    for ref in ("full", "lora"):
+        base = rows.get(ref)
+        if not base or base.get("status") != "measured":
+            continue
+        for row in rows.values():
+            if row.get("status") == "measured":
+                row[f"time_vs_{ref}"] = row["step_s"] / base["step_s"]
+                row[f"mem_vs_{ref}"] = row["peak_mem_mb"] / base["peak_mem_mb"]
+
+
+def fmt_bytes(x):
+    if x is None:
+        return "—"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if x >= size:
+            return f"{x / size:.1f} {unit}"
+    return f"{x} B"
+
+
+def markdown_report(results: dict) -> str:
+    m = results["machine"]
+    out = ["# hf_subspace memory benchmark", "",
+           f"{m['time']} · {m['cpu_model']} · {m['cpu_affinity']} CPUs · torch {m['torch']} with "
+           f"{results['threads'] or m['torch_threads']} thread(s) · transformers {m['transformers']} · peft "
+           f"{m['peft']} · hf_subspace at commit {m['hf_subspace_source'].get('commit')}", "",
+           f"Each method in its own process: {WARMUP} warm-up + {STEPS} timed AdamW steps; {results['rounds']} "
+           "round(s) round-robin. Peak memory = peak RSS growth over the process after imports (model, adapter, "
+           "activations, gradients, optimizer state). Step = median over all timed steps of all rounds.", ""]
+    for model_name, rows in results["models"].items():
+        out += [f"## {MODELS[model_name]['title']}", ""]
+        table = []
+        for method in METHODS:
+            row = rows.get(method["id"])
+            if row is None:
+                continue
+            if row.get("status") != "measured":
+                table.append([method["label"], "—", "—", "—", "—", "—", "—", "—", row.get("reason", "failed")])
+                continue
+            table.append([method["label"], fmt_int(row["trainable"]), fmt_mb(row["peak_mem_mb"]),
+                          fmt_ratio(row.get("mem_vs_lora")), fmt_ratio(row.get("mem_vs_full")), fmt_s(row["step_s"]),
+                          fmt_ratio(row.get("time_vs_full")), fmt_ratio(row.get("time_vs_lora")),
+                          fmt_bytes(row.get("projection_state_bytes"))])
+        out += markdown_table(["method", "trainable", "peak mem", "mem ×LoRA", "mem ×full", "step (s)", "time ×full",
+                               "time ×LoRA", "P state"], table)
+        out.append("")
+    out += ["## On paper: a 7B model (Llama-2-7B shapes, bf16 weights), one GPU, activations left out", ""]
+    out += markdown_table(["method", "bytes per GPU", "what"],
+                          [[r["method"], fmt_bytes(r["bytes"]), r["how"]] for r in results["paper_7b"]], "lrl")
+    return "\n".join(out) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--only", nargs="*", help="method ids to run (default: all)")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1: fair on a shared "
+                                                          "machine, as the issue measured)")
+    p.add_argument("--timeout", type=float, default=1800.0)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    p.add_argument("--result-file", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        result = measure(*args.worker)
+        Path(args.result_file).write_text(json.dumps(result))
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"machine": machine_info(), "rounds": args.rounds, "threads": args.threads, "models": {},
+               "paper_7b": paper_7b()}
+    methods = [m["id"] for m in METHODS if not args.only or m["id"] in args.only]
+    jobs = {(mn, mid): ["--worker", mn, mid] for mn in args.models for mid in methods}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(jobs) * args.rounds, desc="memory benchmark")
+
+    def progress(name, r, result):
+        bar.update(1)
+        bar.set_postfix_str(f"{name[0]} {name[1]} round {r + 1}: {result.get('peak_mem_mb', 0):.0f} MiB, "
+                            f"{result.get('step_s', 0):.2f} s")
+
+    runs = round_robin({k: v for k, v in jobs.items()}, __file__, args.rounds, args.timeout, args.threads, progress)
+    bar.close()
+    for (model_name, method_id), rounds in runs.items():
+        measured = [r for r in rounds if r.get("status") == "measured"]
+        row = pool_rounds(rounds, medians=("peak_mem_mb", "mem_after_build_mb")) if measured else rounds[-1]
+        results["models"].setdefault(model_name, {})[method_id] = row
+    for rows in results["models"].values():
+        add_ratios(rows)
+    results["machine"]["hf_subspace_source_end"] = source_state()
+    (out / "memory.json").write_text(json.dumps(results, indent=1))
+    (out / "memory.md").write_text(markdown_report(results))
+    print((out / "memory.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
