@@ -1,0 +1,61 @@
+"""Smoke tests of the four examples: the real scripts, in subprocesses, with tiny settings (seconds each)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--subspace_dim", "100", "--report_to", "none",
+         "--save_strategy", "no"]
+EXAMPLES = {
+    "text_classification": ["--max_train_samples", "8", "--max_eval_samples", "8", "--max_length", "16"],
+    "image_classification": ["--max_train_samples", "16", "--max_eval_samples", "16"],
+    "object_detection": ["--train_canvases", "8", "--eval_canvases", "4", "--image_size", "16",
+                         "--eval_deepforest", "false"],
+    "language_modeling": ["--tiny", "--max_train_samples", "40", "--eval_verses", "20", "--block_size", "32",
+                          "--max_new_tokens", "4"],
+}
+
+
+def run_example(task, out, *extra, env=None):
+    cmd = [sys.executable, os.path.join(ROOT, "examples", task, "train.py"), *SMOKE, "--output_dir", str(out),
+           *EXAMPLES[task], *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.mark.parametrize("task", sorted(EXAMPLES))
+def test_example_trains_and_saves_its_adapter(task, tmp_path):
+    proc = run_example(task, tmp_path)
+    final = tmp_path / "final"
+    assert (final / "adapter_model.safetensors").is_file()
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["dim"] == 100 and config["peft_type"] == "SUBSPACE"
+    card = (final / "README.md").read_text()
+    assert "before training" in card and "after training" in card and "| trainable numbers d | 100 |" in card
+    results = json.loads((tmp_path / "all_results.json").read_text())
+    metric = {"text_classification": "accuracy", "image_classification": "accuracy", "object_detection": "map_50",
+              "language_modeling": "perplexity"}[task]
+    assert f"before_{metric}" in results and f"eval_{metric}" in results
+    assert "saved to" in proc.stdout and "adapter:" in proc.stdout
+
+
+def test_example_refuses_an_unknown_subspace(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "image_classification", "train.py"), "--subspace", "lora",
+           "--output_dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "invalid choice: 'lora'" in proc.stderr
+
+
+def test_image_example_twa(tmp_path):
+    """--subspace twa: snapshots, the TWA phase (BatchNorm recalibrated: the default model is a ResNet), a TWA adapter."""
+    run_example("image_classification", tmp_path, "--subspace", "twa", "--max_steps", "6", "--twa_snapshot_steps",
+                "2", "--twa_snapshot_start_step", "0", "--twa_epochs", "0.5")
+    assert (tmp_path / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "final" / "base" / "config.json").is_file()
+    assert "twa_eval_accuracy" in (tmp_path / "final" / "adapter" / "README.md").read_text() or \
+        "accuracy after training" in (tmp_path / "final" / "adapter" / "README.md").read_text()
