@@ -24,7 +24,7 @@ from pathlib import Path
 
 from _setup import REPO  # noqa: E402  (puts the checkout on sys.path, sets offline defaults)
 from _harness import (MIB, PeakMemory, fmt_int, fmt_mb, fmt_ratio, fmt_s, machine_info,  # noqa: E402
-                      markdown_table, pool_rounds, round_robin, source_state)
+                      markdown_table, pool_rounds, round_robin, source_state, sources_sha256)
 
 import torch  # noqa: E402
 
@@ -178,6 +178,9 @@ def markdown_report(results: dict) -> str:
            f"Each method in its own process: {WARMUP} warm-up + {STEPS} timed AdamW steps; {results['rounds']} "
            "round(s) round-robin. Peak memory = peak RSS growth over the process after imports (model, adapter, "
            "activations, gradients, optimizer state). Step = median over all timed steps of all rounds.", ""]
+    if len(results.get("sources_versions", [])) > 1:
+        out += ["**Warning: the hf_subspace sources changed during this run** "
+                f"({len(results['sources_versions'])} versions measured).", ""]
     for model_name, rows in results["models"].items():
         out += [f"## {MODELS[model_name]['title']}", ""]
         table = []
@@ -221,6 +224,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     if args.worker:
         result = measure(*args.worker)
+        result["sources_sha256"] = sources_sha256()  # the tree may change during a run: each result says its code
         Path(args.result_file).write_text(json.dumps(result))
         return
     out = Path(args.out)
@@ -247,6 +251,8 @@ def main(argv=None) -> None:
     for rows in results["models"].values():
         add_ratios(rows)
     results["machine"]["hf_subspace_source_end"] = source_state()
+    versions = {r.get("sources_sha256") for rounds in runs.values() for r in rounds if r.get("status") == "measured"}
+    results["sources_versions"] = sorted(v for v in versions if v)
     (out / "memory.json").write_text(json.dumps(results, indent=1))
     (out / "memory.md").write_text(markdown_report(results))
     print((out / "memory.md").read_text())

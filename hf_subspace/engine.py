@@ -17,6 +17,8 @@
   and the d numbers of c, and the backward recomputes ``θ0 + δ`` when it needs it (one tensor at a time). Other
   saved-tensor hooks the user has entered (``save_on_cpu``) still see every other tensor. Set
   ``recompute_saved_weights = False`` to keep the materialized weights instead (one copy of θ more, no recompute).
+  A huge plain ``nn.Linear`` in θ (a tied LM head) goes further: it is used and differentiated a block of rows at a
+  time, so neither its adapted weight nor its weight gradient ever exists whole (:mod:`hf_subspace.blocked`).
 * ``c``, ``λ`` and the projection arithmetic stay float32, whatever ``model.to(dtype)`` does; the delta is cast
   to each weight's dtype.
 """
@@ -60,6 +62,8 @@ class SubspaceEngine(nn.Module):
         self.inference_cache = True
         #: recompute adapted weights in the backward instead of keeping them from the forward (module docstring)
         self.recompute_saved_weights = True
+        #: huge plain ``nn.Linear`` weights (a tied LM head) are used a block of rows at a time (hf_subspace.blocked)
+        self.blocked_linears = True
         self.scratch = Scratch()
 
     # -- building ---------------------------------------------------------------------------------------------
@@ -112,6 +116,7 @@ class SubspaceEngine(nn.Module):
         self.adapters[name] = state
         from peft.utils.integrations import _skip_init_on_device
 
+        from .blocked import use_blocked_path_if_huge_linear
         from .embedding import use_row_path_if_embedding
 
         # peft's low_cpu_mem_usage builds adapters under init_empty_weights, which would move every weight that
@@ -125,6 +130,7 @@ class SubspaceEngine(nn.Module):
                         parametrize.register_parametrization(module, attr, SubspaceLayer(self, slot.name),
                                                              unsafe=True)
                         use_row_path_if_embedding(module, attr)
+                        use_blocked_path_if_huge_linear(module, attr, slot.numel)
                     if not any(m is module and a == attr for m, a in holders):
                         holders.append((module, attr))
                     module.parametrizations[attr].original.requires_grad_(False)

@@ -87,16 +87,20 @@ def test_adapters_saved_by_0_1_0_load_bit_exactly(name, tmp_path):
 
 # -- no second copy of θ between forward and backward ---------------------------------------------------------------
 def _saved_during_forward(model, batch):
-    """Shapes of every tensor autograd saves in one training forward (an outer hook, as a user's own would be)."""
-    shapes = []
+    """Shapes of every tensor autograd saves in one training forward (an outer hook, as a user's own would be),
+    leaving out views of the flat ``P c`` that kinds without row slices keep for the step anyway (SAID's λ
+    gradient reads it): that is the step's one cached delta, not a copy of the weights."""
+    saved = []
 
     def pack(t):
-        shapes.append(tuple(t.shape))
+        saved.append((tuple(t.shape), t.untyped_storage().data_ptr()))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(**batch).loss
-    return loss, shapes
+    flat = hs.find_engine(model).adapters["default"].cached_delta
+    cached = None if flat is None else flat.untyped_storage().data_ptr()
+    return loss, [shape for shape, ptr in saved if ptr != cached]
 
 
 def _weight_shapes(model):
@@ -105,13 +109,16 @@ def _weight_shapes(model):
             if engine.original(s.name).dim() == 2}
 
 
-@pytest.mark.parametrize("kind", ["hashing", "fastfood", "dense"])
-def test_no_adapted_weight_is_saved_for_backward(kind):
+@pytest.mark.parametrize("kind,mode,dtype", [("hashing", "global", torch.float32), ("fastfood", "global", torch.float32),
+                                             ("dense", "global", torch.float32), ("hashing", "said", torch.float32),
+                                             ("hashing", "global", torch.bfloat16), ("fastfood", "said", torch.bfloat16)])
+def test_no_adapted_weight_is_saved_for_backward(kind, mode, dtype):
     """A global subspace over all of θ: autograd keeps no materialized weight (they are recomputed in the backward),
-    and c's gradient is bit for bit the one of keeping them."""
+    and c's gradient is bit for bit the one of keeping them (SAID and bf16 weights too)."""
     grads, saved = {}, {}
     for recompute in (False, True):
-        model = get_peft_model(tiny_bert_cls(), hs.SubspaceConfig(dim=60, projection=kind)).train()
+        model = get_peft_model(tiny_bert_cls(), hs.SubspaceConfig(dim=60, projection=kind, mode=mode)).to(dtype)
+        model.train()
         engine = hs.find_engine(model)
         engine.recompute_saved_weights = recompute
         with torch.no_grad():
@@ -161,3 +168,35 @@ def test_gradient_checkpointing_and_accumulation_give_the_same_c_gradient(checkp
     reference = grad(False, "none")
     torch.testing.assert_close(grad(False, checkpointing), reference, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grad(True, checkpointing), reference, rtol=1e-5, atol=1e-7)
+
+
+# -- a huge linear layer (a tied LM head) a block of rows at a time --------------------------------------------------
+@pytest.mark.parametrize("mode", ["global", "said"])
+def test_huge_tied_lm_head_runs_in_row_blocks_with_the_same_values_and_gradients(monkeypatch, mode):
+    from hf_subspace import blocked
+
+    from conftest import gpt2_batch, tiny_gpt2
+
+    monkeypatch.setattr(blocked, "MIN_ELEMENTS", 97 * 32)  # tiny GPT-2's tied 97 x 32 head counts as huge
+    monkeypatch.setattr(blocked, "BLOCK_ELEMENTS", 10 * 32)  # 10 rows per block: 10 blocks, the last partial
+    calls = []
+    monkeypatch.setattr(blocked, "_block_weight", lambda *a, f=blocked._block_weight: calls.append(a[-2:]) or f(*a))
+    results = {}
+    for on in (False, True):
+        model = get_peft_model(tiny_gpt2(), hs.SubspaceConfig(dim=50, mode=mode)).train()
+        engine = hs.find_engine(model)
+        engine.blocked_linears = on
+        with torch.no_grad():
+            engine.coeffs["default"].normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+        calls.clear()
+        loss = model(**gpt2_batch()).loss
+        loss.backward()
+        results[on] = (loss.detach(), [p.grad.clone() for p in engine.parameters()])
+        if on:
+            assert (0, 10) in calls and (90, 97) in calls  # forward and backward went block by block
+            assert isinstance(model.base_model.model.lm_head.forward.__func__, type(blocked.blocked_linear_forward))
+        else:
+            assert calls == []
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

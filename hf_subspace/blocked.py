@@ -1,0 +1,115 @@
+"""Huge linear layers in θ (a tied 50k x 768 LM head) in row blocks: their adapted weight never exists whole.
+
+A plain ``nn.Linear`` whose weight is in θ, has at least :data:`MIN_ELEMENTS` entries and uses a projection with
+cheap row slices (hashing) gets a forward that computes ``y = x (θ0 + δ)ᵀ`` a block of output rows at a time, and
+a backward that recomputes each block of ``θ0 + δ`` for ``∂L/∂x`` and takes ``Pᵀ`` of that block's weight
+gradient at once. Peak extra memory is one block (``BLOCK_ELEMENTS`` weights) instead of the adapted weight plus
+its whole gradient (for GPT-2's head: two 154 MB tensors in float32). Values and gradients are those of the plain
+path. Under autocast, without autograd, with several parametrizations, or for other kinds, the plain path runs.
+Second derivatives through such a layer are refused (``once_differentiable``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
+
+#: weights at least this large take the blocked path (16M entries: 64 MB in float32)
+MIN_ELEMENTS = 1 << 24
+#: weights per block (4M: 16 MB in float32)
+BLOCK_ELEMENTS = 1 << 22
+
+
+def use_blocked_path_if_huge_linear(module: nn.Module, attr: str, numel: int) -> None:
+    """Give a plain, huge ``nn.Linear``'s parametrized class the blocked forward (this module alone)."""
+    if attr != "weight" or not isinstance(module, nn.Linear) or numel < MIN_ELEMENTS:
+        return
+    base = type(module).__mro__[1]  # the class before parametrization
+    if base.forward is nn.Linear.forward:
+        type(module).forward = blocked_linear_forward
+
+
+def blocked_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    plist = self.parametrizations.weight
+    layers = [p for p in plist if getattr(p, "is_subspace_layer", False)]
+    engine = layers[0].engine if len(plist) == 1 and layers else None
+    if engine is None or not engine.blocked_linears or torch.is_autocast_enabled(x.device.type):
+        return nn.Linear.forward(self, x)
+    original, slot_name = plist.original, layers[0].slot_name
+    live = engine._live(slot_name)
+    if (not live or not all(state.projection.supports_row_slices for _, state, _ in live)
+            or not engine.needs_grad(live, original) or original.requires_grad):
+        return nn.Linear.forward(self, x)
+    names = [name for name, _, _ in live]
+    coeffs = [engine.coeffs[n] for n in names]
+    scales = [engine._scale(n, i) for n, _, i in live]
+    terms = [(state, i, lam is not None) for (_, state, i), lam in zip(live, scales)]
+    flat_scales = [lam for lam in scales if lam is not None]
+    y = BlockedLinear.apply(x, original, terms, len(coeffs), *coeffs, *flat_scales)
+    return y if self.bias is None else y + self.bias
+
+
+def _block_weight(original, terms, coeffs, scales, r0, r1):
+    """Rows ``r0:r1`` of ``θ0 + Σ λ P c`` (no autograd)."""
+    width = original.shape[1]
+    w = original[r0:r1]
+    for (state, i, _), c, lam in zip(terms, coeffs, scales):
+        slot = state.layout.slots[i]
+        src = c if lam is None else c * lam
+        a = slot.offset + r0 * width
+        part = state.projection.matvec_rows(src, a, a + (r1 - r0) * width).view(r1 - r0, width)
+        w = w + part.to(original.device, original.dtype)
+    return w
+
+
+def _blocks(rows: int, width: int):
+    step = max(1, BLOCK_ELEMENTS // max(1, width))
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
+class BlockedLinear(torch.autograd.Function):
+    """``y = x (θ0 + Σ λ_a P_a c_a)ᵀ`` computed and differentiated a block of rows at a time."""
+
+    @staticmethod
+    def forward(ctx, x, original, terms, n_coeffs, *params):
+        coeffs = [p.detach() for p in params[:n_coeffs]]
+        it = iter(p.detach() for p in params[n_coeffs:])
+        scales = [next(it) if has else None for _, _, has in terms]
+        rows, width = original.shape
+        y = x.new_empty(*x.shape[:-1], rows)
+        for r0, r1 in _blocks(rows, width):
+            y[..., r0:r1] = torch.matmul(x, _block_weight(original, terms, coeffs, scales, r0, r1).t())
+        ctx.save_for_backward(x, *coeffs, *[s for s in scales if s is not None])
+        ctx.original, ctx.terms, ctx.n_coeffs = original, terms, n_coeffs
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        x, *rest = ctx.saved_tensors
+        coeffs, it = rest[:ctx.n_coeffs], iter(rest[ctx.n_coeffs:])
+        scales = [next(it) if has else None for _, _, has in ctx.terms]
+        original = ctx.original
+        rows, width = original.shape
+        need_x = ctx.needs_input_grad[0]
+        gx = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if need_x else None
+        gc = [torch.zeros_like(c) for c in coeffs]
+        gl = [None if lam is None else torch.zeros_like(lam) for lam in scales]
+        x2 = x.reshape(-1, width)
+        gy2 = gy.reshape(-1, rows)
+        for r0, r1 in _blocks(rows, width):
+            g = gy2[:, r0:r1]
+            if need_x:
+                w = _block_weight(original, ctx.terms, coeffs, scales, r0, r1)
+                gx.view(-1, width).addmm_(g, w)
+            gw = (g.t() @ x2).float().reshape(-1)  # this block's weight gradient, then its Pᵀ at once
+            for k, ((state, i, _), c, lam) in enumerate(zip(ctx.terms, coeffs, scales)):
+                slot = state.layout.slots[i]
+                a = slot.offset + r0 * width
+                pt = state.projection.rmatvec_rows(gw, a, a + gw.numel())
+                gc[k] += pt if lam is None else pt * lam
+                if lam is not None:
+                    gl[k] += torch.dot(pt, c)  # ∂L/∂λ = <P c, ∂L/∂W> = <c, Pᵀ ∂L/∂W>
+        return (gx, None, None, None, *gc, *[g for g in gl if g is not None])
