@@ -73,6 +73,9 @@ def parse_args(task_class, defaults: dict, baseline_defaults: Optional[dict] = N
 
     parser = HfArgumentParser((ExampleArguments, task_class, SubspaceTrainingArguments))
     parser.set_defaults(**{**COMMON_DEFAULTS, **defaults})
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # torchrun on CPU: without a backend transformers sets up no process group (N unsynchronized runs)
+        parser.set_defaults(ddp_backend="gloo")
     known, _ = parser.parse_known_args(argv)
     extra = {"none": baseline_defaults, "twa": twa_defaults}.get(known.subspace) or {}
     parser.set_defaults(**extra, subspace_seed=known.seed)

@@ -13,7 +13,7 @@ EXAMPLES = {
     "text_classification": ["--max_train_samples", "8", "--max_eval_samples", "8", "--max_length", "16"],
     "image_classification": ["--max_train_samples", "16", "--max_eval_samples", "16"],
     "object_detection": ["--train_canvases", "8", "--eval_canvases", "4", "--image_size", "16",
-                         "--eval_deepforest", "false"],
+                         "--eval_deepforest", "false", "--digit_size", "8", "12"],
     "language_modeling": ["--tiny", "--max_train_samples", "40", "--eval_verses", "20", "--block_size", "32",
                           "--max_new_tokens", "4"],
 }
@@ -44,11 +44,21 @@ def test_example_trains_and_saves_its_adapter(task, tmp_path):
     assert "saved to" in proc.stdout and "adapter:" in proc.stdout
 
 
-def test_example_refuses_an_unknown_subspace(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "examples", "image_classification", "train.py"), "--subspace", "lora",
-           "--output_dir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode != 0 and "invalid choice: 'lora'" in proc.stderr
+def test_example_refuses_an_unknown_subspace(tmp_path, capsys):
+    from dataclasses import dataclass
+
+    from hf_subspace import examples_support
+
+    @dataclass
+    class Nothing:
+        pass
+
+    with pytest.raises(SystemExit):
+        examples_support.parse_args(Nothing, {}, argv=["--subspace", "lora", "--output_dir", str(tmp_path)])
+    assert "invalid choice: 'lora'" in capsys.readouterr().err
+    example, _, args = examples_support.parse_args(
+        Nothing, {"subspace_dim": 7}, argv=["--subspace", "twa", "--output_dir", str(tmp_path), "--seed", "3"])
+    assert args.twa and args.subspace_dim is None and args.subspace_seed == 3
 
 
 def test_image_example_twa(tmp_path):

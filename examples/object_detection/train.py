@@ -39,7 +39,7 @@ class DetectionArguments:
                                                        "help": "the small config to build when no model is named"})
     image_size: int = field(default=32, metadata={"help": "canvas side; deepforest tiles are resized to it"})
     train_canvases: int = 3000
-    eval_canvases: int = 300
+    eval_canvases: int = 200
     max_digits: int = 2
     digit_size: list[int] = field(default_factory=lambda: [12, 22], metadata={"help": "smallest and largest side"})
     num_queries: int = field(default=4, metadata={"help": "detection tokens (YOLOS) / object queries (DETR)"})
@@ -148,7 +148,7 @@ def xyxy(b):
 def main(argv=None):
     example, det, args = ex.parse_args(
         DetectionArguments, dict(output_dir="outputs/object_detection", subspace_dim=20000, learning_rate=2e-2,
-                                 num_train_epochs=8, per_device_train_batch_size=16, prediction_loss_only=True,
+                                 num_train_epochs=3, per_device_train_batch_size=16, prediction_loss_only=True,
                                  warmup_steps=20),
         baseline_defaults=dict(learning_rate=1e-3), argv=argv)
     train, evals, words = load_data(example, det, args.seed)
