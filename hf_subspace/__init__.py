@@ -12,6 +12,7 @@ from .reparam import plain_state_dict, reparameterize  # noqa: E402
 from .tuner import SubspaceConfig, SubspaceModel  # noqa: E402
 from .trainer import SubspaceTrainer, SubspaceTrainingArguments, twa_from_checkpoints  # noqa: E402
 from .twa import save_twa_adapter  # noqa: E402
+from .distributed import ProjectionMismatchError, check_projections_match  # noqa: E402
 from . import _registry  # noqa: E402
 
 _registry.register()
@@ -27,6 +28,7 @@ def get_subspace_model(model, config: SubspaceConfig, adapter_name: str = "defau
 __all__ = [
     "PROJECTION_KINDS",
     "Projection",
+    "ProjectionMismatchError",
     "SubspaceConfig",
     "SubspaceEngine",
     "SubspaceModel",
@@ -35,6 +37,7 @@ __all__ = [
     "save_twa_adapter",
     "twa_from_checkpoints",
     "ThetaLayout",
+    "check_projections_match",
     "find_engine",
     "get_subspace_model",
     "make_projection",

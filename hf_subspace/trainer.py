@@ -129,6 +129,23 @@ class _SubspaceInfoCallback(TrainerCallback):
             self.trainer.log(info)
 
 
+class _DistributedChecksCallback(TrainerCallback):
+    """On several processes, when training starts (the model wrapped): refuse a sharded θ0, and compare every
+    rank's projection with rank 0's (:func:`hf_subspace.check_projections_match`)."""
+
+    def __init__(self, trainer: "SubspaceTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from .distributed import check_projections_match, refuse_sharded_training
+
+        trainer = self.trainer
+        if find_engine(trainer.model) is None or args.world_size <= 1:
+            return
+        refuse_sharded_training(trainer.model_wrapped, trainer.accelerator)
+        check_projections_match(trainer.model)
+
+
 class SubspaceTrainer(Trainer):
     """A ``transformers.Trainer`` for subspace training. See the module docstring.
 
@@ -144,7 +161,13 @@ class SubspaceTrainer(Trainer):
         if model is not None:
             model = wrap_model(model, args)
         super().__init__(model, args, *targs, **kwargs)
+        if args.subspace_dim is not None or args.twa or (model is not None and is_subspace_model(model)):
+            from .distributed import refuse_sharded_training
+
+            refuse_sharded_training(self.model, self.accelerator,
+                                    what="TWA" if args.twa else "subspace training")
         self.add_callback(_SubspaceInfoCallback(self))
+        self.add_callback(_DistributedChecksCallback(self))
         self.snapshot_callback = None
         self.twa_result = None
         if args.twa:
@@ -235,6 +258,10 @@ def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None
     model.requires_grad_(False)
     model.add_module("subspace", engine)
     engine.coeffs["twa"].requires_grad_(True)
+    if args.world_size > 1:  # the ranks' snapshots, hence their bases, must agree (they do under DDP)
+        from .distributed import check_projections_match
+
+        check_projections_match(model)
 
     twa_args = dataclasses.replace(
         args, twa=False, num_train_epochs=args.twa_epochs, max_steps=-1, learning_rate=args.twa_learning_rate,
@@ -253,7 +280,8 @@ def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None
 
     from .twa import SnapshotCallback
 
-    internal = (DefaultFlowCallback, PrinterCallback, ProgressCallback, SnapshotCallback, _SubspaceInfoCallback)
+    internal = (DefaultFlowCallback, PrinterCallback, ProgressCallback, SnapshotCallback, _SubspaceInfoCallback,
+                _DistributedChecksCallback)
     user_callbacks = [cb for cb in trainer.callback_handler.callbacks if not isinstance(cb, internal)]
     inner = Trainer(
         model=model, args=twa_args, train_dataset=trainer.train_dataset, eval_dataset=trainer.eval_dataset,

@@ -1,0 +1,361 @@
+"""Training on several processes (torchrun, ``accelerate launch``): every rank must build the same ``P``.
+
+Under DDP every rank regenerates ``P`` from ``(kind, D, d, seed, format)`` on CPU generators and holds θ0 itself;
+only the gradients of what requires grad — ``c``, the SAID scales and ``modules_to_save`` — are all-reduced:
+``4·d`` bytes per step (float32) plus the head, against ``4·D`` for full fine-tuning. Nothing checks that the
+ranks' ``P`` agree, and ranks that built different ones would train on silently (DDP only averages ``Pᵀ g``, a
+d-vector whose meaning differs per rank). Hence:
+
+* :func:`projection_fingerprint` — what a rank's subspace is: per adapter the kind, ``D``, ``d``, seed, format,
+  mode, the layout hash (names and shapes of θ), the names and shapes of everything trainable, and a few entries
+  of ``P c`` for a fixed ``c`` (rows at the start, the middle and the end of θ: they catch another library or
+  torch version that draws another ``P`` from the same seed).
+* :func:`check_projections_match` — every rank gathers every fingerprint and compares it with rank 0's; on a
+  difference every rank raises :class:`ProjectionMismatchError` naming the ranks and what differs. The
+  :class:`~hf_subspace.SubspaceTrainer` calls it when training starts; call it yourself in an accelerate loop.
+* :func:`refuse_sharded_training` — FSDP and DeepSpeed ZeRO-3 shard θ0 itself, which the engine reads whole:
+  refused with what to use instead (DDP: ``distributed_type: MULTI_GPU``).
+* :class:`CommCounter` — the bytes DDP all-reduces, counted by a communication hook
+  (``DistributedDataParallel.register_comm_hook``), and the collectives issued outside DDP (buffer broadcasts,
+  ``all_reduce`` / ``all_gather`` calls of our own), counted by wrapping them.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+#: rows of ``P c`` compared at each of three places of θ (start, middle, end)
+FINGERPRINT_ROWS = 8
+#: the fixed ``c`` the fingerprint's entries are computed from is drawn from this seed (CPU generator)
+FINGERPRINT_SEED = 20_240_917
+#: entries of ``P c`` agree across ranks to this relative tolerance (GPU and CPU round differently; another seed
+#: or another P gives unrelated numbers, off by their own size)
+ENTRY_RTOL = 1e-4
+
+
+class ProjectionMismatchError(RuntimeError):
+    """Ranks of one run built different subspaces (another seed, another library version, another θ)."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the fingerprint
+# ------------------------------------------------------------------------------------------------------------
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / accelerate wrappers (``.module``), so the names are the user's."""
+    while isinstance(getattr(model, "module", None), nn.Module) and type(model).__name__ in (
+            "DistributedDataParallel", "DataParallel", "OptimizedModule"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def _peft_configs(model: nn.Module) -> dict:
+    cfgs = getattr(model, "peft_config", None)
+    return cfgs if isinstance(cfgs, dict) else {}
+
+
+def projection_entries(projection, rows: int = FINGERPRINT_ROWS) -> list[float]:
+    """A few entries of ``P c`` for a fixed ``c`` (drawn from :data:`FINGERPRINT_SEED`): ``rows`` rows at the
+    start, the middle and the end of θ, as Python floats (float32 values)."""
+    g = torch.Generator(device="cpu").manual_seed(FINGERPRINT_SEED)
+    c = torch.randn(projection.d, generator=g, dtype=torch.float32)
+    D, n = projection.D, min(rows, projection.D)
+    starts = sorted({0, max(0, D // 2 - n // 2), D - n})
+    with torch.no_grad():
+        out = [projection.matvec_rows(c.to(projection.device), a, a + n).float().cpu() for a in starts]
+    return torch.cat(out).tolist()
+
+
+def projection_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """What this rank's subspace is (see the module docstring): ``{"adapters": {name: {...}}, "trainable": hash,
+    "active": [...]}``; ``{}`` for a model without a subspace adapter."""
+    from . import __version__
+    from .engine import find_engine
+
+    model = _unwrap(model)
+    engine = find_engine(model)
+    if engine is None:
+        return {}
+    cfgs = _peft_configs(model)
+    adapters = {}
+    for name, state in engine.adapters.items():
+        proj = state.projection
+        cfg = cfgs.get(name)
+        fmt = getattr(cfg, "projection_format", None) or getattr(proj, "format", 1)
+        adapters[name] = {
+            "kind": proj.kind, "D": int(proj.D), "d": int(proj.d), "seed": int(proj.seed), "format": int(fmt),
+            "mode": state.mode, "layout_hash": state.layout.layout_hash(),
+            "projection_options": repr(sorted((getattr(cfg, "projection_options", None) or {}).items())),
+            "entries": projection_entries(proj),
+        }
+    h = hashlib.sha256()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            h.update(f"{n}:{tuple(p.shape)}:{p.dtype};".encode())
+    return {"hf_subspace_version": __version__, "torch_version": torch.__version__, "adapters": adapters,
+            "active": list(engine.active), "trainable": h.hexdigest()[:16]}
+
+
+def _entries_close(a: list[float], b: list[float]) -> tuple[bool, float]:
+    if len(a) != len(b):
+        return False, math.inf
+    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    diff = float((ta - tb).abs().max()) if len(a) else 0.0
+    scale = float(ta.abs().max()) if len(a) else 0.0
+    return diff <= ENTRY_RTOL * max(scale, 1e-30), diff
+
+
+def fingerprint_differences(reference: dict, other: dict) -> list[str]:
+    """What differs between two fingerprints, in words (``other`` against ``reference``); ``[]`` when they match."""
+    if not reference or not other:
+        if bool(reference) != bool(other):
+            return ["one has a subspace adapter and the other has none"]
+        return []
+    out = []
+    ref_ad, oth_ad = reference["adapters"], other["adapters"]
+    if set(ref_ad) != set(oth_ad):
+        out.append(f"adapters {sorted(oth_ad)} where rank 0 has {sorted(ref_ad)}")
+    for name in sorted(set(ref_ad) & set(oth_ad)):
+        r, o = ref_ad[name], oth_ad[name]
+        fields = [f"{k}={o[k]!r} where rank 0 has {k}={r[k]!r}" for k in
+                  ("kind", "D", "d", "seed", "format", "mode", "projection_options") if r[k] != o[k]]
+        if r["layout_hash"] != o["layout_hash"]:
+            fields.append(f"another θ (layout hash {o['layout_hash']} where rank 0 has {r['layout_hash']}: other "
+                          "target_modules / exclude_modules, or another model)")
+        if not fields:
+            close, diff = _entries_close(r["entries"], o["entries"])
+            if not close:
+                fields.append(f"the same (kind, D, d, seed, format) but other entries of P (max |Δ| = {diff:.3g}): "
+                              f"another hf_subspace or torch version draws another P (rank 0: hf_subspace "
+                              f"{reference['hf_subspace_version']}, torch {reference['torch_version']}; this rank: "
+                              f"hf_subspace {other['hf_subspace_version']}, torch {other['torch_version']})")
+        if fields:
+            out.append(f"adapter {name!r}: " + ", ".join(fields))
+    if reference["active"] != other["active"]:
+        out.append(f"active adapters {other['active']} where rank 0 has {reference['active']}")
+    if reference["trainable"] != other["trainable"] and not out:
+        out.append("other trainable parameters (names, shapes or dtypes; e.g. other modules_to_save)")
+    return out
+
+
+def check_projections_match(model: nn.Module, group=None) -> dict:
+    """Compare this rank's :func:`projection_fingerprint` with rank 0's; raise on every rank when any differs.
+
+    A collective: every rank of ``group`` (default: the whole world) must call it. Without an initialized process
+    group, or with one process, it only returns the local fingerprint. For an accelerate loop call it after
+    ``accelerator.prepare(model, ...)`` (or before; it unwraps DDP)::
+
+        model = accelerator.prepare(model)
+        hf_subspace.check_projections_match(model)
+
+    Raises:
+        ProjectionMismatchError: naming the ranks that differ and what differs (seed, D, d, format, θ, P's entries).
+    """
+    import torch.distributed as dist
+
+    fp = projection_fingerprint(model)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return fp
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, fp, group=group)
+    problems = []
+    for rank, other in enumerate(gathered[1:], start=1):
+        diffs = fingerprint_differences(gathered[0], other)
+        if diffs:
+            problems.append(f"rank {rank} has " + "; ".join(diffs))
+    if problems:
+        raise ProjectionMismatchError(
+            "the processes of this run built different subspaces, so their gradients of c would be averaged across "
+            "different P: " + " | ".join(problems) + ". Every process must build the same P: the same seed "
+            "(SubspaceConfig.seed / --subspace_seed), the same target_modules and base model, and the same "
+            "hf_subspace and torch versions (or an adapter saved with save_projection=True).")
+    return fp
+
+
+# ------------------------------------------------------------------------------------------------------------
+# sharded θ0: refused
+# ------------------------------------------------------------------------------------------------------------
+SHARDED_HELP = (
+    "FSDP and DeepSpeed ZeRO-3 shard θ0 itself, but a subspace adapter reads every tensor of θ whole (θ0 + P c) and "
+    "TWA snapshots whole parameters; hf_subspace does not support them yet. Use DDP instead — `accelerate launch "
+    "--config_file examples/accelerate/multi_gpu.yaml` (distributed_type: MULTI_GPU) or `torchrun` — which sends "
+    "only the gradient of c (4·d bytes per step) and keeps a whole θ0 on each rank; a model too large for one "
+    "device can be loaded in bf16/fp16 (c stays float32) or with device_map='auto' on one process.")
+
+
+def _is_fsdp_module(module: nn.Module) -> bool:
+    from torch.distributed import fsdp
+
+    kinds = tuple(getattr(fsdp, k) for k in ("FullyShardedDataParallel", "FSDPModule") if hasattr(fsdp, k))
+    return isinstance(module, kinds)
+
+
+def sharding_in_use(model: nn.Module | None = None, accelerator=None) -> str | None:
+    """``"FSDP"`` / ``"DeepSpeed ZeRO-3"`` when ``model`` is FSDP-wrapped or ``accelerator`` (an
+    ``accelerate.Accelerator`` or its state) runs FSDP or ZeRO stage 3; else None."""
+    if model is not None and any(_is_fsdp_module(m) for m in model.modules()):
+        return "FSDP"
+    if accelerator is not None:
+        state = getattr(accelerator, "state", accelerator)
+        kind = str(getattr(getattr(state, "distributed_type", None), "value", getattr(state, "distributed_type", "")))
+        if kind.upper() == "FSDP" or getattr(state, "fsdp_plugin", None) is not None:
+            return "FSDP"
+        plugin = getattr(state, "deepspeed_plugin", None)
+        if kind.upper() == "DEEPSPEED" or plugin is not None:
+            stage = getattr(plugin, "zero_stage", None)
+            if stage is None and plugin is not None:
+                stage = (getattr(plugin, "deepspeed_config", None) or {}).get("zero_optimization", {}).get("stage")
+            if stage == 3:
+                return "DeepSpeed ZeRO-3"
+    return None
+
+
+def refuse_sharded_training(model: nn.Module | None = None, accelerator=None, what: str = "subspace training") -> None:
+    """Raise a ValueError saying what to use instead when θ0 would be sharded (FSDP, DeepSpeed ZeRO-3).
+
+    DeepSpeed ZeRO-1/2 shard only the optimizer state (here: of c, tiny); they are let through with a warning that
+    they are untested (deepspeed is not installed where hf_subspace is tested).
+    """
+    kind = sharding_in_use(model, accelerator)
+    if kind is not None:
+        raise ValueError(f"{what} is refused under {kind}: {SHARDED_HELP}")
+    state = getattr(accelerator, "state", accelerator) if accelerator is not None else None
+    if state is not None and getattr(state, "deepspeed_plugin", None) is not None:
+        logger.warning("%s under DeepSpeed ZeRO stage %s is untested: ZeRO-1/2 shard only the optimizer state of c, "
+                       "which should work, but compare a few steps with DDP before relying on it", what,
+                       getattr(state.deepspeed_plugin, "zero_stage", "?"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# counting bytes
+# ------------------------------------------------------------------------------------------------------------
+_WRAPPED_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
+                        "_broadcast_coalesced")
+
+
+def _nbytes(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(t) for t in x)
+    return 0
+
+
+class CommCounter:
+    """Bytes sent by collectives, by kind: DDP's gradient buckets (a communication hook) and the collectives called
+    outside DDP while :meth:`counting` is entered (``torch.distributed.all_reduce`` & co., and DDP's own buffer
+    broadcasts, which go through ``torch.distributed._broadcast_coalesced``).
+
+    A count is the payload of the collective (the bucket's or the input tensor's bytes), not what a ring
+    algorithm puts on the wire (``2 (N-1)/N`` times the payload for an all-reduce).
+
+    ``syncs`` holds the bytes of each DDP gradient synchronization (one per optimizer step, also with gradient
+    accumulation: DDP skips the accumulation steps); ``outside`` the other collectives, ``{kind: [bytes, ...]}``.
+    """
+
+    def __init__(self):
+        self.syncs: list[int] = []
+        self._current = 0
+        self.buckets: list[int] = []
+        self.outside: dict[str, list[int]] = {}
+        self._in_hook = False
+
+    # -- DDP buckets --------------------------------------------------------------------------------------------
+    def hook(self, state, bucket):
+        """A DDP communication hook: counts the bucket, then all-reduces it as DDP's default does."""
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        buf = bucket.buffer()
+        size = buf.numel() * buf.element_size()
+        self.buckets.append(size)
+        self._current += size
+        if bucket.is_last():
+            self.syncs.append(self._current)
+            self._current = 0
+        self._in_hook = True  # the all_reduce below is this bucket's: not counted again among the outside ones
+        try:
+            return allreduce_hook(state, bucket)
+        finally:
+            self._in_hook = False
+
+    def attach(self, ddp_model: nn.Module) -> "CommCounter":
+        """Register :meth:`hook` on a ``DistributedDataParallel`` model (before its first backward)."""
+        ddp_model.register_comm_hook(state=None, hook=self.hook)
+        return self
+
+    # -- collectives outside DDP --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def counting(self):
+        """Count the collectives of :data:`_WRAPPED_COLLECTIVES` called while inside (they still run)."""
+        import torch.distributed as dist
+
+        saved = {}
+        for name in _WRAPPED_COLLECTIVES:
+            fn = getattr(dist, name, None)
+            if fn is None:
+                continue
+            saved[name] = fn
+
+            def wrapper(*args, _fn=fn, _name=name, **kwargs):
+                if self._in_hook:
+                    return _fn(*args, **kwargs)
+                if _name == "_broadcast_coalesced":  # (group, tensors, bucket size, source)
+                    size = _nbytes(args[1])
+                else:
+                    size = _nbytes(args[0] if args else next(iter(kwargs.values()), None))
+                self.outside.setdefault(_name, []).append(size)
+                return _fn(*args, **kwargs)
+
+            setattr(dist, name, wrapper)
+        try:
+            yield self
+        finally:
+            for name, fn in saved.items():
+                setattr(dist, name, fn)
+
+    # -- summaries ----------------------------------------------------------------------------------------------
+    def bytes_per_sync(self) -> int | None:
+        """The bytes of one gradient synchronization (all equal in a steady run; the last one)."""
+        return self.syncs[-1] if self.syncs else None
+
+    def summary(self) -> dict:
+        return {"ddp_syncs": len(self.syncs), "ddp_bytes_per_sync": self.bytes_per_sync(),
+                "ddp_bucket_bytes": self.buckets[: max(1, len(self.buckets) // max(1, len(self.syncs)))],
+                "outside": {k: {"calls": len(v), "bytes": sum(v), "first_calls": v[:3]} for k, v in self.outside.items()}}
+
+
+class CommCountCallback(TrainerCallback):
+    """Attaches a :class:`CommCounter` to the Trainer's DDP model when training starts (``trainer.model_wrapped``
+    is DDP by then, before the first backward)::
+
+        counter = CommCounter(); trainer.add_callback(CommCountCallback(trainer, counter)); trainer.train()
+    """
+
+    def __init__(self, trainer, counter: CommCounter):
+        self.trainer, self.counter = trainer, counter
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        wrapped = self.trainer.model_wrapped
+        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            self.counter.attach(wrapped)
+
+
+__all__ = [
+    "CommCountCallback",
+    "CommCounter",
+    "ProjectionMismatchError",
+    "check_projections_match",
+    "fingerprint_differences",
+    "projection_entries",
+    "projection_fingerprint",
+    "refuse_sharded_training",
+    "sharding_in_use",
+]

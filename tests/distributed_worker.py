@@ -1,0 +1,210 @@
+"""What tests/test_distributed.py runs under ``torchrun --nproc_per_node 2`` (gloo, CPU), and its 1-process twin.
+
+``python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT`` runs every scenario on both
+ranks and writes ``OUT/rank<r>.json`` (and, from rank 0, ``OUT/*.pt``): a failing scenario records its error
+instead of stopping the others. The test process runs the same training functions on one process and compares.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+GLOBAL_BATCH = 8
+STEPS = 4
+DIM = 50
+
+
+def tiny_bert(seed=0):
+    """The tests' tiny BERT without dropout (ranks draw other dropout masks than one process would)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                     max_position_embeddings=64, num_labels=2, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg)
+
+
+def text_dataset(n=GLOBAL_BATCH * STEPS, seed=0):
+    from datasets import Dataset
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(8, 99, size=(n, 10))
+    labels = rng.integers(0, 2, size=n)
+    ids[labels == 1, rng.integers(0, 10)] = 7
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()}).with_format("torch")
+
+
+def trainer_args(out, world_size, **kw):
+    from hf_subspace import SubspaceTrainingArguments
+
+    base = dict(output_dir=out, per_device_train_batch_size=GLOBAL_BATCH // world_size, learning_rate=1e-2,
+                max_steps=STEPS, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                seed=0, dataloader_num_workers=0, train_sampling_strategy="sequential",
+                # transformers multiplies the loss by the number of processes when the model's forward takes
+                # **kwargs, assuming it divides by the global num_items_in_batch; BERT's classification loss is a
+                # plain mean, so its DDP gradients would be N times one process's (grad clipping then differs)
+                average_tokens_across_devices=False)
+    base.update(kw)
+    return SubspaceTrainingArguments(**base)
+
+
+def train(out, world_size, counter=None, **kw):
+    """Train the tiny BERT with ``SubspaceTrainer`` (a subspace when ``subspace_dim`` is given, else in full);
+    returns the trainer. ``counter`` (a CommCounter) is attached to DDP when training starts."""
+    from hf_subspace import SubspaceTrainer
+    from hf_subspace.distributed import CommCountCallback
+
+    trainer = SubspaceTrainer(model=tiny_bert(), args=trainer_args(out, world_size, **kw),
+                              train_dataset=text_dataset())
+    if counter is not None:
+        trainer.add_callback(CommCountCallback(trainer, counter))
+    trainer.train()
+    return trainer
+
+
+def subspace_state(trainer) -> dict:
+    """c and the head after training (CPU tensors)."""
+    model = trainer.model
+    engine = model.base_model.subspace
+    head = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad and "coeffs" not in n}
+    return {"c": engine.coeffs["default"].detach().cpu().clone(), "head": head}
+
+
+def trainable_numel(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# scenarios (every rank runs each; each returns what rank r records)
+# ------------------------------------------------------------------------------------------------------------
+def scenario_subspace(out, rank, world):
+    from hf_subspace.distributed import CommCounter
+
+    counter = CommCounter()
+    with counter.counting():
+        trainer = train(os.path.join(out, "subspace"), world, counter, subspace_dim=DIM)
+    if rank == 0:
+        torch.save(subspace_state(trainer), os.path.join(out, "subspace.pt"))
+    return {"counter": counter.summary(), "syncs": counter.syncs, "trainable": trainable_numel(trainer.model),
+            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+
+
+def scenario_full(out, rank, world):
+    from hf_subspace.distributed import CommCounter
+
+    counter = CommCounter()
+    trainer = train(os.path.join(out, "full"), world, counter, max_steps=2)
+    return {"counter": counter.summary(), "syncs": counter.syncs, "trainable": trainable_numel(trainer.model)}
+
+
+def _expect_mismatch(make):
+    """Build a model with ``make()`` on this rank and run the check: the error message, or None if it passed."""
+    import hf_subspace as hs
+
+    model = make()
+    try:
+        hs.check_projections_match(model)
+    except hs.ProjectionMismatchError as e:
+        return str(e)
+    return None
+
+
+def scenario_mismatch(out, rank, world):
+    from peft import get_peft_model
+
+    import hf_subspace as hs
+
+    def wrapped(**kw):
+        kw = {"dim": DIM, **kw}
+        return lambda: get_peft_model(tiny_bert(), hs.SubspaceConfig(task_type="SEQ_CLS", **kw))
+
+    def other_entries():  # the same (kind, D, d, seed, format) but another P: as another library version would draw
+        model = wrapped()()
+        if rank == 1:
+            proj = hs.find_engine(model).adapters["default"].projection
+            proj.v.neg_()
+        return model
+
+    return {
+        "same": _expect_mismatch(wrapped(seed=0)),
+        "seed": _expect_mismatch(wrapped(seed=rank)),
+        "dim": _expect_mismatch(wrapped(dim=DIM + rank)),
+        "theta": _expect_mismatch(wrapped(target_modules=["query"] if rank else ["query", "value"])),
+        "entries": _expect_mismatch(other_entries),
+    }
+
+
+def scenario_trainer_seed(out, rank, world):
+    """The SubspaceTrainer stops at the start of training when the ranks' seeds differ."""
+    try:
+        train(os.path.join(out, "seed"), world, subspace_dim=DIM, subspace_seed=rank)
+    except Exception as e:  # noqa: BLE001
+        return {"error": type(e).__name__, "message": str(e)}
+    return {"error": None}
+
+
+def scenario_fsdp(out, rank, world):
+    """A subspace model wrapped by FSDP (torch's ``fully_shard``, which runs on CPU over gloo) is refused, by the
+    function accelerate users call and by the SubspaceTrainer. (Through the Trainer's ``fsdp=`` flag accelerate
+    ignores FSDP on CPU and runs DDP, so that path can only be refused on GPUs.)"""
+    from peft import get_peft_model
+    from torch.distributed.fsdp import fully_shard
+
+    import hf_subspace as hs
+    from hf_subspace.distributed import refuse_sharded_training
+
+    model = get_peft_model(tiny_bert(), hs.SubspaceConfig(dim=DIM, task_type="SEQ_CLS"))
+    fully_shard(model)
+    got = {}
+    try:
+        refuse_sharded_training(model)
+        got["function"] = None
+    except ValueError as e:
+        got["function"] = str(e)
+    try:
+        hs.SubspaceTrainer(model=model, args=trainer_args(os.path.join(out, "fsdp"), world),
+                           train_dataset=text_dataset())
+        got["trainer"] = None
+    except ValueError as e:
+        got["trainer"] = str(e)
+    return got
+
+
+SCENARIOS = {"subspace": scenario_subspace, "full": scenario_full, "mismatch": scenario_mismatch,
+             "trainer_seed": scenario_trainer_seed, "fsdp": scenario_fsdp}
+
+
+def main():
+    out = sys.argv[1]
+    names = sys.argv[2].split(",") if len(sys.argv) > 2 else list(SCENARIOS)
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    results = {}
+    for name in names:
+        try:
+            results[name] = SCENARIOS[name](out, rank, world)
+        except Exception:  # noqa: BLE001
+            results[name] = {"crashed": traceback.format_exc()}
+        dist.barrier()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Several processes (torchrun, 2 CPU processes over gloo): DDP sends only c, ranks must build the same P, sharded
+θ0 is refused. One torchrun launch runs every scenario of tests/distributed_worker.py; the 1-process twin runs here.
+"""
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import hf_subspace as hs
+from hf_subspace.distributed import (CommCounter, fingerprint_differences, projection_fingerprint,
+                                     refuse_sharded_training, sharding_in_use)
+
+import distributed_worker as worker
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HEAD = 32 * 2 + 2  # the tiny BERT's classifier (modules_to_save of SEQ_CLS)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """Both ranks' results of every scenario (one ``torchrun --nproc_per_node 2`` launch)."""
+    out = str(tmp_path_factory.mktemp("distributed"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), os.path.join(HERE, "distributed_worker.py"), out]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
+    for r, res in enumerate(ranks):
+        for name, got in res.items():
+            assert "crashed" not in got, f"rank {r}, scenario {name}:\n{got.get('crashed')}"
+    return SimpleNamespace(out=out, ranks=ranks)
+
+
+def test_two_processes_train_as_one_on_the_same_global_batches(launched, tmp_path):
+    """DDP over 2 processes × 4 examples = 1 process × 8 examples, step for step: c and the head agree."""
+    one = worker.train(str(tmp_path), world_size=1, subspace_dim=worker.DIM)
+    ref = worker.subspace_state(one)
+    two = torch.load(os.path.join(launched.out, "subspace.pt"))
+    assert ref["c"].abs().max() > 1e-4  # it trained
+    torch.testing.assert_close(two["c"], ref["c"], rtol=0, atol=1e-5)
+    assert set(two["head"]) == set(ref["head"])
+    for name in ref["head"]:
+        torch.testing.assert_close(two["head"][name], ref["head"][name], rtol=0, atol=1e-5)
+    losses = [h["loss"] for h in one.state.log_history if "loss" in h]
+    assert launched.ranks[0]["subspace"]["losses"] == pytest.approx(losses, abs=1e-5)
+
+
+def test_ddp_sends_4d_bytes_per_step_for_a_subspace_and_4D_for_full_fine_tuning(launched):
+    sub, full = launched.ranks[0]["subspace"], launched.ranks[0]["full"]
+    assert sub["trainable"] == worker.DIM + HEAD
+    assert sub["syncs"] == [4 * (worker.DIM + HEAD)] * worker.STEPS  # c + the head, every step, nothing else
+    D = full["trainable"]  # every weight of the model
+    assert D > 19_000 and full["syncs"] == [4 * D] * 2
+    assert full["syncs"][0] / sub["syncs"][0] > 150
+    # outside DDP's gradient buckets: one broadcast of the whole model when DDP is built (θ0 included), then only
+    # the buffers (BERT's position_ids / token_type_ids, int64) before each forward
+    broadcasts = sub["counter"]["outside"]["_broadcast_coalesced"]
+    first, then = broadcasts["first_calls"][0], broadcasts["first_calls"][1:]
+    assert first >= 4 * D and all(b < 2048 for b in then)
+    assert launched.ranks[1]["subspace"]["syncs"] == sub["syncs"]
+
+
+def test_ranks_that_built_different_projections_fail_with_the_clear_error(launched):
+    for r in range(2):  # every rank raises, not only the one that differs
+        got = launched.ranks[r]["mismatch"]
+        assert got["same"] is None
+        assert "rank 1 has adapter 'default': seed=1 where rank 0 has seed=0" in got["seed"]
+        assert "same seed" in got["seed"] and "hf_subspace and torch versions" in got["seed"]
+        assert "d=51 where rank 0 has d=50" in got["dim"]
+        assert "another θ (layout hash" in got["theta"] and "target_modules" in got["theta"]
+        assert "the same (kind, D, d, seed, format) but other entries of P" in got["entries"]
+
+
+def test_the_trainer_stops_at_the_start_when_seeds_differ(launched):
+    for r in range(2):
+        got = launched.ranks[r]["trainer_seed"]
+        assert got["error"] == "ProjectionMismatchError"
+        assert "seed=1 where rank 0 has seed=0" in got["message"]
+
+
+def test_fsdp_wrapped_subspace_model_is_refused(launched):
+    for r in range(2):
+        got = launched.ranks[r]["fsdp"]
+        for where in ("function", "trainer"):
+            assert got[where] is not None and "refused under FSDP" in got[where]
+            assert "multi_gpu.yaml" in got[where]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# one process
+# ------------------------------------------------------------------------------------------------------------
+def _state(kind, **kw):
+    return SimpleNamespace(distributed_type=SimpleNamespace(value=kind), fsdp_plugin=None, deepspeed_plugin=None, **kw)
+
+
+def test_accelerate_fsdp_and_zero3_are_refused_zero12_warned(caplog):
+    assert sharding_in_use(accelerator=_state("MULTI_GPU")) is None
+    assert sharding_in_use(accelerator=_state("FSDP")) == "FSDP"
+    zero3 = SimpleNamespace(distributed_type=SimpleNamespace(value="DEEPSPEED"), fsdp_plugin=None,
+                            deepspeed_plugin=SimpleNamespace(zero_stage=3))
+    assert sharding_in_use(accelerator=SimpleNamespace(state=zero3)) == "DeepSpeed ZeRO-3"
+    with pytest.raises(ValueError, match="refused under DeepSpeed ZeRO-3.*MULTI_GPU"):
+        refuse_sharded_training(accelerator=zero3)
+    zero2 = SimpleNamespace(distributed_type=SimpleNamespace(value="DEEPSPEED"), fsdp_plugin=None,
+                            deepspeed_plugin=SimpleNamespace(zero_stage=2))
+    with caplog.at_level("WARNING", logger="hf_subspace.distributed"):
+        refuse_sharded_training(accelerator=zero2)
+    assert "untested" in caplog.text
+
+
+def test_one_process_check_returns_the_fingerprint():
+    from peft import get_peft_model
+
+    model = get_peft_model(worker.tiny_bert(), hs.SubspaceConfig(dim=40, projection="fastfood", task_type="SEQ_CLS"))
+    fp = hs.check_projections_match(model)
+    assert fp == projection_fingerprint(model)
+    ad = fp["adapters"]["default"]
+    from hf_subspace.projections import latest_format
+
+    assert (ad["kind"], ad["d"], ad["seed"]) == ("fastfood", 40, 0) and len(ad["entries"]) == 24
+    assert ad["format"] == model.peft_config["default"].projection_format == latest_format("fastfood")
+    again = projection_fingerprint(get_peft_model(worker.tiny_bert(), hs.SubspaceConfig(
+        dim=40, projection="fastfood", task_type="SEQ_CLS")))
+    assert fingerprint_differences(fp, again) == []
+    other = projection_fingerprint(get_peft_model(worker.tiny_bert(), hs.SubspaceConfig(
+        dim=40, projection="fastfood", seed=3, task_type="SEQ_CLS")))
+    assert fingerprint_differences(fp, other) == ["adapter 'default': seed=3 where rank 0 has seed=0"]
+
+
+def test_comm_counter_outside_ddp_counts_and_restores():
+    import torch.distributed as dist
+
+    counter = CommCounter()
+    original = dist.all_reduce
+    with counter.counting():
+        assert dist.all_reduce is not original
+    assert dist.all_reduce is original
+    assert counter.summary()["ddp_syncs"] == 0
