@@ -198,11 +198,26 @@ def _is_fsdp_module(module: nn.Module) -> bool:
     return isinstance(module, kinds)
 
 
+def _is_sharded_tensor(p: torch.Tensor) -> bool:
+    """An FSDP2 parameter (a DTensor) or an FSDP1 ``FlatParameter``."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        DTensor = ()
+    return isinstance(p, DTensor) or type(p).__name__ == "FlatParameter"
+
+
 def sharding_in_use(model: nn.Module | None = None, accelerator=None) -> str | None:
     """``"FSDP"`` / ``"DeepSpeed ZeRO-3"`` when ``model`` is FSDP-wrapped or ``accelerator`` (an
     ``accelerate.Accelerator`` or its state) runs FSDP or ZeRO stage 3; else None."""
-    if model is not None and any(_is_fsdp_module(m) for m in model.modules()):
-        return "FSDP"
+    if model is not None:
+        if any(_is_fsdp_module(m) for m in model.modules()):
+            return "FSDP"
+        for p in model.parameters():  # the root may be wrapped elsewhere: its parameters tell
+            if hasattr(p, "ds_id"):  # a DeepSpeed ZeRO-3 partitioned parameter
+                return "DeepSpeed ZeRO-3"
+            if _is_sharded_tensor(p):
+                return "FSDP"
     if accelerator is not None:
         state = getattr(accelerator, "state", accelerator)
         kind = str(getattr(getattr(state, "distributed_type", None), "value", getattr(state, "distributed_type", "")))
@@ -232,6 +247,22 @@ def refuse_sharded_training(model: nn.Module | None = None, accelerator=None, wh
         logger.warning("%s under DeepSpeed ZeRO stage %s is untested: ZeRO-1/2 shard only the optimizer state of c, "
                        "which should work, but compare a few steps with DDP before relying on it", what,
                        getattr(state.deepspeed_plugin, "zero_stage", "?"))
+
+
+def refuse_sharded_merge(model: nn.Module) -> None:
+    """Merging into a sharded θ0 (FSDP, DeepSpeed ZeRO-3) is refused, as PEFT refuses it."""
+    kind = sharding_in_use(model)
+    if kind is None:
+        try:
+            from transformers.integrations import is_deepspeed_zero3_enabled
+
+            kind = "DeepSpeed ZeRO-3" if is_deepspeed_zero3_enabled() else None
+        except ImportError:  # pragma: no cover - transformers always has it
+            kind = None
+    if kind is not None:
+        raise ValueError(f"merging a subspace adapter under {kind} is unsupported (θ0 is sharded), as in PEFT: save "
+                         "the adapter (model.save_pretrained(path)), then load it onto the whole base on one process "
+                         "(PeftModel.from_pretrained(base, path).merge_and_unload())")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -356,6 +387,7 @@ __all__ = [
     "fingerprint_differences",
     "projection_entries",
     "projection_fingerprint",
+    "refuse_sharded_merge",
     "refuse_sharded_training",
     "sharding_in_use",
 ]

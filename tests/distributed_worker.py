@@ -178,6 +178,11 @@ def scenario_fsdp(out, rank, world):
         got["trainer"] = None
     except ValueError as e:
         got["trainer"] = str(e)
+    try:
+        model.merge_and_unload()
+        got["merge"] = None
+    except ValueError as e:
+        got["merge"] = str(e)
     return got
 
 

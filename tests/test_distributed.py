@@ -97,6 +97,7 @@ def test_fsdp_wrapped_subspace_model_is_refused(launched):
         for where in ("function", "trainer"):
             assert got[where] is not None and "refused under FSDP" in got[where]
             assert "multi_gpu.yaml" in got[where]
+        assert "merging a subspace adapter under FSDP is unsupported" in got["merge"]
 
 
 # ------------------------------------------------------------------------------------------------------------

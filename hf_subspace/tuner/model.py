@@ -152,6 +152,7 @@ class SubspaceModel(BaseTuner):
     # -- merging ----------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Add the deltas of ``adapter_names`` (default: the active ones) into θ0; merging twice adds nothing."""
+        self._check_merge_allowed()
         self.subspace.merge(list(adapter_names or self.active_adapters), safe=safe_merge)
 
     def unmerge_adapter(self) -> None:
@@ -194,7 +195,11 @@ class SubspaceModel(BaseTuner):
             self.active_adapter = []
 
     def _check_merge_allowed(self):
-        pass  # tied weights are merged once (they are one tensor of θ)
+        """Tied weights are merged once (they are one tensor of θ); under FSDP or DeepSpeed ZeRO-3 θ0 is sharded
+        and merging is refused, as PEFT does."""
+        from ..distributed import refuse_sharded_merge
+
+        refuse_sharded_merge(self.model)
 
     # -- state dict -------------------------------------------------------------------------------------------
     @classmethod
