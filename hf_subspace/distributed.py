@@ -318,16 +318,31 @@ class CommCounter:
             self._in_hook = False
 
     def attach(self, ddp_model: nn.Module) -> "CommCounter":
-        """Register :meth:`hook` on a ``DistributedDataParallel`` model (before its first backward)."""
-        ddp_model.register_comm_hook(state=None, hook=self.hook)
+        """Register :meth:`hook` on a ``DistributedDataParallel`` model (before its first backward; once: DDP takes
+        one hook)."""
+        if getattr(ddp_model, "_hf_subspace_comm_counter", None) is not self:
+            ddp_model.register_comm_hook(state=None, hook=self.hook)
+            ddp_model._hf_subspace_comm_counter = self
         return self
 
     # -- collectives outside DDP --------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def counting(self):
-        """Count the collectives of :data:`_WRAPPED_COLLECTIVES` called while inside (they still run)."""
+    def counting(self, ddp: bool = True):
+        """Count the collectives of :data:`_WRAPPED_COLLECTIVES` called while inside (they still run), and with
+        ``ddp`` attach :meth:`hook` to every ``DistributedDataParallel`` built inside (a Trainer's, the TWA phase's
+        inner Trainer's)."""
         import torch.distributed as dist
 
+        DDP = torch.nn.parallel.DistributedDataParallel
+        ddp_init = DDP.__init__
+        if ddp:
+            counter = self
+
+            def init(module, *args, **kwargs):
+                ddp_init(module, *args, **kwargs)
+                counter.attach(module)
+
+            DDP.__init__ = init
         saved = {}
         for name in _WRAPPED_COLLECTIVES:
             fn = getattr(dist, name, None)
@@ -349,6 +364,7 @@ class CommCounter:
         try:
             yield self
         finally:
+            DDP.__init__ = ddp_init
             for name, fn in saved.items():
                 setattr(dist, name, fn)
 

@@ -58,6 +58,20 @@ def test_two_processes_train_as_one_on_the_same_global_batches(launched, tmp_pat
     assert launched.ranks[0]["subspace"]["losses"] == pytest.approx(losses, abs=1e-5)
 
 
+def test_two_process_twa_trains_as_one(launched, tmp_path):
+    """One-run TWA under DDP: the same snapshots on both ranks, the same basis, the same coefficients and weights as
+    one process; the TWA phase all-reduces k numbers per step (the ordinary phase all of θ)."""
+    one = worker.twa_state(worker.train_twa(str(tmp_path), world_size=1))
+    two = torch.load(os.path.join(launched.out, "twa.pt"))
+    assert two["k"] == one["k"] == 3  # 4 snapshots, centered
+    assert one["coefficients"].abs().max() > 1e-4
+    torch.testing.assert_close(two["coefficients"], one["coefficients"], rtol=0, atol=1e-5)
+    for name in one["weights"]:
+        torch.testing.assert_close(two["weights"][name], one["weights"][name], rtol=0, atol=1e-5)
+    got = launched.ranks[0]["twa"]
+    assert got["syncs"] == [4 * got["D"]] * worker.STEPS + [4 * got["k"]] * worker.STEPS
+
+
 def test_ddp_sends_4d_bytes_per_step_for_a_subspace_and_4D_for_full_fine_tuning(launched):
     sub, full = launched.ranks[0]["subspace"], launched.ranks[0]["full"]
     assert sub["trainable"] == worker.DIM + HEAD
