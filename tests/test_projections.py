@@ -45,10 +45,13 @@ def test_hashing_columns_are_orthonormal():
     torch.testing.assert_close(M.T @ M, torch.eye(70), atol=1e-5, rtol=0)
 
 
-def test_fastfood_block_memory_is_linear_in_D():
+def test_fastfood_block_state_is_O_d():
     p = make_projection("fastfood", 1_000_000, 1000, seed=0)
     assert p.B == 1024 and p.n_blocks == 977
-    assert p.gauss.numel() < 1_001_000 + 1024
+    assert p.gauss.numel() == p.signs.numel() == 1024  # format 1 held two floats per row: 2M numbers here
+    assert make_projection("fastfood", 124_000_000, 10_000).state_bytes() <= 1_000_000
+    old = make_projection("fastfood", 1_000_000, 1000, seed=0, format=1)
+    assert old.gauss.numel() == 977 * 1024
 
 
 def test_dense_is_chunked_and_reproducible(monkeypatch):
@@ -152,8 +155,10 @@ def test_dense_entries_past_the_first_chunk_are_pinned():
 
 @pytest.mark.parametrize("kind,options,weighted,abs_sum", [
     ("dense", {}, 0.48173363407097575, 111.33865402165065),
-    ("fastfood", {}, 2.239321514585888, 109.56590184219567),
-    ("fastfood", {"block": "global"}, -3.4811660486584994, 109.90644701723068),
+    ("fastfood", {"format": 1}, 2.239321514585888, 109.56590184219567),  # format 1 as hf_subspace 0.1.0 built it
+    ("fastfood", {"format": 1, "block": "global"}, -3.4811660486584994, 109.90644701723068),
+    ("fastfood", {}, -1.8581136297084737, 118.2281247889623),
+    ("fastfood", {"block": "global"}, -1.2240794662793202, 110.37738814942713),
     ("hashing", {"format": 1}, 1.073807391337732, 48.98870486021042),  # format 1 as hf_subspace 0.1.0 built it
     ("hashing", {}, -1.5402174206792456, 48.98870486021042),
     ("sparse", {}, 1.6995993563526728, 31.36380209028721),

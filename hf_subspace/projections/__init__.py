@@ -7,6 +7,7 @@ from __future__ import annotations
 from .base import Projection
 from .dense import DenseProjection
 from .fastfood import FastfoodProjection
+from .fastfood_v1 import FastfoodProjectionV1
 from .hashing import HashingProjection
 from .hashing_v1 import HashingProjectionV1
 from .sparse import SparseProjection
@@ -24,6 +25,7 @@ PROJECTION_KINDS = {
 #: (``SubspaceConfig.projection_format``) and are rebuilt with it; the highest is what new adapters get
 PROJECTION_FORMATS = {kind: {getattr(cls, "format", 1): cls} for kind, cls in PROJECTION_KINDS.items()}
 PROJECTION_FORMATS["hashing"][1] = HashingProjectionV1
+PROJECTION_FORMATS["fastfood"][1] = FastfoodProjectionV1
 
 
 def latest_format(kind: str) -> int:
@@ -62,6 +64,7 @@ __all__ = [
     "PROJECTION_KINDS",
     "DenseProjection",
     "FastfoodProjection",
+    "FastfoodProjectionV1",
     "HashingProjection",
     "HashingProjectionV1",
     "PROJECTION_FORMATS",
