@@ -37,6 +37,8 @@ class SubspaceTrainingArguments(TrainingArguments):
     subspace_projection: str = field(default="hashing", metadata={"help": "hashing | fastfood | sparse | dense"})
     subspace_mode: str = field(default="global", metadata={"help": "global | said"})
     subspace_seed: int = field(default=0, metadata={"help": "seed P is generated from"})
+    subspace_projection_format: Optional[int] = field(default=None, metadata={
+        "help": "format of P (default: the latest; 1 = as hf_subspace 0.1.0 generated it)"})
     subspace_target_modules: Optional[list[str]] = field(default=None, metadata={"help": "None = all parameters"})
     subspace_modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "trained in full"})
     subspace_weight_decay: bool = field(default=False, metadata={"help": "apply weight_decay to c (off: decay on c "
@@ -109,7 +111,7 @@ def wrap_model(model: nn.Module, args: SubspaceTrainingArguments):
 
     config = SubspaceConfig(
         dim=args.subspace_dim, projection=args.subspace_projection, mode=args.subspace_mode, seed=args.subspace_seed,
-        target_modules=args.subspace_target_modules, modules_to_save=args.subspace_modules_to_save,
+        projection_format=args.subspace_projection_format, target_modules=args.subspace_target_modules, modules_to_save=args.subspace_modules_to_save,
         task_type=_task_type(model),
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
     )
