@@ -40,3 +40,15 @@ def test_variant_fields_are_trainer_fields():
 
     fields = SubspaceTrainingArguments.__dataclass_fields__
     assert set(twa_variants.PHASE_FIELDS) <= set(fields)
+
+
+def test_comm_paper_rows_are_payloads_and_ring_times():
+    import bench_comm
+
+    rows = {(r[0], r[1]): r for r in bench_comm.paper_rows()}
+    full7b = rows[("Llama-2-7B", "full fine-tuning, fp32 gradients")]
+    assert full7b[2] == "27 GB"  # 4 bytes × 6.74e9
+    # ring all-reduce over 8 GPUs: 2·7/8 × 26.95 GB at 12.5 GB/s = 3.77 s
+    assert full7b[3] == "3.77 s"
+    assert rows[("Llama-2-70B", "hf_subspace d=10k")][2] == "40 KB"
+    assert rows[("Llama-2-7B", "LoRA r=8 (q,v)")][2] == "16.8 MB"  # 32 layers × 8 × (4096·2 + 4096·2) × 4 B
