@@ -217,6 +217,19 @@ def pool_rounds(runs: list[dict], medians=POOLED_MEDIANS) -> dict:
     return row
 
 
+def add_ratios(rows: dict, refs=("full", "lora"), keys=(("step_s", "time"), ("peak_mem_mb", "mem"),
+                                                            ("cpu_s", "cpu"))) -> None:
+    """Give every row ``<what>_vs_<ref>`` = its ``key`` over the reference row's, for each measured reference."""
+    for ref in refs:
+        base = rows.get(ref)
+        if not base or base.get("status") != "measured":
+            continue
+        for row in rows.values():
+            for key, what in keys:
+                if key in row and key in base:
+                    row[f"{what}_vs_{ref}"] = row[key] / base[key]
+
+
 def markdown_table(headers: list[str], rows: list[list], align: str | None = None) -> list[str]:
     """A markdown table; ``align`` is one character per column (``l`` or ``r``; default: first left, rest right)."""
     align = align or "l" + "r" * (len(headers) - 1)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from _setup import REPO  # noqa: E402  (puts the checkout on sys.path, sets offline defaults)
-from _harness import (MIB, PeakMemory, fmt_int, fmt_mb, fmt_ratio, fmt_s, machine_info,  # noqa: E402
+from _harness import (MIB, PeakMemory, add_ratios, fmt_int, fmt_mb, fmt_ratio, fmt_s, machine_info,  # noqa: E402
                       markdown_table, pool_rounds, round_robin, source_state, sources_sha256)
 
 import torch  # noqa: E402
@@ -149,17 +149,6 @@ def paper_7b(d: int = 10_000) -> list[dict]:
 
 
 # -- report ---------------------------------------------------------------------------------------------------------
-def add_ratios(rows: dict) -> None:
-    for ref in ("full", "lora"):
-        base = rows.get(ref)
-        if not base or base.get("status") != "measured":
-            continue
-        for row in rows.values():
-            if row.get("status") == "measured":
-                row[f"time_vs_{ref}"] = row["step_s"] / base["step_s"]
-                row[f"mem_vs_{ref}"] = row["peak_mem_mb"] / base["peak_mem_mb"]
-
-
 def fmt_bytes(x):
     if x is None:
         return "—"

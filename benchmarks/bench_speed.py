@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from _setup import REPO  # noqa: E402  (puts the checkout on sys.path, sets offline defaults)
-from _harness import (MIB, PeakMemory, fmt_int, fmt_mb, fmt_ratio, fmt_s, machine_info, median_time,  # noqa: E402
+from _harness import (MIB, PeakMemory, add_ratios, fmt_int, fmt_mb, fmt_ratio, fmt_s, machine_info, median_time,  # noqa: E402
                       pool_rounds, source_state, sources_sha256)
 import _harness  # noqa: E402
 
@@ -520,20 +520,6 @@ def run_steps(args, results: dict, costs: CostModel, save) -> None:
             save()
     add_ratios(rows)
     save()
-
-
-def add_ratios(rows: dict) -> None:
-    for ref in ("full", "lora"):
-        base = rows.get(ref)
-        if not base or base.get("status") != "measured":
-            continue
-        for row in rows.values():
-            if "step_s" in row:
-                row[f"time_vs_{ref}"] = row["step_s"] / base["step_s"]
-            if "peak_mem_mb" in row:
-                row[f"mem_vs_{ref}"] = row["peak_mem_mb"] / base["peak_mem_mb"]
-            if "cpu_s" in row:
-                row[f"cpu_vs_{ref}"] = row["cpu_s"] / base["cpu_s"]
 
 
 # ================================================================================================================

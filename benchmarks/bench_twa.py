@@ -35,7 +35,6 @@ import copy
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -46,6 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from _setup import REPO  # noqa: E402  (puts the checkout on sys.path, sets offline defaults)
+import _harness  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -324,24 +324,9 @@ def tune_twa_lr(cfg, data, init_state, seed: int, grid, workdir: str) -> dict:
 # reporting
 # ================================================================================================================
 def machine_info() -> dict:
-    cpu_model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    import transformers
-
-    mem = None
-    try:
-        with open("/proc/meminfo") as f:
-            mem = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
-    except (OSError, StopIteration):
-        pass
-    return {"cpu_model": cpu_model, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "mem_total_gib": round(mem / 2**30, 1) if mem else None, "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "loadavg_start": list(os.getloadavg())}
+    info = _harness.machine_info()
+    info["loadavg_start"] = list(info["load_average"])
+    return info
 
 
 def mean_std(values):

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.nn import functional as F
+
+from .tuner.layer import override_forward, sole_subspace_layer
 
 #: weights at least this large take the blocked path (16M entries: 64 MB in float32)
 MIN_ELEMENTS = 1 << 24
@@ -23,20 +24,16 @@ BLOCK_ELEMENTS = 1 << 22
 
 def use_blocked_path_if_huge_linear(module: nn.Module, attr: str, numel: int) -> None:
     """Give a plain, huge ``nn.Linear``'s parametrized class the blocked forward (this module alone)."""
-    if attr != "weight" or not isinstance(module, nn.Linear) or numel < MIN_ELEMENTS:
-        return
-    base = type(module).__mro__[1]  # the class before parametrization
-    if base.forward is nn.Linear.forward:
-        type(module).forward = blocked_linear_forward
+    if attr == "weight" and isinstance(module, nn.Linear) and numel >= MIN_ELEMENTS:
+        override_forward(module, nn.Linear, blocked_linear_forward)
 
 
 def blocked_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    plist = self.parametrizations.weight
-    layers = [p for p in plist if getattr(p, "is_subspace_layer", False)]
-    engine = layers[0].engine if len(plist) == 1 and layers else None
+    layer = sole_subspace_layer(self)
+    engine = None if layer is None else layer.engine
     if engine is None or not engine.blocked_linears or torch.is_autocast_enabled(x.device.type):
         return nn.Linear.forward(self, x)
-    original, slot_name = plist.original, layers[0].slot_name
+    original, slot_name = self.parametrizations.weight.original, layer.slot_name
     live = engine._live(slot_name)
     if (not live or not all(state.projection.supports_row_slices for _, state, _ in live)
             or not engine.needs_grad(live, original) or original.requires_grad):

@@ -11,28 +11,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .tuner.layer import override_forward, sole_subspace_layer
+
 
 def use_row_path_if_embedding(module: nn.Module, attr: str) -> None:
-    """Give a plain ``nn.Embedding``'s parametrized class the row-path forward.
-
-    ``register_parametrization`` gives each module its own subclass, so the override touches this module alone
-    and disappears with the parametrization.
-    """
-    if attr != "weight" or not isinstance(module, nn.Embedding):
-        return
-    base = type(module).__mro__[1]  # the class before parametrization
-    if base.forward is nn.Embedding.forward:
-        type(module).forward = row_path_embedding_forward
+    """Give a plain ``nn.Embedding``'s parametrized class the row-path forward (this module alone)."""
+    if attr == "weight" and isinstance(module, nn.Embedding):
+        override_forward(module, nn.Embedding, row_path_embedding_forward)
 
 
 def row_path_embedding_forward(self: nn.Embedding, input: torch.Tensor) -> torch.Tensor:
-    plist = self.parametrizations.weight
-    layers = [p for p in plist if getattr(p, "is_subspace_layer", False)]
-    engine = layers[0].engine if len(plist) == 1 and layers else None
+    layer = sole_subspace_layer(self)
+    engine = None if layer is None else layer.engine
     if engine is None or not engine.row_path_embeddings or self.max_norm is not None or self.sparse:
         return nn.Embedding.forward(self, input)
-    original = plist.original
-    slot_name = layers[0].slot_name
+    original = self.parametrizations.weight.original
+    slot_name = layer.slot_name
     if engine.wants_whole_tensor(slot_name, original):
         return nn.Embedding.forward(self, input)
     out = F.embedding(input, original, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq, False)

@@ -86,3 +86,21 @@ class SubspaceLayer(nn.Module, BaseTunerLayer):
 
     def extra_repr(self) -> str:
         return f"slot={self.slot_name!r}, adapters={sorted(self._get_available_adapters())}"
+
+
+def sole_subspace_layer(module: nn.Module, attr: str = "weight") -> "SubspaceLayer | None":
+    """The subspace layer of ``module.<attr>`` when it is that tensor's only parametrization, else None."""
+    plist = module.parametrizations[attr]
+    layers = [p for p in plist if getattr(p, "is_subspace_layer", False)]
+    return layers[0] if len(plist) == 1 and layers else None
+
+
+def override_forward(module: nn.Module, plain: type, forward) -> None:
+    """Give ``module``'s parametrized class ``forward`` if the class before parametrization uses ``plain.forward``.
+
+    ``register_parametrization`` gives each module its own subclass, so the override touches this module alone
+    and disappears with the parametrization; subclasses with a ``forward`` of their own keep it.
+    """
+    base = type(module).__mro__[1]  # the class before parametrization
+    if base.forward is plain.forward:
+        type(module).forward = forward
