@@ -51,6 +51,11 @@ def test_format2_state_is_O_d_at_gpt2_size():
     c = torch.randn(10_000)
     whole = p.matvec_rows(c, 60_000_000, 60_100_000)
     torch.testing.assert_close(p.matvec_rows(c, 60_050_000, 60_060_000), whole[50_000:60_000], rtol=0, atol=0)
+    # a step over GPT-2-like tensors keeps each tensor's block offsets: still under 1 MB in all
+    bounds = torch.linspace(0, 124_000_000, 150).long().tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        p._block_range(a // p.d, (b - 1) // p.d)
+    assert p.state_bytes() <= 1_000_000
 
 
 def test_format1_is_kept_bit_exactly():
