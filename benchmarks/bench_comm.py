@@ -93,8 +93,12 @@ def worker(method: str, steps: int, result_file: str) -> None:
               "trainable": trainable, "syncs": counter.syncs, "outside": outside,
               "bytes_per_step": counter.syncs[-1] if counter.syncs else None}
     if method == "twa":
-        k = trainer.twa_result.k
-        result.update(k=k, bytes_per_step_ordinary=counter.syncs[0], bytes_per_step=counter.syncs[-1])
+        res = trainer.twa_result
+        shard_steps = {k: outside[k]["last_call"] for k in ("all_gather_single", "reduce_scatter_single")
+                       if k in outside}
+        result.update(k=res.k, bytes_per_step_ordinary=counter.syncs[0], bytes_per_step=counter.syncs[-1],
+                      sharded_collectives_per_step=shard_steps,
+                      basis_bytes_per_rank=getattr(res, "basis_bytes_per_rank", None), basis_bytes_whole=4 * res.k * D)
     Path(result_file).write_text(json.dumps(result))
 
 
@@ -131,8 +135,8 @@ def paper_rows(gpus=(8, 64), link_gbit=LINK_GBIT, k_twa=20) -> list[list]:
                    ("full fine-tuning, bf16 gradients", 2 * D, allreduce),
                    ("LoRA r=8 (q,v)", 4 * lora, allreduce), ("hf_subspace d=10k", 4 * 10_000, allreduce),
                    (f"TWA phase, basis whole on each rank (k={k_twa})", 4 * k_twa, allreduce),
-                   ("TWA phase, basis sharded by coordinates (design, not built): all-gather θ + reduce-scatter g, "
-                    "fp32", 8 * D, gather),
+                   ("TWA phase, basis sharded by coordinates: all-gather of P c + reduce-scatter of g, fp32",
+                    8 * D, gather),
                    ("TWA phase as nblt/TWA train_twa_ddp.py: DDP's all-reduce of g + one of Pᵀ-projected g, fp32",
                     8 * D, allreduce)]
         for label, payload, factor in methods:
@@ -180,24 +184,36 @@ def markdown_report(results: dict, steps: int) -> str:
         buffers = bc.get("last_call")
         per_step = r["bytes_per_step"]
         what = fmt_int(r["trainable"]) + " trainable"
+        other = "—"
         if method == "twa":
             what = f"ordinary phase {fmt_int(r['bytes_per_step_ordinary'])} B; TWA phase k = {r['k']}"
-        rows.append([r["label"], fmt_int(r["D"]), what, fmt_int(per_step), fmt_int(buffers), fmt_int(start)])
-    lines += markdown_table(["method", "D", "trained", "gradient bytes / step", "buffer bytes / step",
-                             "bytes once at start"], rows)
+            other = " + ".join(f"{fmt_int(v)} ({k.replace('_single', '')})"
+                               for k, v in r.get("sharded_collectives_per_step", {}).items()) or "—"
+        rows.append([r["label"], fmt_int(r["D"]), what, fmt_int(per_step), other, fmt_int(buffers), fmt_int(start)])
+    lines += markdown_table(["method", "D", "trained", "gradient bytes / step (DDP)", "other collectives / step",
+                             "buffer bytes / step", "bytes once at start"], rows)
+    twa = results.get("twa", [{}])[-1]
+    if twa.get("basis_bytes_per_rank"):
+        lines += ["", f"TWA basis per rank (sharded by coordinates over 2 processes, the default on several): "
+                  f"{fmt_int(twa['basis_bytes_per_rank'])} B, against {fmt_int(twa['basis_bytes_whole'])} B whole "
+                  f"({twa['basis_bytes_per_rank'] / twa['basis_bytes_whole']:.3f}); the TWA phase's gradient bytes "
+                  "are DDP's all-reduce of c, the other collectives the all-gather of P c and the reduce-scatter of "
+                  "the gradient that the sharded basis needs (`twa_shard_basis=False` keeps the basis whole on every "
+                  "rank and sends only the k numbers)."]
     full = results.get("full", [{}])[-1].get("bytes_per_step")
     if full:
         lines += ["", "Ratio to full fine-tuning (gradient bytes per step): " + ", ".join(
             f"{m} {full / r[-1]['bytes_per_step']:.0f}×" for m, r in results.items()
-            if m != "full" and r[-1].get("bytes_per_step"))]
+            if m not in ("full", "twa") and r[-1].get("bytes_per_step"))]
     lines += ["", f"## On paper: gradient payload per step and ring all-reduce time at {LINK_GBIT} Gb/s", "",
               "Bandwidth term only: `2 (N-1)/N × payload / link` for a ring all-reduce, `(N-1)/N × payload / link` for "
               "an all-gather or a reduce-scatter; a collective's latency (a few µs to tens of µs "
               "per ring hop) dominates the small payloads. A subspace's payload does not grow with the model: "
               "d float32 numbers (the LM head is in θ; no head trained in full). TWA with the k × D basis whole on "
               "each rank also sends k numbers per step, but holds k·D floats per rank (k = 20: 540 GB at 7B in "
-              "float32); sharding the basis by coordinates (not built yet) cuts that to k·D/N, at the price of an "
-              "all-gather of θ and a reduce-scatter of the gradient every step (each D-sized, as FSDP's).", ""]
+              "float32); sharding the basis by coordinates (`twa_shard_basis`, the default on several processes) "
+              "cuts that to k·D/N, at the price of an all-gather of P c and a reduce-scatter of the gradient every "
+              "step (each D-sized, as FSDP's).", ""]
     lines += markdown_table(["model", "method", "payload / step", "8 GPUs", "64 GPUs"], paper_rows(), align="llrrr")
     return "\n".join(lines) + "\n"
 

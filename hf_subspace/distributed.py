@@ -268,8 +268,8 @@ def refuse_sharded_merge(model: nn.Module) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # counting bytes
 # ------------------------------------------------------------------------------------------------------------
-_WRAPPED_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
-                        "_broadcast_coalesced")
+_WRAPPED_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single",
+                        "reduce_scatter_tensor", "reduce_scatter_single", "gather", "broadcast", "_broadcast_coalesced")
 
 
 def _nbytes(x) -> int:
@@ -355,6 +355,9 @@ class CommCounter:
                     return _fn(*args, **kwargs)
                 if _name == "_broadcast_coalesced":  # (group, tensors, bucket size, source)
                     size = _nbytes(args[1])
+                elif _name in ("all_gather_into_tensor", "all_gather_single", "reduce_scatter_tensor",
+                               "reduce_scatter_single"):  # (output, input): the whole buffer, not one rank's part
+                    size = max(_nbytes(args[0]), _nbytes(args[1])) if len(args) > 1 else _nbytes(args[0])
                 else:
                     size = _nbytes(args[0] if args else next(iter(kwargs.values()), None))
                 self.outside.setdefault(_name, []).append(size)

@@ -71,6 +71,11 @@ class SubspaceTrainingArguments(TrainingArguments):
                                                                     "paper's default) | linear (to 0) | cosine (to "
                                                                     "0) | constant"})
     twa_bn_batches: Optional[int] = field(default=None, metadata={"help": "batches for BN recalibration (all)"})
+    twa_shard_basis: bool = field(default=True, metadata={"help": "with several processes, shard the k x D basis "
+                                                                  "across them by coordinates (k·D/N floats per rank; "
+                                                                  "an all-gather and a reduce-scatter of D floats per "
+                                                                  "step) instead of keeping it whole on each (4·k bytes "
+                                                                  "per step)"})
     twa_max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping in the TWA phase (0: none, "
                                                                      "as in the paper)"})
 
@@ -244,8 +249,15 @@ def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None
     if names is None:
         names = [n for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
     _check_snapshots_fit(model, snapshots, names)
-    result = build_trajectory_basis(snapshots, names=names, method=args.twa_basis, k=args.twa_num_components,
-                                    center=args.twa_center)
+    sharded = args.world_size > 1 and args.twa_shard_basis
+    if sharded:  # no rank holds the whole k x D basis while it is built and trained (hf_subspace.twa.sharded)
+        from .twa.sharded import build_sharded_trajectory_basis
+
+        result = build_sharded_trajectory_basis(snapshots, names=names, method=args.twa_basis,
+                                                k=args.twa_num_components, center=args.twa_center)
+    else:
+        result = build_trajectory_basis(snapshots, names=names, method=args.twa_basis, k=args.twa_num_components,
+                                        center=args.twa_center)
     params = dict(model.named_parameters())
     requires_grad = {n: p.requires_grad for n, p in params.items()}
     with torch.no_grad():
@@ -294,6 +306,13 @@ def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None
 
     result.coefficients = engine.coeffs["twa"].detach().cpu().clone()
     engine.merge(["twa"])
+    if sharded:  # after training, rank 0 gets the whole basis (for save_twa_adapter there); the others keep shards
+        from .projections import TrajectoryProjection
+
+        result.basis_bytes_per_rank = result.projection.state_bytes()
+        whole = result.projection.gather_basis(dst=0)
+        if whole is not None:
+            result.projection = TrajectoryProjection(whole)
     engine.remove_parametrizations(model)
     del model._modules["subspace"]
     for n, p in model.named_parameters():

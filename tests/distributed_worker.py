@@ -100,14 +100,14 @@ def scenario_subspace(out, rank, world):
             "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
 
 
-def train_twa(out, world_size):
+def train_twa(out, world_size, **kw):
     """One-run TWA on the tiny BERT: 4 ordinary steps with a snapshot after each, then one epoch (4 steps) on the
     coefficients; returns the trainer (``trainer.model`` merged, ``trainer.twa_result.coefficients``)."""
     from hf_subspace import SubspaceTrainer
 
     # SGD in the ordinary phase too: Adam turns rounding-level differences of near-zero gradients into ±lr steps
     args = trainer_args(out, world_size, twa=True, twa_snapshot_steps=1, twa_learning_rate=0.5, learning_rate=0.5,
-                        optim="sgd")
+                        optim="sgd", **kw)
     trainer = SubspaceTrainer(model=tiny_bert(), args=args, train_dataset=text_dataset())
     trainer.train()
     return trainer
@@ -118,16 +118,24 @@ def twa_state(trainer) -> dict:
             "weights": {n: p.detach().cpu().clone() for n, p in trainer.model.named_parameters()}}
 
 
-def scenario_twa(out, rank, world):
+def scenario_twa(out, rank, world, shard=True):
     from hf_subspace.distributed import CommCounter
 
     counter = CommCounter()
     with counter.counting():  # attaches to both DDPs: the ordinary phase's and the TWA phase's inner Trainer's
-        trainer = train_twa(os.path.join(out, "twa"), world)
+        trainer = train_twa(os.path.join(out, f"twa-{shard}"), world, twa_shard_basis=shard)
     if rank == 0:
-        torch.save(twa_state(trainer), os.path.join(out, "twa.pt"))
-    return {"syncs": counter.syncs, "k": trainer.twa_result.k,
-            "D": sum(p.numel() for p in trainer.model.parameters())}
+        torch.save(twa_state(trainer), os.path.join(out, f"twa-{'sharded' if shard else 'whole'}.pt"))
+    result = trainer.twa_result
+    return {"syncs": counter.syncs, "k": result.k, "D": sum(p.numel() for p in trainer.model.parameters()),
+            "basis_bytes_per_rank": getattr(result, "basis_bytes_per_rank", None),
+            "basis_rank0": None if rank else list(result.basis.shape),
+            "outside": {k: v for k, v in counter.outside.items() if k in ("all_gather_single", "reduce_scatter_single",
+                                                                           "gather")}}
+
+
+def scenario_twa_whole(out, rank, world):
+    return scenario_twa(out, rank, world, shard=False)
 
 
 def scenario_full(out, rank, world):
@@ -216,7 +224,8 @@ def scenario_fsdp(out, rank, world):
     return got
 
 
-SCENARIOS = {"subspace": scenario_subspace, "twa": scenario_twa, "full": scenario_full, "mismatch": scenario_mismatch,
+SCENARIOS = {"subspace": scenario_subspace, "twa": scenario_twa, "twa_whole": scenario_twa_whole,
+             "full": scenario_full, "mismatch": scenario_mismatch,
              "trainer_seed": scenario_trainer_seed, "fsdp": scenario_fsdp}
 
 

@@ -58,18 +58,32 @@ def test_two_processes_train_as_one_on_the_same_global_batches(launched, tmp_pat
     assert launched.ranks[0]["subspace"]["losses"] == pytest.approx(losses, abs=1e-5)
 
 
-def test_two_process_twa_trains_as_one(launched, tmp_path):
-    """One-run TWA under DDP: the same snapshots on both ranks, the same basis, the same coefficients and weights as
-    one process; the TWA phase all-reduces k numbers per step (the ordinary phase all of θ)."""
+@pytest.mark.parametrize("basis", ["sharded", "whole"])
+def test_two_process_twa_trains_as_one(launched, tmp_path, basis):
+    """One-run TWA under DDP equals one process: the same snapshots on both ranks, the same basis (sharded by
+    coordinates over the ranks, or whole on each), the same coefficients and merged weights."""
     one = worker.twa_state(worker.train_twa(str(tmp_path), world_size=1))
-    two = torch.load(os.path.join(launched.out, "twa.pt"))
+    two = torch.load(os.path.join(launched.out, f"twa-{basis}.pt"))
     assert two["k"] == one["k"] == 3  # 4 snapshots, centered
     assert one["coefficients"].abs().max() > 1e-4
     torch.testing.assert_close(two["coefficients"], one["coefficients"], rtol=0, atol=1e-5)
     for name in one["weights"]:
         torch.testing.assert_close(two["weights"][name], one["weights"][name], rtol=0, atol=1e-5)
-    got = launched.ranks[0]["twa"]
+    got = launched.ranks[0]["twa" if basis == "sharded" else "twa_whole"]
+    # DDP: the ordinary phase all-reduces all of θ, the TWA phase the k coefficients' gradient
     assert got["syncs"] == [4 * got["D"]] * worker.STEPS + [4 * got["k"]] * worker.STEPS
+
+
+def test_sharded_twa_basis_holds_half_per_rank_and_what_each_step_sends(launched):
+    k, D = launched.ranks[0]["twa"]["k"], launched.ranks[0]["twa"]["D"]
+    half = -(-D // 2)
+    for r in range(2):
+        got = launched.ranks[r]["twa"]
+        assert got["basis_bytes_per_rank"] == 4 * k * half  # k directions for ⌈D/2⌉ coordinates: 1/2 of the whole
+        # per TWA step: one all-gather of θ's delta (P c) and one reduce-scatter of the gradient, D floats each
+        ag, rs = got["outside"]["all_gather_single"], got["outside"]["reduce_scatter_single"]
+        assert set(ag) == {4 * 2 * half} and len(rs) == worker.STEPS and set(rs) == {4 * 2 * half}
+    assert launched.ranks[0]["twa"]["basis_rank0"] == [k, D]  # gathered on rank 0 at the end, for saving
 
 
 def test_ddp_sends_4d_bytes_per_step_for_a_subspace_and_4D_for_full_fine_tuning(launched):
@@ -164,3 +178,20 @@ def test_comm_counter_outside_ddp_counts_and_restores():
         assert dist.all_reduce is not original
     assert dist.all_reduce is original
     assert counter.summary()["ddp_syncs"] == 0
+
+
+def test_sharded_basis_on_one_process_is_the_whole_basis():
+    from hf_subspace.twa import build_trajectory_basis
+    from hf_subspace.twa.sharded import build_sharded_trajectory_basis
+
+    g = torch.Generator().manual_seed(0)
+    snaps = [{"a": torch.randn(7, 5, generator=g), "b": torch.randn(11, generator=g)} for _ in range(5)]
+    whole = build_trajectory_basis(snaps, chunk_size=8)
+    sharded = build_sharded_trajectory_basis(snaps, chunk_size=8)
+    assert torch.equal(sharded.projection.shard, whole.basis) and sharded.k == whole.k == 4
+    assert all(torch.equal(sharded.mean[n], whole.mean[n]) for n in whole.names)
+    c, v = torch.randn(4, generator=g), torch.randn(46, generator=g)
+    torch.testing.assert_close(sharded.projection.matvec(c), whole.projection.matvec(c))
+    torch.testing.assert_close(sharded.projection.rmatvec(v), whole.projection.rmatvec(v))
+    with pytest.raises(ValueError, match="sharded over 1 processes"):
+        sharded.projection.basis
