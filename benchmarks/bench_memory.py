@@ -133,15 +133,20 @@ def paper_7b(d: int = 10_000) -> list[dict]:
     P = LLAMA_7B["params"]
     h, L = LLAMA_7B["hidden"], LLAMA_7B["layers"]
     lora = L * 2 * 8 * (h + h)  # r=8 on q and v: A (8 x h) and B (h x 8) per projection
-    largest = LLAMA_7B["vocab"] * h  # the embedding / LM head: the largest tensor whose gradient exists at once
+    from hf_subspace.blocked import BLOCK_ELEMENTS, MIN_ELEMENTS
+
+    # every Llama-7B linear has >= MIN_ELEMENTS weights (4096 x 4096 and up), so each runs in row blocks: the
+    # largest weight gradient that exists at once is one block; the embedding takes the row path
+    assert h * h >= MIN_ELEMENTS
+    largest = BLOCK_ELEMENTS
     rows = [
         {"method": "full fine-tuning (bf16 weights + grads, fp32 master + AdamW)", "bytes": P * (2 + 2 + 4 + 8),
          "how": "16 B per weight"},
         {"method": "LoRA r=8 (q,v)", "bytes": P * 2 + lora * 16, "how": f"2 B per weight + {lora:,} adapter weights "
                                                                          "x 16 B"},
         {"method": f"global subspace d={d:,} (hf_subspace 0.2)", "bytes": P * 2 + d * 16 + 3 * d * 4 + largest * 4,
-         "how": "2 B per weight + c (16 B x d) + projection state (12 B x d) + one fp32 weight gradient of the "
-                "largest tensor (the LM head), transiently"},
+         "how": "2 B per weight + c (16 B x d) + projection state (12 B x d) + one block's fp32 weight gradient "
+                "(4M weights), transiently: every 7B linear is large enough for the row-block path"},
         {"method": f"global subspace d={d:,} as in 0.1.0", "bytes": P * (2 + 4 + 2) + d * 16,
          "how": "+ an int32 index per weight (4 B) + every adapted weight kept for the backward (2 B)"},
     ]
@@ -202,6 +207,7 @@ def parse_args(argv=None):
                                                           "machine, as the issue measured)")
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--report-only", action="store_true", help="rewrite memory.md from memory.json (no runs)")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     p.add_argument("--result-file", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -218,6 +224,13 @@ def main(argv=None) -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        results = json.loads((out / "memory.json").read_text())
+        results["paper_7b"] = paper_7b()
+        (out / "memory.json").write_text(json.dumps(results, indent=1))
+        (out / "memory.md").write_text(markdown_report(results))
+        print((out / "memory.md").read_text())
+        return
     results = {"machine": machine_info(), "rounds": args.rounds, "threads": args.threads, "models": {},
                "paper_7b": paper_7b()}
     methods = [m["id"] for m in METHODS if not args.only or m["id"] in args.only]
