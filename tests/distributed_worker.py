@@ -138,6 +138,32 @@ def scenario_twa_whole(out, rank, world):
     return scenario_twa(out, rank, world, shard=False)
 
 
+def train_posthoc(out, world_size):
+    """Post-hoc TWA: an ordinary SGD run that saves a checkpoint every step, then ``twa_from_checkpoints`` over
+    them; returns ``twa_state``."""
+    from hf_subspace import SubspaceTrainer, twa_from_checkpoints
+
+    run_dir = os.path.join(out, "run")
+    first = trainer_args(run_dir, world_size, optim="sgd", learning_rate=0.5, save_strategy="steps", save_steps=1)
+    SubspaceTrainer(model=tiny_bert(), args=first, train_dataset=text_dataset()).train()
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every checkpoint written (rank 0 writes them) before any rank reads them
+    args = trainer_args(os.path.join(out, "twa"), world_size, twa_learning_rate=0.5)
+    trainer, result = twa_from_checkpoints(run_dir, tiny_bert(), args, train_dataset=text_dataset())
+    trainer.twa_result = result
+    return trainer
+
+
+def scenario_posthoc(out, rank, world):
+    trainer = train_posthoc(os.path.join(out, "posthoc"), world)
+    if rank == 0:
+        torch.save(twa_state(trainer), os.path.join(out, "posthoc.pt"))
+    return {"k": trainer.twa_result.k, "basis_bytes_per_rank": getattr(trainer.twa_result, "basis_bytes_per_rank",
+                                                                         None)}
+
+
 def scenario_full(out, rank, world):
     from hf_subspace.distributed import CommCounter
 
@@ -225,6 +251,7 @@ def scenario_fsdp(out, rank, world):
 
 
 SCENARIOS = {"subspace": scenario_subspace, "twa": scenario_twa, "twa_whole": scenario_twa_whole,
+             "posthoc": scenario_posthoc,
              "full": scenario_full, "mismatch": scenario_mismatch,
              "trainer_seed": scenario_trainer_seed, "fsdp": scenario_fsdp}
 

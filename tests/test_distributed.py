@@ -74,6 +74,16 @@ def test_two_process_twa_trains_as_one(launched, tmp_path, basis):
     assert got["syncs"] == [4 * got["D"]] * worker.STEPS + [4 * got["k"]] * worker.STEPS
 
 
+def test_two_process_post_hoc_twa_from_checkpoints_trains_as_one(launched, tmp_path):
+    one = worker.twa_state(worker.train_posthoc(str(tmp_path), world_size=1))
+    two = torch.load(os.path.join(launched.out, "posthoc.pt"))
+    assert two["k"] == one["k"] == 3  # 4 checkpoints
+    assert launched.ranks[1]["posthoc"]["basis_bytes_per_rank"] is not None  # the sharded path
+    torch.testing.assert_close(two["coefficients"], one["coefficients"], rtol=0, atol=1e-5)
+    for name in one["weights"]:
+        torch.testing.assert_close(two["weights"][name], one["weights"][name], rtol=0, atol=1e-5)
+
+
 def test_sharded_twa_basis_holds_half_per_rank_and_what_each_step_sends(launched):
     k, D = launched.ranks[0]["twa"]["k"], launched.ranks[0]["twa"]["D"]
     half = -(-D // 2)
