@@ -164,6 +164,45 @@ def scenario_posthoc(out, rank, world):
                                                                          None)}
 
 
+def accelerate_loop(world_size, counter=None):
+    """A training loop of one's own with accelerate (as accelerate's nlp_example): prepare, check the projections,
+    AdamW on c and the head; returns ``(c, losses)``."""
+    from accelerate import Accelerator
+    from peft import get_peft_model
+    from torch.utils.data import DataLoader
+
+    import hf_subspace as hs
+
+    accelerator = Accelerator(cpu=True)
+    model = get_peft_model(tiny_bert(), hs.SubspaceConfig(dim=DIM, task_type="SEQ_CLS"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    loader = DataLoader(text_dataset(), batch_size=GLOBAL_BATCH // world_size, shuffle=False)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    hs.check_projections_match(model)
+    if counter is not None and world_size > 1:
+        counter.attach(model)
+    model.train()
+    losses = []
+    for batch in loader:
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(accelerator.reduce(loss.detach(), "mean")))
+    engine = hs.find_engine(accelerator.unwrap_model(model))
+    return engine.coeffs["default"].detach().cpu().clone(), losses
+
+
+def scenario_accelerate(out, rank, world):
+    from hf_subspace.distributed import CommCounter
+
+    counter = CommCounter()
+    c, losses = accelerate_loop(world, counter)
+    if rank == 0:
+        torch.save(c, os.path.join(out, "accelerate_c.pt"))
+    return {"syncs": counter.syncs, "losses": losses}
+
+
 def scenario_full(out, rank, world):
     from hf_subspace.distributed import CommCounter
 
@@ -251,7 +290,7 @@ def scenario_fsdp(out, rank, world):
 
 
 SCENARIOS = {"subspace": scenario_subspace, "twa": scenario_twa, "twa_whole": scenario_twa_whole,
-             "posthoc": scenario_posthoc,
+             "posthoc": scenario_posthoc, "accelerate": scenario_accelerate,
              "full": scenario_full, "mismatch": scenario_mismatch,
              "trainer_seed": scenario_trainer_seed, "fsdp": scenario_fsdp}
 

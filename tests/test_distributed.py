@@ -58,6 +58,18 @@ def test_two_processes_train_as_one_on_the_same_global_batches(launched, tmp_pat
     assert launched.ranks[0]["subspace"]["losses"] == pytest.approx(losses, abs=1e-5)
 
 
+def test_an_accelerate_loop_of_ones_own_trains_as_one_process(launched):
+    """accelerate's prepare + hf_subspace.check_projections_match + a plain loop: the same c as one process, and
+    DDP all-reduces c and the head only."""
+    c_one, losses_one = worker.accelerate_loop(world_size=1)
+    c_two = torch.load(os.path.join(launched.out, "accelerate_c.pt"))
+    assert c_one.abs().max() > 1e-4
+    torch.testing.assert_close(c_two, c_one, rtol=0, atol=1e-5)
+    got = launched.ranks[0]["accelerate"]
+    assert got["losses"] == pytest.approx(losses_one, abs=1e-5)
+    assert got["syncs"] == [4 * (worker.DIM + HEAD)] * worker.STEPS
+
+
 @pytest.mark.parametrize("basis", ["sharded", "whole"])
 def test_two_process_twa_trains_as_one(launched, tmp_path, basis):
     """One-run TWA under DDP equals one process: the same snapshots on both ranks, the same basis (sharded by
