@@ -34,6 +34,8 @@ METHODS = {
     "lora": "PEFT LoRA r=8 on q,v (+ head)",
     "full": "full fine-tuning",
     "twa": "one-run TWA (ordinary phase, then k coefficients)",
+    "basis_sharded": "TWA basis built sharded by coordinates over 2 ranks (memory)",
+    "basis_whole": "TWA basis built whole on each of 2 ranks (memory)",
 }
 PER_DEVICE_BATCH, SEQ = 8, 32
 LINK_GBIT = 100
@@ -57,8 +59,49 @@ def dataset(n):
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()}).with_format("torch")
 
 
+BASIS_D, BASIS_SNAPSHOTS, BASIS_CHUNK = 8 * 2**20, 9, 1 << 18
+
+
+def basis_memory_worker(variant: str, result_file: str) -> None:
+    """Peak RSS growth of building the TWA basis ``variant`` = "sharded" over the ranks or "whole" on each, from 9
+    snapshots of D = 8M weights (in memory before the measurement starts), in a fresh launch per variant; every
+    rank measures, rank 0 writes."""
+    import torch.distributed as dist
+
+    from _harness import PeakMemory
+    from hf_subspace.twa import build_trajectory_basis
+    from hf_subspace.twa.sharded import build_sharded_trajectory_basis
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    g = torch.Generator().manual_seed(0)
+    sizes = [BASIS_D // 4] * 4
+    snaps = [{f"w{i}": torch.randn(n, generator=g) for i, n in enumerate(sizes)} for _ in range(BASIS_SNAPSHOTS)]
+    dist.barrier()
+    peak = PeakMemory()
+    if variant == "sharded":
+        result = build_sharded_trajectory_basis(snaps, chunk_size=BASIS_CHUNK)
+        held = result.projection.state_bytes()
+    else:
+        result = build_trajectory_basis(snaps, chunk_size=BASIS_CHUNK)
+        held = result.basis.numel() * 4
+    mine = {"peak_growth_mb": peak.stop() / 2**20, "basis_mb": held / 2**20,
+            "mean_mb": sum(t.numel() for t in result.mean.values()) * 4 / 2**20}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    if dist.get_rank() == 0:
+        Path(result_file).write_text(json.dumps({
+            "status": "measured", "method": f"basis_{variant}", "label": METHODS[f"basis_{variant}"],
+            "D": BASIS_D, "snapshots": BASIS_SNAPSHOTS, "k": result.k, "chunk_size": BASIS_CHUNK, "ranks": gathered,
+            "world_size": dist.get_world_size(), "bytes_per_step": None}))
+    dist.destroy_process_group()
+
+
 def worker(method: str, steps: int, result_file: str) -> None:
     """Runs on every rank of a torchrun launch; rank 0 writes the result."""
+    if method.startswith("basis_"):
+        basis_memory_worker(method.split("_", 1)[1], result_file)
+        return
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
 
@@ -175,6 +218,8 @@ def markdown_report(results: dict, steps: int) -> str:
              "whole model (θ0 included) once.", ""]
     rows = []
     for method, runs in results.items():
+        if method.startswith("basis_"):
+            continue
         r = runs[-1]
         if r.get("status") != "measured":
             rows.append([METHODS[method], "failed: " + r.get("reason", "")[:80], "", "", "", ""])
@@ -200,6 +245,22 @@ def markdown_report(results: dict, steps: int) -> str:
                   "are DDP's all-reduce of c, the other collectives the all-gather of P c and the reduce-scatter of "
                   "the gradient that the sharded basis needs (`twa_shard_basis=False` keeps the basis whole on every "
                   "rank and sends only the k numbers)."]
+    sharded, whole = (results.get(m, [{}])[-1] for m in ("basis_sharded", "basis_whole"))
+    if sharded.get("status") == "measured" and whole.get("status") == "measured":
+        lines += ["", f"## TWA basis memory per rank, measured (2 processes, {sharded['snapshots']} snapshots of "
+                  f"D = {fmt_int(sharded['D'])}, k = {sharded['k']})", "",
+                  "Peak resident-set growth of each rank while building the basis, each way in a fresh launch (the "
+                  "snapshots are in memory before; both also build the whole mean, "
+                  f"{sharded['ranks'][0]['mean_mb']:.0f} MiB, and stream a float64 working block of "
+                  f"{sharded['snapshots']} × {fmt_int(sharded['chunk_size'])}):", ""]
+        mrows = [[str(i), f"{s_['basis_mb']:.0f} MiB", f"{s_['peak_growth_mb']:.0f} MiB", f"{w['basis_mb']:.0f} MiB",
+                  f"{w['peak_growth_mb']:.0f} MiB", f"{s_['peak_growth_mb'] / w['peak_growth_mb']:.2f}"]
+                 for i, (s_, w) in enumerate(zip(sharded["ranks"], whole["ranks"]))]
+        lines += markdown_table(["rank", "sharded: basis held", "sharded: peak growth", "whole: basis held",
+                                 "whole: peak growth", "peak ratio"], mrows)
+        lines += ["", "The basis itself is exactly 1/N per rank; the peak falls less, because what both ways hold "
+                  "besides it — the whole mean (the model is whole on every rank under DDP), the working block and "
+                  "the float64 temporaries of each pass — does not shrink with N."]
     full = results.get("full", [{}])[-1].get("bytes_per_step")
     if full:
         lines += ["", "Ratio to full fine-tuning (gradient bytes per step): " + ", ".join(
