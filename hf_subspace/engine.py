@@ -24,6 +24,7 @@
 """
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Sequence
 
@@ -209,9 +210,12 @@ class SubspaceEngine(nn.Module):
         """
         out = original
         if torch.is_grad_enabled():
-            for name, state, i, _, _, _ in terms:
-                out = out + state.piece(self.coeffs[name], i, self._scale(name, i)).to(original.device,
-                                                                                       original.dtype)
+            for name, state, i, c, lam, _ in terms:
+                # the values the forward used, with the graph of the live parameters (c may have changed since)
+                live_c = self.coeffs[name]
+                src_c = c + (live_c - live_c.detach())
+                src_lam = None if lam is None else lam + (self._scale(name, i) - self._scale(name, i).detach())
+                out = out + state.piece(src_c, i, src_lam).to(original.device, original.dtype)
             return out
         for name, state, i, c, lam, view in terms:
             piece = state.piece(c, i, lam) if view is None else (view if lam is None else view * lam)
@@ -241,9 +245,12 @@ class SubspaceEngine(nn.Module):
 
     def _enter_saved_hooks(self) -> None:
         s = self.scratch
+        if getattr(s, "saved_depth", 0) and not _frame_is_running(getattr(s, "owner_frame", None)):
+            self._reset_saved_hooks()  # the forward that entered them was interrupted (KeyboardInterrupt, ...)
         s.saved_depth = getattr(s, "saved_depth", 0) + 1
         if s.saved_depth > 1:
             return  # a nested forward of the same model: the outer one's hooks are in place
+        s.owner_frame = _calling_module_frame()
         if (not self.recompute_saved_weights or not torch.is_grad_enabled() or torch.compiler.is_compiling()
                 or not torch._C._autograd._saved_tensors_hooks_is_enabled()):
             s.saved = None
@@ -260,7 +267,17 @@ class SubspaceEngine(nn.Module):
             return
         if getattr(s, "pushed", False):
             torch._C._autograd._pop_saved_tensors_default_hooks()
-        s.pushed, s.saved, s.snapshots, s.outer_hooks = False, None, None, None
+        s.pushed, s.saved, s.snapshots, s.outer_hooks, s.owner_frame = False, None, None, None, None
+
+    def _reset_saved_hooks(self) -> None:
+        """Undo what an interrupted forward left: torch runs ``always_call`` forward hooks on ``Exception`` only,
+        so a ``KeyboardInterrupt`` mid-forward skips :meth:`_forward_finished`."""
+        s = self.scratch
+        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if getattr(s, "pushed", False) and top is not None and top[0] == self._pack_saved:
+            torch._C._autograd._pop_saved_tensors_default_hooks()
+        s.saved_depth, s.in_forward, s.training_forward = 0, False, False
+        s.pushed, s.saved, s.snapshots, s.outer_hooks, s.owner_frame = False, None, None, None, None
 
     def rows_delta(self, slot_name: str, rows: torch.Tensor) -> torch.Tensor | None:
         """Rows ``rows`` of the summed active delta of one tensor (float32), or None when nothing applies."""
@@ -303,9 +320,9 @@ class SubspaceEngine(nn.Module):
 
     def _forward_started(self, module, args) -> None:
         """Forward pre-hook on the wrapped model: the cache is checked once per forward, not once per tensor."""
+        self._enter_saved_hooks()  # first: it may reset what an interrupted forward left
         self.scratch.in_forward, self.scratch.checked_in_forward = True, False
         self.scratch.training_forward = module.training
-        self._enter_saved_hooks()
 
     def _forward_finished(self, module, args, output) -> None:
         self._exit_saved_hooks()
@@ -452,6 +469,26 @@ class SubspaceEngine(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: {st.projection.kind} d={st.projection.d} D={st.layout.D} {st.mode}"
                          for n, st in self.adapters.items())
+
+
+def _calling_module_frame():
+    """The frame of the ``Module.__call__`` running the forward whose pre-hook called us (alive until it returns)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_name not in ("_call_impl", "_wrapped_call_impl"):
+        frame = frame.f_back
+    return frame
+
+
+def _frame_is_running(frame) -> bool:
+    """Whether ``frame`` is on this thread's stack (a forward that entered the hooks and has not returned)."""
+    if frame is None:
+        return False
+    current = sys._getframe(1)
+    while current is not None:
+        if current is frame:
+            return True
+        current = current.f_back
+    return False
 
 
 class _SavedWeight:

@@ -205,3 +205,81 @@ def test_huge_tied_lm_head_runs_in_row_blocks_with_the_same_values_and_gradients
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-6, atol=1e-6)
     for a, b in zip(results[True][1], results[False][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_an_interrupted_forward_leaves_no_hooks_and_no_stale_c():
+    """KeyboardInterrupt skips torch's always_call forward hooks: the next forward must still start clean."""
+    def fresh():
+        model = get_peft_model(tiny_bert_cls(), hs.SubspaceConfig(dim=20)).train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        return model, hs.find_engine(model)
+
+    model, engine = fresh()
+    layer = model.base_model.model.bert.encoder.layer[1]
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    handle = layer.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        model(**bert_batch())
+    handle.remove()
+    with torch.no_grad():
+        engine.coeffs["default"].add_(0.5 * torch.randn(20, generator=torch.Generator().manual_seed(0)))
+    model(**bert_batch()).loss.backward()
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    reference, ref_engine = fresh()
+    with torch.no_grad():
+        ref_engine.coeffs["default"].copy_(engine.coeffs["default"])
+    reference(**bert_batch()).loss.backward()
+    torch.testing.assert_close(engine.coeffs["default"].grad, ref_engine.coeffs["default"].grad, rtol=0, atol=0)
+
+
+def test_a_graph_building_backward_uses_the_c_of_its_forward():
+    model = get_peft_model(tiny_bert_cls(), hs.SubspaceConfig(dim=20)).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    c = hs.find_engine(model).coeffs["default"]
+    loss = model(**bert_batch()).loss
+    (g1,) = torch.autograd.grad(loss, c, retain_graph=True)
+    with torch.no_grad():
+        c.add_(torch.randn(20, generator=torch.Generator().manual_seed(1)))
+    (g2,) = torch.autograd.grad(loss, c, create_graph=True)
+    torch.testing.assert_close(g2, g1, rtol=0, atol=0)
+
+
+def test_projections_ignore_the_default_dtype():
+    old = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        for kind in ("hashing", "fastfood", "sparse", "dense"):
+            p = make_projection(kind, 10_003, 257, seed=2)
+            assert p.matvec(torch.ones(257)).dtype == torch.float32
+            assert p.rmatvec(torch.ones(10_003)).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.mark.parametrize("d", [256, 1024, 255])
+def test_hashing_block_signs_do_not_follow_their_offsets(d):
+    """u_b comes from a stream of its own: with 2^k dividing d it once was a bit of r_b (a periodic θ then met
+    the same sign in every block of a column). A d-periodic vector keeps its norm on average (≈1, not ≫1)."""
+    n = 512
+    p = make_projection("hashing", n * d, d, seed=0)
+    r, neg = p.shifts_signs(torch.arange(n))
+    agree = ((r >> 7) & 1 == 1) == neg
+    assert 0.35 < agree.float().mean() < 0.65
+    ratios = []
+    for s in range(5):
+        f = torch.randn(d, generator=torch.Generator().manual_seed(s))
+        x = f.repeat(n)
+        ratios.append(float(n * p.rmatvec(x).pow(2).sum() / x.pow(2).sum()))
+    assert 0.3 < sorted(ratios)[2] < 3.0
+
+
+def test_any_seed_fits_the_block_hash():
+    p = make_projection("hashing", 100, 7, seed=2**62)
+    assert p.matvec(torch.ones(7)).shape == (100,)

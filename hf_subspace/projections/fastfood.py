@@ -41,7 +41,7 @@ class FastfoodProjection(Projection):
         cpu = torch.device("cpu")  # explicit: a default-device context (meta, cuda) must not change P
         g = cpu_generator(self.seed, stream=6)
         self.signs = torch.randint(0, 2, (self.B,), generator=g, dtype=torch.int8, device=cpu).float().mul_(2).sub_(1)
-        self.gauss = torch.randn(self.B, generator=g, device=cpu)
+        self.gauss = torch.randn(self.B, generator=g, device=cpu, dtype=torch.float32)
         self.perm = torch.randperm(self.B, generator=g, device=cpu)
         kept_last = (D - (self.n_blocks - 1) * self.B) / self.B
         sq = float(self.gauss.double().pow(2).sum()) / self.B * (self.n_blocks - 1 + kept_last)

@@ -43,7 +43,7 @@ class FastfoodProjectionV1(Projection):
         shape = (self.n_blocks, self.B)
         cpu = torch.device("cpu")
         self.signs = torch.randint(0, 2, shape, generator=g, dtype=torch.int8, device=cpu).float().mul_(2).sub_(1)
-        self.gauss = torch.randn(shape, generator=g, device=cpu)
+        self.gauss = torch.randn(shape, generator=g, device=cpu, dtype=torch.float32)
         self.perm = torch.randperm(self.B, generator=g, device=cpu)
         sq = self.gauss.double().pow(2).sum(1) / self.B
         kept_last = D - (self.n_blocks - 1) * self.B

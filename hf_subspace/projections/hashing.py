@@ -37,7 +37,8 @@ def block_hash(blocks: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
     Three rounds of a multiply-add mod a Mersenne prime with xor-shift mixing: integer arithmetic only, the same
     on every device and process.
     """
-    x = (blocks.to(torch.int64) + (int(seed) * 7_919 + stream * 104_729 + 12_345)) % _P31
+    offset = (int(seed) * 7_919 + int(stream) * 104_729 + 12_345) % _P31  # Python ints: any seed fits
+    x = (blocks.to(torch.int64) + offset) % _P31
     for m in _MULTS:
         x = (x * m + 40_503) % _P31
         x = x ^ (x >> 13)
@@ -56,7 +57,7 @@ class HashingProjection(Projection):
         cpu = torch.device("cpu")  # explicit: a default-device context (meta, cuda) must not change P
         self.v = torch.randint(0, 2, (d,), generator=g, dtype=torch.int8, device=cpu).float().mul_(2).sub_(1)
         self.n_blocks = -(-D // d)
-        counts = torch.full((d,), float(D // d), device=cpu)
+        counts = torch.full((d,), float(D // d), device=cpu, dtype=torch.float32)  # whatever the default dtype
         partial = D - (D // d) * d
         if partial:  # the last block covers columns (k + r_last) mod d for k < partial
             r_last = int(self.shifts_signs(torch.tensor([self.n_blocks - 1], device=cpu))[0][0])
@@ -89,8 +90,8 @@ class HashingProjection(Projection):
             shifts, negative = self._saved
             return shifts[blocks.to(shifts.device)].to(blocks.device, torch.int64), negative[blocks.to(
                 negative.device)].to(blocks.device) != 0
-        h = block_hash(blocks, self.seed, stream=5)
-        return h % self.d, (h >> 7) & 1 == 1
+        # the sign from a stream of its own: a bit of the offset's hash would tie u_b to r_b when 2^k divides d
+        return block_hash(blocks, self.seed, stream=5) % self.d, block_hash(blocks, self.seed, stream=6) & 1 == 1
 
     # -- P c ------------------------------------------------------------------------------------------------
     def _windows(self, c):

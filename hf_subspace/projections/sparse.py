@@ -30,7 +30,8 @@ class SparseProjection(Projection):
         # generated on the CPU (CPU random streams are the same on every machine), then moved to the device
         g = cpu_generator(self.seed, stream=1)
         cpu = torch.device("cpu")
-        counts = torch.binomial(torch.full((d,), float(D), device=cpu), torch.full((d,), self.density, device=cpu),
+        counts = torch.binomial(torch.full((d,), float(D), device=cpu, dtype=torch.float32),
+                                torch.full((d,), self.density, device=cpu, dtype=torch.float32),
                                 generator=g).long()
         counts.clamp_(min=1)  # every column gets at least one entry, so it can be normalized
         total = int(counts.sum())
@@ -44,7 +45,7 @@ class SparseProjection(Projection):
         vals = coo.values()
         keep = vals != 0  # a duplicate +1/-1 pair cancels
         rows, cols, vals = rows[keep], cols[keep], vals[keep]
-        norms = torch.zeros(d, device=cpu).index_add_(0, cols, vals * vals).sqrt()
+        norms = torch.zeros(d, device=cpu, dtype=torch.float32).index_add_(0, cols, vals * vals).sqrt()
         if (norms == 0).any():
             raise ValueError("sparse projection generated an empty column; increase density or change the seed")
         vals = vals / norms[cols]
