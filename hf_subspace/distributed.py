@@ -180,6 +180,29 @@ def check_projections_match(model: nn.Module, group=None) -> dict:
     return fp
 
 
+def average_batchnorm_statistics(model: nn.Module, group=None) -> int:
+    """Average every BatchNorm's running mean and variance over the ranks (one all-reduce each); returns how many
+    modules were averaged (0 without a process group).
+
+    BatchNorm recalibration reads each rank's share of the data, so the ranks end with different statistics: the
+    average of equal-sized shares is the mean over all the batches (running_mean exactly; running_var as the mean
+    of the per-batch variances, as one process computes it with ``momentum=None``).
+    """
+    import torch.distributed as dist
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return 0
+    world = dist.get_world_size(group)
+    bns = [m for m in _unwrap(model).modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    for m in bns:
+        for t in (m.running_mean, m.running_var):
+            if t is not None:
+                dist.all_reduce(t, group=group)
+                t.div_(world)
+    return len(bns)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # sharded θ0: refused
 # ------------------------------------------------------------------------------------------------------------
@@ -400,6 +423,7 @@ class CommCountCallback(TrainerCallback):
 
 __all__ = [
     "CommCountCallback",
+    "average_batchnorm_statistics",
     "CommCounter",
     "ProjectionMismatchError",
     "check_projections_match",

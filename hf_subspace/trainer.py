@@ -265,6 +265,10 @@ def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None
             params[n].copy_(result.mean[n].to(params[n].device, params[n].dtype))
     train_loader = trainer.get_train_dataloader()
     recalibrate_batchnorm(model, train_loader, num_batches=args.twa_bn_batches)
+    if args.world_size > 1:  # each rank read its share of the data: average, so all ranks hold the same model
+        from .distributed import average_batchnorm_statistics
+
+        average_batchnorm_statistics(model)
 
     engine = SubspaceEngine()
     layout = layout_from_names(model, result.names)
@@ -318,6 +322,10 @@ def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None
     for n, p in model.named_parameters():
         p.requires_grad_(requires_grad.get(n, True))
     recalibrate_batchnorm(model, train_loader, num_batches=args.twa_bn_batches)
+    if args.world_size > 1:
+        from .distributed import average_batchnorm_statistics
+
+        average_batchnorm_statistics(model)
     result.metrics = dict(train_out.metrics)
     trainer.model = model
     if trainer.eval_dataset is not None:

@@ -203,6 +203,35 @@ def scenario_accelerate(out, rank, world):
     return {"syncs": counter.syncs, "losses": losses}
 
 
+def image_dataset(n=GLOBAL_BATCH * STEPS, seed=0):
+    from datasets import Dataset
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, size=n)
+    x = rng.normal(size=(n, 1, 16, 16)).astype("float32")
+    x[:, 0, :4, :4] += labels[:, None, None] * 1.5
+    return Dataset.from_dict({"pixel_values": x.tolist(), "labels": labels.tolist()}).with_format("torch")
+
+
+def scenario_twa_batchnorm(out, rank, world):
+    """One-run TWA of a CNN with BatchNorm: every rank recalibrates on its share of the data, then the statistics
+    are averaged, so all ranks end with the same model. Returns a digest of the final buffers and weights."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from hf_subspace import SubspaceTrainer
+
+    torch.manual_seed(0)
+    model = ResNetForImageClassification(ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16],
+                                                      depths=[1, 1], layer_type="basic", num_labels=3))
+    args = trainer_args(os.path.join(out, "twa-bn"), world, twa=True, twa_snapshot_steps=1, optim="sgd",
+                        learning_rate=0.1, twa_learning_rate=0.1)
+    trainer = SubspaceTrainer(model=model, args=args, train_dataset=image_dataset())
+    trainer.train()
+    bufs = {n: b.detach().double() for n, b in trainer.model.named_buffers() if "running" in n}
+    return {"buffers": {n: [float(b.sum()), float(b.abs().max())] for n, b in bufs.items()},
+            "weights": float(sum(p.detach().double().abs().sum() for p in trainer.model.parameters()))}
+
+
 def scenario_full(out, rank, world):
     from hf_subspace.distributed import CommCounter
 
@@ -291,6 +320,7 @@ def scenario_fsdp(out, rank, world):
 
 SCENARIOS = {"subspace": scenario_subspace, "twa": scenario_twa, "twa_whole": scenario_twa_whole,
              "posthoc": scenario_posthoc, "accelerate": scenario_accelerate,
+             "twa_batchnorm": scenario_twa_batchnorm,
              "full": scenario_full, "mismatch": scenario_mismatch,
              "trainer_seed": scenario_trainer_seed, "fsdp": scenario_fsdp}
 

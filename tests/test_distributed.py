@@ -20,21 +20,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 HEAD = 32 * 2 + 2  # the tiny BERT's classifier (modules_to_save of SEQ_CLS)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """Both ranks' results of every scenario (one ``torchrun --nproc_per_node 2`` launch)."""
     out = str(tmp_path_factory.mktemp("distributed"))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), os.path.join(HERE, "distributed_worker.py"), out]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "distributed_worker.py"), out]  # --standalone: a free port of its own
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
@@ -94,6 +86,14 @@ def test_two_process_post_hoc_twa_from_checkpoints_trains_as_one(launched, tmp_p
     torch.testing.assert_close(two["coefficients"], one["coefficients"], rtol=0, atol=1e-5)
     for name in one["weights"]:
         torch.testing.assert_close(two["weights"][name], one["weights"][name], rtol=0, atol=1e-5)
+
+
+def test_twa_of_a_batchnorm_model_ends_with_the_same_model_on_every_rank(launched):
+    """Each rank recalibrates BatchNorm on its share of the data; the statistics are then averaged over the ranks."""
+    r0, r1 = launched.ranks[0]["twa_batchnorm"], launched.ranks[1]["twa_batchnorm"]
+    assert len(r0["buffers"]) >= 4
+    assert r0["buffers"] == r1["buffers"]
+    assert r0["weights"] == r1["weights"]
 
 
 def test_sharded_twa_basis_holds_half_per_rank_and_what_each_step_sends(launched):
