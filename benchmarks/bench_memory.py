@@ -24,7 +24,7 @@ from pathlib import Path
 
 from _setup import REPO  # noqa: E402  (puts the checkout on sys.path, sets offline defaults)
 from _harness import (MIB, PeakMemory, add_ratios, fmt_int, fmt_mb, fmt_ratio, fmt_s, machine_info,  # noqa: E402
-                      markdown_table, pool_rounds, round_robin, source_state, sources_sha256)
+                      markdown_table, pool_rounds, round_robin, run_worker, source_state, sources_sha256)
 
 import torch  # noqa: E402
 
@@ -124,6 +124,33 @@ def measure(model_name: str, method_id: str) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+def time_interleaved(model_name: str, method_ids: list[str], rounds: int) -> dict:
+    """Step times of several methods in ONE process, one step of each in turn, ``rounds`` times (after a warm-up
+    step each): a machine whose speed drifts (other work, frequency) slows every method alike, so the ratios hold.
+    Returns ``{method: [step seconds, ...]}``."""
+    spec = MODELS[model_name]
+    g = torch.Generator().manual_seed(0)
+    runs = {}
+    for method_id in method_ids:
+        method = next(m for m in METHODS if m["id"] == method_id)
+        model = build_method(build_model(model_name), model_name, method).train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        runs[method_id] = (model, opt)
+    vocab = next(iter(runs.values()))[0].config.vocab_size
+    ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=g)
+    labels = ids if spec["task"] == "CAUSAL_LM" else torch.randint(0, 2, (spec["batch"],), generator=g)
+    times = {m: [] for m in method_ids}
+    for r in range(rounds + 1):
+        for method_id, (model, opt) in runs.items():
+            t0 = time.perf_counter()
+            model(input_ids=ids, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if r:  # round 0 warms up
+                times[method_id].append(time.perf_counter() - t0)
+    return times
+
+
 # -- on paper: a 7B model, bf16 weights ---------------------------------------------------------------------------
 LLAMA_7B = {"params": 6_738_415_616, "hidden": 4096, "layers": 32, "vocab": 32_000}
 
@@ -169,9 +196,11 @@ def markdown_report(results: dict) -> str:
            f"{m['time']} · {m['cpu_model']} · {m['cpu_affinity']} CPUs · torch {m['torch']} with "
            f"{results['threads'] or m['torch_threads']} thread(s) · transformers {m['transformers']} · peft "
            f"{m['peft']} · hf_subspace at commit {m['hf_subspace_source'].get('commit')}", "",
-           f"Each method in its own process: {WARMUP} warm-up + {STEPS} timed AdamW steps; {results['rounds']} "
-           "round(s) round-robin. Peak memory = peak RSS growth over the process after imports (model, adapter, "
-           "activations, gradients, optimizer state). Step = median over all timed steps of all rounds.", ""]
+           f"Peak memory: each method in its own process, {WARMUP} warm-up + {STEPS} AdamW steps, {results['rounds']} "
+           "round(s) round-robin (median of the rounds' peaks); peak RSS growth over the process after imports "
+           "(model, adapter, activations, gradients, optimizer state). Step time: all methods of a model in one "
+           f"process, one step of each in turn, {results.get('time_rounds', '?')} rounds after a warm-up (median), "
+           "so drift of a shared machine hits all alike.", ""]
     if len(results.get("sources_versions", [])) > 1:
         out += ["**Warning: the hf_subspace sources changed during this run** "
                 f"({len(results['sources_versions'])} versions measured).", ""]
@@ -208,7 +237,10 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--report-only", action="store_true", help="rewrite memory.md from memory.json (no runs)")
+    p.add_argument("--time-rounds", type=int, default=5, help="step times: rounds of the interleaved timing run "
+                                                                  "(all methods of a model in one process)")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    p.add_argument("--timing-worker", help=argparse.SUPPRESS)
     p.add_argument("--result-file", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -217,6 +249,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.timing_worker:
+        model_name, methods = args.timing_worker.split(":")
+        result = {"status": "measured", "times": time_interleaved(model_name, methods.split(","), args.time_rounds)}
+        result["sources_sha256"] = sources_sha256()
+        Path(args.result_file).write_text(json.dumps(result))
+        return
     if args.worker:
         result = measure(*args.worker)
         result["sources_sha256"] = sources_sha256()  # the tree may change during a run: each result says its code
@@ -232,12 +270,13 @@ def main(argv=None) -> None:
         print((out / "memory.md").read_text())
         return
     results = {"machine": machine_info(), "rounds": args.rounds, "threads": args.threads, "models": {},
+               "time_rounds": args.time_rounds,
                "paper_7b": paper_7b()}
     methods = [m["id"] for m in METHODS if not args.only or m["id"] in args.only]
     jobs = {(mn, mid): ["--worker", mn, mid] for mn in args.models for mid in methods}
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(jobs) * args.rounds, desc="memory benchmark")
+    bar = tqdm(total=len(jobs) * args.rounds + len(args.models), desc="memory benchmark")
 
     def progress(name, r, result):
         bar.update(1)
@@ -245,13 +284,24 @@ def main(argv=None) -> None:
                             f"{result.get('step_s', 0):.2f} s")
 
     runs = round_robin({k: v for k, v in jobs.items()}, __file__, args.rounds, args.timeout, args.threads, progress)
-    bar.close()
     for (model_name, method_id), rounds in runs.items():
         measured = [r for r in rounds if r.get("status") == "measured"]
         row = pool_rounds(rounds, medians=("peak_mem_mb", "mem_after_build_mb")) if measured else rounds[-1]
         results["models"].setdefault(model_name, {})[method_id] = row
+    # step times: all methods of a model interleaved in one process (see time_interleaved)
+    for model_name in args.models:
+        timing = run_worker(__file__, ["--timing-worker", f"{model_name}:{','.join(methods)}",
+                                       "--time-rounds", str(args.time_rounds)], args.timeout, args.threads)
+        bar.update(1)
+        bar.set_postfix_str(f"{model_name} interleaved timing: {timing.get('status')}")
+        for method_id, times in timing.get("times", {}).items():
+            row = results["models"][model_name][method_id]
+            row["step_s_process"] = row.get("step_s")  # its own process's steps (kept, less robust to drift)
+            row["step_s_all"], row["step_s"] = times, statistics.median(times)
+        results.setdefault("timing_sources", {})[model_name] = timing.get("sources_sha256")
     for rows in results["models"].values():
         add_ratios(rows)
+    bar.close()
     results["machine"]["hf_subspace_source_end"] = source_state()
     versions = {r.get("sources_sha256") for rounds in runs.values() for r in rounds if r.get("status") == "measured"}
     results["sources_versions"] = sorted(v for v in versions if v)
