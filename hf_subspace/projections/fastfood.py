@@ -25,6 +25,15 @@ from .hadamard import fwht, hadamard_factors
 from .hashing import block_hash
 
 
+def block_layout(D: int, d: int, block: str) -> tuple[int, int]:
+    """``(B, number of blocks)``: blocks of ``2^⌈log2 d⌉`` rows (``block="d"``) or one of ``2^⌈log2 D⌉``
+    (``"global"``); the same in every format."""
+    if block not in ("d", "global"):
+        raise ValueError(f"fastfood block must be 'd' (blocks of size 2^ceil(log2 d)) or 'global', got {block!r}")
+    B = 1 << max(0, math.ceil(math.log2(d if block == "d" else D)))
+    return B, math.ceil(D / B)
+
+
 class FastfoodProjection(Projection):
     kind = "fastfood"
     format = 2
@@ -32,12 +41,8 @@ class FastfoodProjection(Projection):
 
     def __init__(self, D, d, seed=0, device=None, block: str = "d"):
         super().__init__(D, d, seed, device)
-        if block not in ("d", "global"):
-            raise ValueError(f"fastfood block must be 'd' (blocks of size 2^ceil(log2 d)) or 'global', got {block!r}")
         self.block = block
-        size = d if block == "d" else D
-        self.B = 1 << max(0, math.ceil(math.log2(size)))
-        self.n_blocks = math.ceil(D / self.B)
+        self.B, self.n_blocks = block_layout(D, d, block)
         cpu = torch.device("cpu")  # explicit: a default-device context (meta, cuda) must not change P
         g = cpu_generator(self.seed, stream=6)
         self.signs = torch.randint(0, 2, (self.B,), generator=g, dtype=torch.int8, device=cpu).float().mul_(2).sub_(1)

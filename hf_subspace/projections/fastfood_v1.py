@@ -18,11 +18,11 @@ over all of θ — not ``√(number of blocks)``.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
 from .base import Projection, cpu_generator
+from .fastfood import block_layout
 from .hadamard import fwht, hadamard_factors
 
 
@@ -32,12 +32,8 @@ class FastfoodProjectionV1(Projection):
 
     def __init__(self, D, d, seed=0, device=None, block: str = "d"):
         super().__init__(D, d, seed, device)
-        if block not in ("d", "global"):
-            raise ValueError(f"fastfood block must be 'd' (blocks of size 2^ceil(log2 d)) or 'global', got {block!r}")
         self.block = block
-        size = d if block == "d" else D
-        self.B = 1 << max(0, math.ceil(math.log2(size)))
-        self.n_blocks = math.ceil(D / self.B)
+        self.B, self.n_blocks = block_layout(D, d, block)
         # generated on the CPU (CPU random streams are the same on every machine), then moved to the device
         g = cpu_generator(self.seed, stream=3)
         shape = (self.n_blocks, self.B)
