@@ -7,7 +7,7 @@
   heads, ``cls_token`` parameters) sees the adapted value too.
 * The layers hold the engine by a plain strong reference (not a submodule): a base model taken out of its
   PeftModel keeps its adapter, and ``copy.deepcopy`` copies the engine once, with the model that uses it.
-* Projections with cheap row slices (hashing) compute each tensor's delta on the fly (one gather forward, one
+* Projections with cheap row slices (hashing, fastfood) compute each tensor's delta on the fly (one gather forward, one
   scatter backward); the others cache the flat ``P c`` until ``c`` changes and run ``Pᵀ g`` once per backward.
 * Without autograd (evaluation, ``generate``) each adapted tensor is kept materialized until ``c``, the active
   adapters or θ0 change, so inference costs what the plain model costs (set ``inference_cache = False`` to trade
