@@ -10,100 +10,42 @@ from __future__ import annotations
 import torch
 
 
-class Project(torch.autograd.Function):
-    """``c -> P c``; backward ``g -> Pᵀ g`` through :class:`ProjectT`, so second derivatives are exact too."""
+class LinearProduct(torch.autograd.Function):
+    """``x -> projection.<op>(x, *args)`` for a linear ``op``; its backward is ``projection.<adjoint>`` as a
+    :class:`LinearProduct` again (ops and adjoints swapped), so second derivatives are exact too.
+
+    The pairs: ``matvec``/``rmatvec`` (whole), ``matvec_rows``/``rmatvec_rows`` (``args = (start, stop)``),
+    ``matvec_at``/``rmatvec_at`` (``args = (positions,)``, distinct).
+    """
 
     @staticmethod
-    def forward(ctx, c, projection):
-        ctx.projection = projection
-        return projection.matvec(c)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ProjectT.apply(grad.contiguous(), ctx.projection), None
-
-
-class ProjectT(torch.autograd.Function):
-    """``g -> Pᵀ g``, the adjoint; its backward is ``P`` again (P is linear)."""
-
-    @staticmethod
-    def forward(ctx, g, projection):
-        ctx.projection = projection
-        return projection.rmatvec(g)
-
-    @staticmethod
-    def backward(ctx, v):
-        return Project.apply(v, ctx.projection), None
-
-
-class ProjectRows(torch.autograd.Function):
-    """``c -> (P c)[start:stop]`` with backward ``g -> P[start:stop]ᵀ g``, for projections with cheap row slices."""
-
-    @staticmethod
-    def forward(ctx, c, projection, start, stop):
-        ctx.projection, ctx.start, ctx.stop = projection, start, stop
-        return projection.matvec_rows(c, start, stop)
+    def forward(ctx, x, projection, op, adjoint, args):
+        ctx.projection, ctx.op, ctx.adjoint, ctx.args = projection, op, adjoint, args
+        return getattr(projection, op)(x, *args)
 
     @staticmethod
     def backward(ctx, grad):
-        return ProjectRowsT.apply(grad, ctx.projection, ctx.start, ctx.stop), None, None, None
+        return LinearProduct.apply(grad.contiguous(), ctx.projection, ctx.adjoint, ctx.op, ctx.args), None, None, \
+            None, None
 
 
-class ProjectRowsT(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, g, projection, start, stop):
-        ctx.projection, ctx.start, ctx.stop = projection, start, stop
-        return projection.rmatvec_rows(g, start, stop)
-
-    @staticmethod
-    def backward(ctx, v):
-        return ProjectRows.apply(v, ctx.projection, ctx.start, ctx.stop), None, None, None
-
-
-class ProjectAt(torch.autograd.Function):
-    """``c -> (P c)[positions]`` with backward ``g -> P[positions]ᵀ g`` (positions distinct)."""
-
-    @staticmethod
-    def forward(ctx, c, projection, positions):
-        ctx.projection = projection
-        ctx.save_for_backward(positions)
-        return projection.matvec_at(c, positions)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (positions,) = ctx.saved_tensors
-        return ProjectAtT.apply(grad, ctx.projection, positions), None, None
-
-
-class ProjectAtT(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, g, projection, positions):
-        ctx.projection = projection
-        ctx.save_for_backward(positions)
-        return projection.rmatvec_at(g, positions)
-
-    @staticmethod
-    def backward(ctx, v):
-        (positions,) = ctx.saved_tensors
-        return ProjectAt.apply(v, ctx.projection, positions), None, None
+def _product(c: torch.Tensor, projection, op: str, adjoint: str, *args) -> torch.Tensor:
+    """``projection.<op>(c, *args)``, differentiable in ``c`` when autograd needs it."""
+    if torch.is_grad_enabled() and c.requires_grad:
+        return LinearProduct.apply(c, projection, op, adjoint, args)
+    return getattr(projection, op)(c.detach(), *args)
 
 
 def project(c: torch.Tensor, projection) -> torch.Tensor:
     """``P c``, differentiable in ``c`` when autograd needs it."""
-    if torch.is_grad_enabled() and c.requires_grad:
-        return Project.apply(c, projection)
-    return projection.matvec(c.detach())
+    return _product(c, projection, "matvec", "rmatvec")
 
 
 def project_rows(c: torch.Tensor, projection, start: int, stop: int) -> torch.Tensor:
     """``(P c)[start:stop]``, differentiable in ``c`` when autograd needs it."""
-    if torch.is_grad_enabled() and c.requires_grad:
-        return ProjectRows.apply(c, projection, start, stop)
-    return projection.matvec_rows(c.detach(), start, stop)
+    return _product(c, projection, "matvec_rows", "rmatvec_rows", start, stop)
 
 
 def project_at(c: torch.Tensor, projection, positions: torch.Tensor) -> torch.Tensor:
     """``(P c)[positions]``, differentiable in ``c`` when autograd needs it."""
-    if torch.is_grad_enabled() and c.requires_grad:
-        return ProjectAt.apply(c, projection, positions)
-    return projection.matvec_at(c.detach(), positions)
+    return _product(c, projection, "matvec_at", "rmatvec_at", positions)
