@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .nonfinite import NonFiniteGuard, NonFiniteMixin
+from .errors import SubspaceConfigError, TWASnapshotError
 from .reparam import SubspaceEngine, find_engine, layout_from_names, validate_subspace_args
 from .tuner.config import SubspaceConfig, is_subspace_model
 
@@ -78,11 +80,25 @@ class SubspaceTrainingArguments(TrainingArguments):
                                                                   "per step)"})
     twa_max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping in the TWA phase (0: none, "
                                                                      "as in the paper)"})
+    skip_nonfinite_steps: bool = field(default=True, metadata={
+        "help": "skip an optimizer step whose loss or gradient is NaN/Inf (parameters and optimizer state "
+                "untouched; counted as nonfinite_steps_skipped in the logs)"})
+    max_consecutive_nonfinite_steps: int = field(default=10, metadata={
+        "help": "stop with NonFiniteTrainingError after this many skipped steps in a row (0: never stop)"})
 
     def __post_init__(self):
         super().__post_init__()
         if self.subspace_dim is not None:
             validate_subspace_args(self.subspace_dim, self.subspace_projection, self.subspace_mode)
+        elif not self.twa:
+            defaults = _subspace_defaults()
+            ignored = [f"{n}={getattr(self, n)!r}" for n in SUBSPACE_ONLY if getattr(self, n) != defaults[n]]
+            if ignored:
+                raise SubspaceConfigError(
+                    f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} set but subspace_dim is not, so "
+                    f"{'it' if len(ignored) == 1 else 'they'} would be ignored and every weight of the model would be "
+                    "fine-tuned. Set subspace_dim=d (--subspace_dim d: the number of trainable coefficients, e.g. "
+                    "1000) to train in a random subspace, or leave the subspace_* settings out for full fine-tuning")
         if self.twa and self.subspace_dim is not None:
             raise ValueError("twa=True trains the ordinary model first; it cannot be combined with subspace_dim")
         if self.twa_basis not in ("twa", "pca"):
@@ -93,8 +109,22 @@ class SubspaceTrainingArguments(TrainingArguments):
             raise ValueError(f"twa_lr_schedule must be one of {list(TWA_LR_SCHEDULES)}, got {self.twa_lr_schedule!r}")
         if self.twa_epochs <= 0:
             raise ValueError(f"twa_epochs must be positive, got {self.twa_epochs}")
+        if (isinstance(self.max_consecutive_nonfinite_steps, bool) or not isinstance(self.max_consecutive_nonfinite_steps, int)
+                or self.max_consecutive_nonfinite_steps < 0):
+            raise ValueError("max_consecutive_nonfinite_steps must be a non-negative integer (0: never stop), got "
+                             f"{self.max_consecutive_nonfinite_steps!r}")
         if self.twa_optimizer not in TWA_OPTIMIZERS:
             raise ValueError(f"twa_optimizer must be one of {list(TWA_OPTIMIZERS)}, got {self.twa_optimizer!r}")
+
+
+#: the settings that only a random subspace (subspace_dim) uses
+SUBSPACE_ONLY = ("subspace_projection", "subspace_mode", "subspace_seed", "subspace_projection_format",
+                 "subspace_target_modules", "subspace_modules_to_save")
+
+
+def _subspace_defaults() -> dict:
+    """The defaults of :data:`SUBSPACE_ONLY` (what arguments without a random subspace must hold)."""
+    return {f.name: f.default for f in dataclasses.fields(SubspaceTrainingArguments) if f.name in SUBSPACE_ONLY}
 
 
 def _task_type(model) -> Optional[str]:
@@ -153,7 +183,7 @@ class _DistributedChecksCallback(TrainerCallback):
         check_projections_match(trainer.model)
 
 
-class SubspaceTrainer(Trainer):
+class SubspaceTrainer(NonFiniteMixin, Trainer):
     """A ``transformers.Trainer`` for subspace training. See the module docstring.
 
     ``model`` is a plain model (wrapped from ``args.subspace_*``), an already-wrapped subspace model, or — with
@@ -175,16 +205,16 @@ class SubspaceTrainer(Trainer):
                                     what="TWA" if args.twa else "subspace training")
         self.add_callback(_SubspaceInfoCallback(self))
         self.add_callback(_DistributedChecksCallback(self))
+        if args.skip_nonfinite_steps:
+            self.install_nonfinite_guard(args.max_consecutive_nonfinite_steps)
         self.snapshot_callback = None
         self.twa_result = None
         if args.twa:
             from .twa import SnapshotCallback
 
+            # its store is made when training starts (train()): a fresh one, or the one a resumed checkpoint lists
             self.snapshot_callback = SnapshotCallback(
                 every_n_steps=args.twa_snapshot_steps, per_epoch=args.twa_snapshot_steps is None,
-                storage=args.twa_snapshot_storage,
-                directory=os.path.join(args.output_dir, "twa_snapshots") if args.twa_snapshot_storage == "disk"
-                else None,
                 dtype=getattr(torch, args.twa_snapshot_dtype), start_step=args.twa_snapshot_start_step,
             )
             self.add_callback(self.snapshot_callback)
@@ -219,29 +249,173 @@ class SubspaceTrainer(Trainer):
         """After TWA, write our TWA card (library_name: transformers — the result is a merged model)."""
         if self.twa_result is None:
             return super().create_model_card(*args, **kwargs)
+        from .atomic import atomic_write
         from .hub import twa_card
 
         if self.is_world_process_zero():
             os.makedirs(self.args.output_dir, exist_ok=True)
-            with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
+            with atomic_write(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
                 f.write(twa_card(self.model, self.twa_result, repo_id=self.args.hub_model_id,
                                  base_model=kwargs.get("finetuned_from")))
 
     # -- training ---------------------------------------------------------------------------------------------
-    def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
-        if self.args.twa:
-            self.twa_result = run_twa_phase(self, self.snapshot_callback.store)
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``; with ``twa=True`` the ordinary phase, then the TWA phase.
+
+        ``resume_from_checkpoint=True`` picks the newest *complete* checkpoint (one a kill in the middle of its
+        save left without ``trainer_state.json`` is passed over). A one-run TWA resumes in either phase: in the
+        ordinary one with the snapshots taken before the checkpoint (listed in its ``twa_snapshots.json``), in the
+        TWA one from ``<output_dir>/twa/checkpoint-*`` (the basis is rebuilt from the same snapshots).
+        """
+        if resume_from_checkpoint is False:
+            resume_from_checkpoint = None
+        if not self.args.twa:
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or True
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        from transformers.trainer_utils import TrainOutput
+
+        from .twa import SnapshotStore
+
+        out = self.args.output_dir
+        twa_dir = os.path.join(out, "twa")
+        phase = _read_json(os.path.join(twa_dir, TWA_PHASE_FILE)) if resume_from_checkpoint is not None else None
+        twa_checkpoint = None
+        if resume_from_checkpoint is True:
+            if phase is not None:
+                twa_checkpoint = last_complete_checkpoint(twa_dir, phase_id=phase["id"])
+            else:
+                resume_from_checkpoint = last_complete_checkpoint(out) or True
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            inside = os.path.abspath(resume_from_checkpoint).startswith(os.path.abspath(twa_dir) + os.sep)
+            if inside:
+                if phase is None:
+                    raise ValueError(f"{resume_from_checkpoint} is a TWA-phase checkpoint, but {twa_dir} has no "
+                                     f"{TWA_PHASE_FILE} telling which snapshots the phase was built from")
+                twa_checkpoint = str(resume_from_checkpoint)
+            else:
+                phase = None
+        if phase is not None:  # the ordinary phase ended before the interruption: go straight to the TWA phase
+            self.snapshot_callback.store = SnapshotStore.restore(
+                phase["snapshots"], os.path.join(out, phase["snapshots"]["directory"]),
+                storage=self.args.twa_snapshot_storage)
+            output = TrainOutput(**phase["ordinary"])
+            logger.info("resuming one-run TWA in its TWA phase (%s)", twa_checkpoint or "from the phase's start")
+        else:
+            self.snapshot_callback.store = self._snapshot_store(resume_from_checkpoint)
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+            phase = self._record_twa_phase(output)
+        self.twa_result = run_twa_phase(self, self.snapshot_callback.store, resume_from_checkpoint=twa_checkpoint,
+                                        phase_id=phase["id"] if phase else None)
         return output
 
+    def _snapshot_store(self, resume_from_checkpoint):
+        """The ordinary phase's snapshot store: new, or as the checkpoint being resumed lists it."""
+        from .twa import SnapshotStore
 
-def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None, names=None):
+        args = self.args
+        directory = os.path.join(args.output_dir, TWA_SNAPSHOT_DIR)
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            manifest = _read_json(os.path.join(resume_from_checkpoint, TWA_MANIFEST_FILE))
+            if manifest is not None:
+                return SnapshotStore.restore(manifest, os.path.join(args.output_dir, manifest["directory"]),
+                                             storage=args.twa_snapshot_storage)
+            logger.warning("%s has no %s (not written by a one-run TWA): the TWA basis will span only the snapshots "
+                           "taken from here on", resume_from_checkpoint, TWA_MANIFEST_FILE)
+        if args.twa_snapshot_storage == "disk" and os.path.isdir(directory) and any(
+                name.startswith("snapshot-") for name in os.listdir(directory)) and resume_from_checkpoint is None:
+            raise ValueError(f"{directory} already holds TWA snapshots of an earlier run: resume it with "
+                             "trainer.train(resume_from_checkpoint=True), or choose another output_dir")
+        return SnapshotStore(storage=args.twa_snapshot_storage,
+                             directory=directory if args.twa_snapshot_storage == "disk" else None,
+                             dtype=getattr(torch, args.twa_snapshot_dtype))
+
+    def _save_checkpoint(self, model, trial):
+        """A checkpoint of a one-run TWA also lists the snapshots taken so far (memory ones are written to
+        ``<output_dir>/twa_snapshots`` first), before the Trainer writes ``trainer_state.json`` last."""
+        if self.args.twa and self.snapshot_callback is not None and self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            from .atomic import write_json
+
+            run_dir = self._get_output_dir(trial=trial)
+            folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            manifest = self.snapshot_callback.store.persist(os.path.join(self.args.output_dir, TWA_SNAPSHOT_DIR))
+            manifest["directory"] = TWA_SNAPSHOT_DIR
+            write_json(os.path.join(folder, TWA_MANIFEST_FILE), manifest, indent=1)
+        return super()._save_checkpoint(model, trial)
+
+    def _record_twa_phase(self, output) -> Optional[dict]:
+        """When checkpoints are saved, note where the TWA phase starts (``twa/phase.json``: its snapshots and the
+        ordinary phase's result), so that an interruption in the TWA phase resumes there."""
+        if self.args.save_strategy == "no":
+            return None
+        import uuid
+
+        from .atomic import write_json
+
+        phase = {"id": uuid.uuid4().hex, "ordinary": {"global_step": output.global_step,
+                                                      "training_loss": output.training_loss,
+                                                      "metrics": dict(output.metrics)}}
+        if self.args.should_save:
+            manifest = self.snapshot_callback.store.persist(os.path.join(self.args.output_dir, TWA_SNAPSHOT_DIR))
+            manifest["directory"] = TWA_SNAPSHOT_DIR
+            phase["snapshots"] = manifest
+            os.makedirs(os.path.join(self.args.output_dir, "twa"), exist_ok=True)
+            write_json(os.path.join(self.args.output_dir, "twa", TWA_PHASE_FILE), phase, indent=1)
+        return phase
+
+
+TWA_SNAPSHOT_DIR = "twa_snapshots"
+TWA_MANIFEST_FILE = "twa_snapshots.json"
+TWA_PHASE_FILE = "phase.json"
+TWA_COEFFICIENTS_FILE = "twa_coefficients.safetensors"
+
+
+def _read_json(path) -> Optional[dict]:
+    import json
+
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def last_complete_checkpoint(folder, phase_id: Optional[str] = None) -> Optional[str]:
+    """The newest ``checkpoint-<step>`` folder of ``folder`` that holds ``trainer_state.json`` (written last, so a
+    checkpoint cut short by a kill is passed over), and for the TWA phase, of phase ``phase_id``."""
+    import re
+
+    if not os.path.isdir(folder):
+        return None
+    found = sorted(((int(m.group(1)), name) for name in os.listdir(folder)
+                    if (m := re.fullmatch(r"checkpoint-(\d+)", name))), reverse=True)
+    for _, name in found:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+            logger.warning("passing over %s: it has no trainer_state.json (its save was cut short)", path)
+            continue
+        if phase_id is not None and (_read_json(os.path.join(path, "twa_phase.json")) or {}).get("id") != phase_id:
+            continue
+        return path
+    return None
+
+
+def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None, names=None,
+                  resume_from_checkpoint: Optional[str] = None, phase_id: Optional[str] = None):
     """The TWA phase: basis from ``snapshots``, start at their mean, train the coefficients, merge.
 
     ``trainer`` supplies the data, collator, metrics and (``SubspaceTrainingArguments``) the TWA settings.
     The model ends as a plain model with θ = mean + Qᵀc written into its weights. Returns the
     :class:`~hf_subspace.twa.TrajectoryBasisResult` with ``coefficients`` and ``metrics`` added.
+
+    With ``save_strategy`` set, the phase saves checkpoints (c, optimizer, schedule, RNG) in
+    ``<output_dir>/twa/checkpoint-*``, marked with ``phase_id``; ``resume_from_checkpoint`` continues from one.
+    The phase starts from ``set_seed(args.seed)``, so a resumed run recalibrates and trains as an uninterrupted one.
     """
+    from transformers import set_seed
+
     from .twa import build_trajectory_basis, recalibrate_batchnorm
 
     args: SubspaceTrainingArguments = trainer.args
@@ -263,6 +437,7 @@ def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None
     with torch.no_grad():
         for n in result.names:
             params[n].copy_(result.mean[n].to(params[n].device, params[n].dtype))
+    set_seed(args.seed)  # what follows does not depend on how the ordinary phase got here (resumed or not)
     train_loader = trainer.get_train_dataloader()
     recalibrate_batchnorm(model, train_loader, num_batches=args.twa_bn_batches)
     if args.world_size > 1:  # each rank read its share of the data: average, so all ranks hold the same model
@@ -283,8 +458,9 @@ def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None
 
     twa_args = dataclasses.replace(
         args, twa=False, num_train_epochs=args.twa_epochs, max_steps=-1, learning_rate=args.twa_learning_rate,
+        **_subspace_defaults(),  # no random subspace in this phase: its settings at their defaults
         weight_decay=args.twa_weight_decay, output_dir=os.path.join(args.output_dir, "twa"),
-        save_strategy="no", load_best_model_at_end=False, push_to_hub=False, warmup_steps=0,
+        load_best_model_at_end=False, push_to_hub=False, warmup_steps=0,
         per_device_train_batch_size=args.twa_batch_size or args.per_device_train_batch_size,
         max_grad_norm=args.twa_max_grad_norm,
     )
@@ -299,14 +475,16 @@ def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None
     from .twa import SnapshotCallback
 
     internal = (DefaultFlowCallback, PrinterCallback, ProgressCallback, SnapshotCallback, _SubspaceInfoCallback,
-                _DistributedChecksCallback)
+                _DistributedChecksCallback, NonFiniteGuard)
     user_callbacks = [cb for cb in trainer.callback_handler.callbacks if not isinstance(cb, internal)]
-    inner = Trainer(
-        model=model, args=twa_args, train_dataset=trainer.train_dataset, eval_dataset=trainer.eval_dataset,
+    inner = _TWAPhaseTrainer(
+        engine.coeffs["twa"], phase_id, model=model, args=twa_args, train_dataset=trainer.train_dataset, eval_dataset=trainer.eval_dataset,
         data_collator=trainer.data_collator, compute_metrics=trainer.compute_metrics,
         optimizers=(optimizer, scheduler), processing_class=trainer.processing_class, callbacks=user_callbacks,
     )
-    train_out = inner.train()
+    if args.skip_nonfinite_steps:
+        inner.install_nonfinite_guard(args.max_consecutive_nonfinite_steps)
+    train_out = inner.train(resume_from_checkpoint=resume_from_checkpoint)
 
     result.coefficients = engine.coeffs["twa"].detach().cpu().clone()
     engine.merge(["twa"])
@@ -331,6 +509,39 @@ def run_twa_phase(trainer: Trainer, snapshots, model: Optional[nn.Module] = None
     if trainer.eval_dataset is not None:
         result.metrics.update(trainer.evaluate(metric_key_prefix="twa_eval"))
     return result
+
+
+class _TWAPhaseTrainer(NonFiniteMixin, Trainer):
+    """The TWA phase's Trainer: its checkpoints hold the k coefficients (not the model), marked with the phase."""
+
+    def __init__(self, coefficients: torch.Tensor, phase_id: Optional[str], *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.coefficients = coefficients
+        self.phase_id = phase_id
+
+    def _save(self, output_dir=None, state_dict=None):
+        if not self.args.should_save:
+            return
+        from .atomic import save_safetensors, write_json
+
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        save_safetensors({"coefficients": self.coefficients.detach().cpu().contiguous()},
+                         os.path.join(output_dir, TWA_COEFFICIENTS_FILE))
+        write_json(os.path.join(output_dir, "twa_phase.json"), {"id": self.phase_id})
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        from safetensors.torch import load_file
+
+        path = os.path.join(resume_from_checkpoint, TWA_COEFFICIENTS_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(f"{resume_from_checkpoint} is not a TWA-phase checkpoint: it has no {TWA_COEFFICIENTS_FILE}")
+        c = load_file(path)["coefficients"]
+        if c.shape != self.coefficients.shape:
+            raise ValueError(f"{path} holds {c.numel()} TWA coefficients, but the basis rebuilt from the snapshots "
+                             f"has k={self.coefficients.numel()}: the checkpoint belongs to another TWA phase")
+        with torch.no_grad():
+            self.coefficients.copy_(c.to(self.coefficients.device))
 
 
 TWA_LR_SCHEDULES = ("step", "linear", "cosine", "constant")
@@ -360,20 +571,23 @@ def _twa_scheduler(optimizer, args: "SubspaceTrainingArguments", total: int):
 
 
 def _check_snapshots_fit(model: nn.Module, snapshots, names) -> None:
-    """Raise a ValueError naming the first parameter whose snapshot is missing or has another shape."""
+    """Raise a :class:`~hf_subspace.errors.TWASnapshotError` (a ValueError) for fewer than 2 snapshots, or naming
+    the first parameter whose snapshot is missing or has another shape."""
     if len(snapshots) < 2:
-        raise ValueError(f"TWA needs at least 2 snapshots to span a subspace, got {len(snapshots)}; record more "
-                         "(twa_snapshot_steps) or train longer")
+        raise TWASnapshotError(f"TWA needs at least 2 snapshots to span a subspace, got {len(snapshots)}; record "
+                               "more (a smaller twa_snapshot_steps, an earlier twa_snapshot_start_step, or more "
+                               "checkpoint-* folders) or train longer")
     params = dict(model.named_parameters())
     # a SnapshotStore records its shapes; only a plain list needs its first snapshot looked at
     shapes = getattr(snapshots, "shapes", None) or {k: tuple(v.shape) for k, v in snapshots[0].items()}
     for name in names:
         if name not in shapes:
-            raise ValueError(f"the snapshots have no tensor for the model's parameter {name!r}; they were taken "
-                             "from another model")
+            raise TWASnapshotError(f"the snapshots have no tensor for the model's parameter {name!r}; they were "
+                                   "taken from another model; take them from this one")
         if tuple(shapes[name]) != tuple(params[name].shape):
-            raise ValueError(f"snapshot tensor {name!r} has shape {tuple(shapes[name])} but the model's "
-                             f"parameter has shape {tuple(params[name].shape)}: the snapshots come from another model")
+            raise TWASnapshotError(f"snapshot tensor {name!r} has shape {tuple(shapes[name])} but the model's "
+                                   f"parameter has shape {tuple(params[name].shape)}: the snapshots come from "
+                                   "another model; take them from this one")
 
 
 def twa_from_checkpoints(run_dir, model: nn.Module, args: SubspaceTrainingArguments, train_dataset,
@@ -386,8 +600,11 @@ def twa_from_checkpoints(run_dir, model: nn.Module, args: SubspaceTrainingArgume
     from .twa import load_checkpoint_snapshots
 
     names = [n for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
-    snapshots = load_checkpoint_snapshots(run_dir, names=names)
-    plain_args = dataclasses.replace(args, twa=False, subspace_dim=None)
+    try:
+        snapshots = load_checkpoint_snapshots(run_dir, names=names)
+    except ValueError as e:  # no checkpoints, or another model's: one type for every snapshot problem
+        raise TWASnapshotError(str(e)) from e
+    plain_args = dataclasses.replace(args, twa=False, subspace_dim=None, **_subspace_defaults())
     trainer = SubspaceTrainer(model=model, args=plain_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                               data_collator=data_collator, compute_metrics=compute_metrics, **trainer_kwargs)
     trainer.args = args

@@ -16,9 +16,9 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import TrainerCallback
 
+from ..atomic import save_safetensors
 from .basis import name_difference
 
 STORAGE_KINDS = ("memory", "disk")
@@ -61,6 +61,8 @@ class SnapshotStore:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.steps: list[int] = []
         self._items: list = []  # dicts (memory) or file paths (disk)
+        self._indices: list[int] = []  # each item's number (its file name's)
+        self._persisted: dict[int, Path] = {}  # memory storage: items written by persist()
         self._next_index = 0
         self.directory: Path | None = None
         if storage == "disk":
@@ -83,6 +85,7 @@ class SnapshotStore:
         store = cls.__new__(cls)
         store.storage, store.directory, store.max_snapshots = "disk", directory, None
         store.names, store.shapes, store.steps, store._items = [], {}, [], []
+        store._indices, store._persisted = [], {}
         with safe_open(str(files[0][1]), framework="pt") as f:
             store.dtype = f.get_tensor(next(iter(f.keys()))).dtype
         for index, path in files:
@@ -92,6 +95,7 @@ class SnapshotStore:
             store._check_layout(shapes, len(store))
             store.steps.append(int(meta.get("step", -1)))
             store._items.append(path)
+            store._indices.append(index)
         store._next_index = files[-1][0] + 1
         return store
 
@@ -110,8 +114,9 @@ class SnapshotStore:
             self._items.append(copy)
         else:
             path = self.directory / f"snapshot-{self._next_index:06d}.safetensors"
-            save_file(copy, str(path), metadata={"step": str(int(step)), "names": json.dumps(self.names)})
+            save_safetensors(copy, path, metadata={"step": str(int(step)), "names": json.dumps(self.names)})
             self._items.append(path)
+        self._indices.append(self._next_index)
         self._next_index += 1
         self.steps.append(int(step))
         if self.max_snapshots is not None and len(self) > self.max_snapshots:
@@ -121,6 +126,7 @@ class SnapshotStore:
         """Drop snapshot ``i`` (and its file)."""
         item = self._items.pop(i)
         self.steps.pop(i)
+        self._persisted.pop(self._indices.pop(i), None)
         if self.storage == "disk":
             Path(item).unlink(missing_ok=True)
 
@@ -135,6 +141,76 @@ class SnapshotStore:
             if tuple(shapes[name]) != self.shapes[name]:
                 raise ValueError(f"tensor {name!r} has shape {self.shapes[name]} in the first snapshot but "
                                  f"{tuple(shapes[name])} in snapshot {index}")
+
+    # -- resuming ---------------------------------------------------------------------------------------------
+    def persist(self, directory: str | os.PathLike) -> dict:
+        """Make every snapshot durable in ``directory`` and return a manifest of them (for a Trainer checkpoint).
+
+        A disk store's files already are (``directory`` must be its own); a memory store writes the snapshots not
+        written yet, each atomically, as ``snapshot-<n>.safetensors``. :meth:`restore` rebuilds the store from the
+        manifest.
+        """
+        directory = Path(directory)
+        if self.storage == "disk":
+            if directory.resolve() != self.directory.resolve():
+                raise ValueError(f"a disk store persists in its own folder {self.directory}, not {directory}")
+            files = [Path(p).name for p in self._items]
+        else:
+            directory.mkdir(parents=True, exist_ok=True)
+            files = []
+            for index, item, step in zip(self._indices, self._items, self.steps):
+                if index not in self._persisted:
+                    path = directory / f"snapshot-{index:06d}.safetensors"
+                    save_safetensors(item, path, metadata={"step": str(int(step)), "names": json.dumps(self.names)})
+                    self._persisted[index] = path
+                files.append(self._persisted[index].name)
+        return {"storage": self.storage, "dtype": str(self.dtype).removeprefix("torch."), "next_index": self._next_index,
+                "snapshots": [{"file": f, "step": s} for f, s in zip(files, self.steps)]}
+
+    @classmethod
+    def restore(cls, manifest: Mapping, directory: str | os.PathLike, storage: str | None = None,
+                max_snapshots: int | None = None) -> "SnapshotStore":
+        """The store as :meth:`persist` described it: the snapshots it lists, read from ``directory``.
+
+        ``storage`` (default: the manifest's) may differ from the one that wrote it. A disk store keeps the listed
+        files in place and deletes the other ``snapshot-*.safetensors`` files of the folder: they were taken after
+        the checkpoint being resumed, and the resumed run takes them again.
+        """
+        directory = Path(directory)
+        storage = storage or manifest.get("storage", "memory")
+        dtype = getattr(torch, manifest.get("dtype", "float32"))
+        entries = list(manifest.get("snapshots", []))
+        missing = [e["file"] for e in entries if not (directory / e["file"]).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"the checkpoint lists {len(entries)} TWA snapshots in {directory}, but {len(missing)} of them are "
+                f"missing (first: {missing[0]}); they cannot be retaken without redoing the run from its start")
+        store = cls.__new__(cls)
+        cls.__init__(store, storage="memory", dtype=dtype, max_snapshots=max_snapshots)
+        store.storage = storage
+        if storage == "disk":
+            store.directory = directory
+            listed = {e["file"] for e in entries}
+            for p in directory.iterdir():
+                if _FILE_RE.fullmatch(p.name) and p.name not in listed:
+                    p.unlink()
+        for e in entries:
+            path = directory / e["file"]
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                names = json.loads(meta["names"])
+                state = {name: f.get_tensor(name) for name in names}
+            store._check_layout({n: tuple(t.shape) for n, t in state.items()}, len(store))
+            index = int(_FILE_RE.fullmatch(path.name).group(1))
+            if storage == "disk":
+                store._items.append(path)
+            else:
+                store._items.append({n: _copy_as(t, dtype) for n, t in state.items()})
+                store._persisted[index] = path
+            store._indices.append(index)
+            store.steps.append(int(e["step"]))
+        store._next_index = max([int(manifest.get("next_index", 0))] + [i + 1 for i in store._indices])
+        return store
 
     # -- reading ----------------------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -1,0 +1,127 @@
+"""Interrupted and resumed runs end bit-identical (on CPU) to uninterrupted ones: a random subspace, and one-run TWA
+interrupted in its ordinary phase (with its snapshots kept, in memory or on disk) or in its TWA phase."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from hf_subspace.trainer import SubspaceTrainer, last_complete_checkpoint
+
+from conftest import tiny_bert_cls, tiny_resnet
+from test_trainer import args, image_dataset, text_dataset
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAt(TrainerCallback):
+    """Raise at the start of step ``step + 1`` of the phase whose output_dir ends with ``phase`` (the run stops
+    after step ``step`` and the checkpoints saved up to it)."""
+
+    def __init__(self, step, phase=""):
+        self.step, self.phase = step, phase
+
+    def on_step_begin(self, a, state, control, **kwargs):
+        in_twa = os.path.basename(os.path.normpath(a.output_dir)) == "twa"
+        if in_twa == (self.phase == "twa") and state.global_step == self.step:
+            raise Interrupted(f"killed after step {self.step}")
+
+
+def subspace_run(out, callbacks=(), resume=None):
+    a = args(str(out), subspace_dim=100, max_steps=6, save_strategy="steps", save_steps=2, learning_rate=1e-2)
+    t = SubspaceTrainer(model=tiny_bert_cls(), args=a, train_dataset=text_dataset(), callbacks=list(callbacks))
+    t.train(resume_from_checkpoint=resume)
+    return t
+
+
+def test_random_subspace_interrupted_and_resumed_is_bit_identical(tmp_path):
+    straight = subspace_run(tmp_path / "a").model.base_model.subspace.coeffs["default"].detach().clone()
+    with pytest.raises(Interrupted):
+        subspace_run(tmp_path / "b", [InterruptAt(5)])
+    assert last_complete_checkpoint(str(tmp_path / "b")).endswith("checkpoint-4")
+    os.makedirs(tmp_path / "b" / "checkpoint-6")  # a checkpoint a kill cut short: no trainer_state.json
+    (tmp_path / "b" / "checkpoint-6" / "adapter_model.safetensors").write_bytes(b"\0" * 10)
+    resumed = subspace_run(tmp_path / "b", resume=True)
+    c = resumed.model.base_model.subspace.coeffs["default"]
+    assert torch.equal(c, straight)
+    assert resumed.state.global_step == 6
+
+
+def twa_run(out, storage="memory", callbacks=(), resume=None):
+    a = args(str(out), twa=True, num_train_epochs=2, learning_rate=0.05, twa_snapshot_steps=2,
+             twa_snapshot_storage=storage, save_strategy="steps", save_steps=4, twa_epochs=1, twa_learning_rate=0.5)
+    t = SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset(), callbacks=list(callbacks))
+    t.train(resume_from_checkpoint=resume)
+    return t
+
+
+def final_state(trainer):
+    return ({k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+            trainer.twa_result.coefficients.clone())
+
+
+@pytest.fixture(scope="module")
+def straight_twa(tmp_path_factory):
+    return final_state(twa_run(tmp_path_factory.mktemp("straight")))
+
+
+def assert_same(got, want):
+    weights, coefficients = got
+    assert torch.equal(coefficients, want[1])
+    assert weights.keys() == want[0].keys()
+    for k in weights:  # weights and BatchNorm statistics, bit for bit
+        assert torch.equal(weights[k], want[0][k]), k
+
+
+@pytest.mark.parametrize("storage", ["memory", "disk"])
+def test_twa_interrupted_in_its_ordinary_phase_keeps_its_snapshots(tmp_path, straight_twa, storage):
+    with pytest.raises(Interrupted):
+        twa_run(tmp_path, storage, [InterruptAt(10)])  # 16 ordinary steps; checkpoint-8 is the last
+    manifest = json.loads((tmp_path / "checkpoint-8" / "twa_snapshots.json").read_text())
+    assert [s["step"] for s in manifest["snapshots"]] == [2, 4, 6, 8]
+    assert (tmp_path / "twa_snapshots" / manifest["snapshots"][0]["file"]).is_file()
+    resumed = twa_run(tmp_path, storage, resume=True)
+    assert resumed.snapshot_callback.store.steps == list(range(2, 17, 2))  # 4 kept, 4 retaken, none twice
+    assert resumed.twa_result.num_snapshots == 8
+    assert_same(final_state(resumed), straight_twa)
+
+
+def test_twa_interrupted_in_its_twa_phase(tmp_path, straight_twa):
+    with pytest.raises(Interrupted):
+        twa_run(tmp_path, callbacks=[InterruptAt(5, phase="twa")])  # 8 TWA-phase steps; twa/checkpoint-4 the last
+    assert (tmp_path / "twa" / "checkpoint-4" / "twa_coefficients.safetensors").is_file()
+    assert not (tmp_path / "twa" / "checkpoint-4" / "model.safetensors").exists()  # c, not the model
+
+    class OrdinarySteps(TrainerCallback):
+        seen = 0
+
+        def on_step_end(self, a, state, control, **kwargs):
+            if os.path.basename(os.path.normpath(a.output_dir)) != "twa":
+                OrdinarySteps.seen += 1
+
+    resumed = twa_run(tmp_path, callbacks=[OrdinarySteps()], resume=True)
+    assert OrdinarySteps.seen == 0  # the ordinary phase was over: not redone
+    assert_same(final_state(resumed), straight_twa)
+
+
+def test_twa_phase_checkpoints_of_an_earlier_phase_are_not_resumed(tmp_path, straight_twa):
+    """A TWA phase redone from an ordinary checkpoint gets a new phase id; the old phase's later checkpoints (here
+    a fake twa/checkpoint-99) are passed over by resume_from_checkpoint=True."""
+    with pytest.raises(Interrupted):
+        twa_run(tmp_path, callbacks=[InterruptAt(5, phase="twa")])
+    stale = tmp_path / "twa" / "checkpoint-99"
+    stale.mkdir()
+    for name in ("trainer_state.json", "twa_coefficients.safetensors"):
+        (stale / name).write_bytes((tmp_path / "twa" / "checkpoint-4" / name).read_bytes())
+    (stale / "twa_phase.json").write_text(json.dumps({"id": "an-older-phase"}))
+    assert_same(final_state(twa_run(tmp_path, resume=True)), straight_twa)
+
+
+def test_a_fresh_disk_run_refuses_the_snapshots_of_an_earlier_one(tmp_path):
+    with pytest.raises(Interrupted):
+        twa_run(tmp_path, "disk", [InterruptAt(3)])
+    with pytest.raises(ValueError, match="already holds TWA snapshots.*resume_from_checkpoint=True"):
+        twa_run(tmp_path, "disk")
