@@ -318,11 +318,33 @@ def scenario_fsdp(out, rank, world):
     return got
 
 
+def scenario_nonfinite(out, rank, world):
+    """Rank 1 alone sees a NaN loss at step 2 (its gradients stay finite): both ranks must skip that step."""
+    from transformers import Trainer
+
+    from hf_subspace import SubspaceTrainer
+
+    class NaNLossOnRank1(SubspaceTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = Trainer.training_step(self, model, inputs, num_items_in_batch)  # backward as usual
+            if rank == 1 and self.state.global_step == 1:
+                loss = loss * float("nan")
+            self.nonfinite_guard.observe_loss(loss)
+            return loss
+
+    trainer = NaNLossOnRank1(model=tiny_bert(), args=trainer_args(os.path.join(out, "nonfinite"), world,
+                                                                  subspace_dim=DIM),
+                             train_dataset=text_dataset())
+    trainer.train()
+    return {"skipped": trainer.nonfinite_guard.skipped_steps,
+            "c": trainer.model.base_model.subspace.coeffs["default"].detach().cpu().tolist()}
+
+
 SCENARIOS = {"subspace": scenario_subspace, "twa": scenario_twa, "twa_whole": scenario_twa_whole,
              "posthoc": scenario_posthoc, "accelerate": scenario_accelerate,
              "twa_batchnorm": scenario_twa_batchnorm,
              "full": scenario_full, "mismatch": scenario_mismatch,
-             "trainer_seed": scenario_trainer_seed, "fsdp": scenario_fsdp}
+             "trainer_seed": scenario_trainer_seed, "fsdp": scenario_fsdp, "nonfinite": scenario_nonfinite}
 
 
 def main():

@@ -123,6 +123,13 @@ def test_ddp_sends_4d_bytes_per_step_for_a_subspace_and_4D_for_full_fine_tuning(
     assert launched.ranks[1]["subspace"]["syncs"] == sub["syncs"]
 
 
+def test_a_non_finite_loss_on_one_rank_is_skipped_on_every_rank(launched):
+    """The skip decision is all-reduced: rank 0 skips the step rank 1 found bad, and the ranks stay equal."""
+    got = [launched.ranks[r]["nonfinite"] for r in range(2)]
+    assert got[0]["skipped"] == got[1]["skipped"] == [2]
+    assert got[0]["c"] == got[1]["c"]
+
+
 def test_ranks_that_built_different_projections_fail_with_the_clear_error(launched):
     for r in range(2):  # every rank raises, not only the one that differs
         got = launched.ranks[r]["mismatch"]
