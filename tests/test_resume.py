@@ -125,3 +125,44 @@ def test_a_fresh_disk_run_refuses_the_snapshots_of_an_earlier_one(tmp_path):
         twa_run(tmp_path, "disk", [InterruptAt(3)])
     with pytest.raises(ValueError, match="already holds TWA snapshots.*resume_from_checkpoint=True"):
         twa_run(tmp_path, "disk")
+
+
+KILLED_CHILD = r"""
+import sys, time
+import torch
+torch.set_num_threads({threads})  # as the parent: another thread count may sum in another order
+sys.path[:0] = [{tests!r}]
+from transformers import TrainerCallback
+import test_resume
+
+class Slow(TrainerCallback):
+    def on_step_end(self, a, state, control, **kwargs):
+        time.sleep(0.3)  # the parent kills us somewhere after checkpoint-4
+
+test_resume.subspace_run({out!r}, [Slow()])
+"""
+
+
+def test_a_run_killed_with_sigkill_resumes_bit_identically(tmp_path):
+    """No exception handler runs on SIGKILL: whatever the kill leaves, resume_from_checkpoint=True continues from
+    the newest complete checkpoint and ends where an uninterrupted run does."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    code = KILLED_CHILD.format(tests=os.path.dirname(os.path.abspath(__file__)), out=str(out),
+                               threads=torch.get_num_threads())
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "checkpoint-4" / "trainer_state.json").exists():
+        assert child.poll() is None, child.stderr.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (out / "checkpoint-6").exists()
+    straight = subspace_run(tmp_path / "straight").model.base_model.subspace.coeffs["default"]
+    resumed = subspace_run(out, resume=True).model.base_model.subspace.coeffs["default"]
+    assert torch.equal(resumed, straight)
