@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 
 from peft import mapping as _mapping
 
@@ -29,13 +30,23 @@ def is_registered() -> bool:
 # the un-patched PeftModel methods, by name (filled in by the first register())
 ORIGINALS: dict = {}
 
+# the order in which a subspace adapter's saved files replace the previous ones (files not named here go first)
+SAVE_ORDER = ("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json", "README.md")
+
 
 def _patch_peft_model() -> None:
     """Give subspace adapters our model card on save and on push (other methods are untouched).
 
     * ``create_or_update_model_card`` writes our card instead of PEFT's.
     * ``save_pretrained`` runs PEFT's unchanged, then rewrites the card of every adapter folder it saved: PEFT
-      writes the card before the adapter file, so only now can the card state the file's exact size.
+      writes the card before the adapter file, so only now can the card state the file's exact size. The save is
+      atomic per file: PEFT writes into a new temporary folder next to ``save_directory``, then each file is
+      ``os.replace``d into place, weights (``adapter_model.safetensors``) before ``adapter_config.json`` of every
+      adapter, the card last (see :data:`SAVE_ORDER`). A process killed during the save leaves the previous
+      files whole and loadable (and a ``.<name>.<hex>.tmp`` folder, safe to delete); killed between the renames
+      (microseconds), it leaves the new weights beside the previous config — loadable, and the same model
+      whenever the config did not change (a re-save, a Trainer checkpoint). Other processes of a multi-process
+      run (``is_main_process=False``) and models without a subspace adapter use PEFT's save as it is.
     * ``push_to_hub`` takes exactly the arguments of the original (bound with its signature, so a wrong or unknown
       one raises ``TypeError`` as it would there) plus the ``api=`` hook of :func:`hf_subspace.hub.push_to_hub`,
       which does the work.
@@ -62,15 +73,23 @@ def _patch_peft_model() -> None:
 
     @functools.wraps(original_save)
     def save_pretrained(self, *args, **kwargs):
-        result = original_save(self, *args, **kwargs)
-        if is_subspace_model(self):
-            from . import hub
+        if not is_subspace_model(self):
+            return original_save(self, *args, **kwargs)
+        from . import hub
+        from .atomic import atomic_folder
 
-            bound = save_signature.bind(self, *args, **kwargs)  # cannot fail: the original accepted them
-            bound.apply_defaults()
-            if bound.arguments.get("is_main_process", True):
-                hub.write_adapter_cards(self, bound.arguments["save_directory"],
-                                        selected_adapters=bound.arguments.get("selected_adapters"))
+        bound = save_signature.bind(self, *args, **kwargs)  # a TypeError here is the one the original raises
+        bound.apply_defaults()
+        target = bound.arguments["save_directory"]
+        if not bound.arguments.get("is_main_process", True) or os.path.isfile(target):
+            return original_save(self, *args, **kwargs)  # writes no file / raises PEFT's error
+        selected = bound.arguments.get("selected_adapters")
+        cards = bool(hub._subspace_names(self, selected))  # the cards are rewritten below, in place
+        with atomic_folder(target, order=SAVE_ORDER, skip=("README.md",) if cards else ()) as tmp:
+            bound.arguments["save_directory"] = tmp
+            result = original_save(*bound.args, **bound.kwargs)
+        if cards:
+            hub.write_adapter_cards(self, target, selected_adapters=selected)
         return result
 
     @functools.wraps(original_push)

@@ -263,8 +263,9 @@ def save_result(trainer: SubspaceTrainer, example: ExampleArguments, folder: str
                 "size": _size(weights) if weights else "?", "card": os.path.join(adapter, "README.md")}
     trainer.save_model(folder)
     if trainer.is_world_process_zero():
-        with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
-            f.write(_plain_card(summary, training_data))
+        from .atomic import write_text
+
+        write_text(os.path.join(folder, "README.md"), _plain_card(summary, training_data))
     weights = os.path.join(folder, "model.safetensors")
     return {"folder": folder, "what": "full model", "size": _size(weights) if os.path.isfile(weights) else "?",
             "card": os.path.join(folder, "README.md")}

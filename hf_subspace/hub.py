@@ -331,9 +331,9 @@ def _subspace_names(model, names=None) -> list[str]:
 
 
 def _write(path: str, text: str) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-    return path
+    from .atomic import write_text
+
+    return write_text(path, text)
 
 
 def write_adapter_card(model, output_dir: str, repo_id: str | None = None, adapter_name: str | None = None,

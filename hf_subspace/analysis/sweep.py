@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 
+from ..atomic import atomic_path, atomic_write, write_text
+
 RUNS_FILE = "runs.jsonl"
 BASELINE = "full"  # the ``dim`` recorded for a direct-training (baseline) run
 
@@ -63,9 +65,13 @@ class ResultStore:
     def _load(self) -> None:
         data = self.path.read_bytes()
         good = data.rfind(b"\n") + 1  # everything after the last newline is an unfinished line
-        for line in data[:good].splitlines():
+        for number, line in enumerate(data[:good].splitlines(), 1):
             if line.strip():
-                rec = json.loads(line)
+                try:
+                    rec = json.loads(line)
+                except ValueError as e:  # not a torn append (those have no newline): an edited or damaged file
+                    raise ValueError(f"{self.path} line {number} is not a JSON record ({e}); fix or delete that "
+                                     "line to resume the sweep") from None
                 self.records[rec["key"]] = rec
         if good != len(data):
             with open(self.path, "r+b") as f:
@@ -282,9 +288,7 @@ def _progress(total: int, enabled: bool, name: str):
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, text)  # a temporary file in the same folder, fsynced, then os.replace
 
 
 def _write_outputs(out: Path, records: list[dict], summary: dict) -> None:
@@ -294,12 +298,10 @@ def _write_outputs(out: Path, records: list[dict], summary: dict) -> None:
     fields = sorted({k for r in records for k in r})
     lead = [f for f in ("dim", "seed", "lr", "val_metric", "test_metric") if f in fields]
     fields = lead + [f for f in fields if f not in lead]
-    tmp = out / "runs.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(out / "runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(records)
-    os.replace(tmp, out / "runs.csv")
     _atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=str))
     plot_sweep(summary, records, str(out / "intrinsic_dim.png"))
 
@@ -340,6 +342,7 @@ def plot_sweep(summary: dict, records: list[dict], path: str) -> str:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1].lstrip(".") or "png")
     plt.close(fig)
     return path

@@ -15,6 +15,10 @@ from torch import nn
 
 from .basis import TrajectoryBasisResult
 
+# the order in which the saved files replace the previous ones: the base's weights and config, then the adapter's
+BASE_ORDER = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+              "pytorch_model.bin", "config.json", "generation_config.json")
+
 
 def save_twa_adapter(model: nn.Module, result: TrajectoryBasisResult, output_dir: str | os.PathLike,
                      adapter_name: str = "default", training_metrics: dict | None = None,
@@ -26,17 +30,18 @@ def save_twa_adapter(model: nn.Module, result: TrajectoryBasisResult, output_dir
             statistics, recalibrated at the TWA point) go into the base unchanged, so base + adapter reproduces
             ``model`` exactly.
         result: the :class:`TrajectoryBasisResult` of that run (``trainer.twa_result``), with ``coefficients``.
-        output_dir: created if needed.
+        output_dir: created if needed. Both folders are first written into a temporary folder next to it, then
+            each file replaces its previous version (``os.replace``), so a run killed while saving leaves the
+            previous base and adapter whole.
         training_metrics, training_data: recorded in the adapter's config and model card (beside the number of
             snapshots and the basis method).
 
     Returns ``{"base": path, "adapter": path}``. The base is saved with ``save_pretrained`` when the model has it
     (a transformers model), else as ``model.safetensors`` (``safetensors.torch.load_model`` reads it back).
     """
-    from peft import get_peft_model
-
-    from ..engine import find_engine
-    from ..tuner import SubspaceConfig
+    from .. import hub
+    from .._registry import SAVE_ORDER as ADAPTER_ORDER
+    from ..atomic import atomic_folder
 
     coefficients = getattr(result, "coefficients", None)
     if coefficients is None:
@@ -55,13 +60,29 @@ def save_twa_adapter(model: nn.Module, result: TrajectoryBasisResult, output_dir
             params[name].copy_(result.mean[name].to(params[name].device, params[name].dtype))
     base_dir = os.path.join(output_dir, "base")
     adapter_dir = os.path.join(output_dir, "adapter")
-    os.makedirs(base_dir, exist_ok=True)
+    # everything is written into a temporary folder next to output_dir, then moved file by file: the base's
+    # weights and config, then the adapter's weights and config (a kill during the writes leaves the old pair)
+    with atomic_folder(output_dir, order=BASE_ORDER + ADAPTER_ORDER, skip=("README.md",)) as tmp:
+        peft_model = _write_pair(base, result, coefficients, os.path.join(tmp, "base"), os.path.join(tmp, "adapter"),
+                                 base_dir, adapter_name, training_metrics, training_data)
+    hub.write_adapter_cards(peft_model, adapter_dir)  # the card names the final folder and the file's size
+    return {"base": base_dir, "adapter": adapter_dir}
+
+
+def _write_pair(base, result, coefficients, tmp_base: str, tmp_adapter: str, base_dir: str, adapter_name: str,
+                training_metrics, training_data):
+    from peft import get_peft_model
+
+    from ..engine import find_engine
+    from ..tuner import SubspaceConfig
+
+    os.makedirs(tmp_base, exist_ok=True)
     if hasattr(base, "save_pretrained"):
-        base.save_pretrained(base_dir)
+        base.save_pretrained(tmp_base)
     else:
         from safetensors.torch import save_model
 
-        save_model(base, os.path.join(base_dir, "model.safetensors"))
+        save_model(base, os.path.join(tmp_base, "model.safetensors"))
 
     # peft reads the base's name from the model: point it at the saved base (the adapter card and config show it)
     if getattr(base, "config", None) is not None and hasattr(base.config, "_name_or_path"):
@@ -85,5 +106,5 @@ def save_twa_adapter(model: nn.Module, result: TrajectoryBasisResult, output_dir
     state.invalidate()
     with torch.no_grad():
         engine.coeffs[adapter_name].copy_(coefficients.to(engine.coeffs[adapter_name].device))
-    peft_model.save_pretrained(adapter_dir)
-    return {"base": base_dir, "adapter": adapter_dir}
+    peft_model.save_pretrained(tmp_adapter)
+    return peft_model
