@@ -21,6 +21,7 @@ def register() -> None:
     _mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = SubspaceModel
     _mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = SubspaceModel.prefix
     _patch_peft_model()
+    _patch_loading()
 
 
 def is_registered() -> bool:
@@ -116,3 +117,59 @@ def _patch_peft_model() -> None:
     PeftModel.save_pretrained = save_pretrained
     PeftModel.push_to_hub = push_to_hub
     PeftModel._hf_subspace_patched = True
+
+
+def _patch_loading() -> None:
+    """Name the file when a saved adapter cannot be read (:class:`~hf_subspace.errors.CorruptAdapterError`, a
+    ValueError, raised from peft's own error):
+
+    * ``PeftConfigMixin.from_json_file`` (every peft config is read with it): an ``adapter_config.json`` that is
+      not JSON raises it instead of a bare ``JSONDecodeError`` / ``UnicodeDecodeError`` (also ValueErrors). This
+      applies to every peft method — the file cannot tell which method wrote it.
+    * ``PeftModel.load_adapter`` (which ``PeftModel.from_pretrained`` calls): for a subspace adapter, a truncated or
+      corrupt ``adapter_model.safetensors`` (safetensors' ``SafetensorError``), and a local folder without a
+      weights file (peft then asks the Hub for the path and fails with an unrelated message).
+    """
+    import json
+
+    from peft import PeftModel
+    from peft.config import PeftConfigMixin
+
+    from .errors import SubspaceError, corrupt_config_error, corrupt_weights_error
+
+    if "load_adapter" in ORIGINALS:
+        return
+    original_json = PeftConfigMixin.from_json_file.__func__
+    original_load = PeftModel.load_adapter
+    ORIGINALS.update(from_json_file=original_json, load_adapter=original_load)
+    load_signature = inspect.signature(original_load)
+
+    @functools.wraps(original_json)
+    def from_json_file(cls, path_json_file, **kwargs):
+        try:
+            return original_json(cls, path_json_file, **kwargs)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise corrupt_config_error(path_json_file, e) from e
+
+    @functools.wraps(original_load)
+    def load_adapter(self, *args, **kwargs):
+        try:
+            bound = load_signature.bind(self, *args, **kwargs)
+        except TypeError:
+            return original_load(self, *args, **kwargs)  # raises the original's TypeError
+        try:
+            return original_load(self, *args, **kwargs)
+        except SubspaceError:
+            raise
+        except Exception as e:
+            config = self.peft_config.get(bound.arguments.get("adapter_name"))
+            if getattr(config, "peft_type", None) != PEFT_TYPE:
+                raise
+            error = corrupt_weights_error(bound.arguments.get("model_id"),
+                                          bound.arguments.get("kwargs", {}).get("subfolder"), e)
+            if error is None:
+                raise
+            raise error from e
+
+    PeftConfigMixin.from_json_file = classmethod(from_json_file)
+    PeftModel.load_adapter = load_adapter

@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from .errors import ProjectionMismatchError  # a RuntimeError, importable from here as before
+
 logger = logging.getLogger(__name__)
 
 #: rows of ``P c`` compared at each of three places of θ (start, middle, end)
@@ -40,10 +42,6 @@ FINGERPRINT_SEED = 20_240_917
 #: entries of ``P c`` agree across ranks to this relative tolerance (GPU and CPU round differently; another seed
 #: or another P gives unrelated numbers, off by their own size)
 ENTRY_RTOL = 1e-4
-
-
-class ProjectionMismatchError(RuntimeError):
-    """Ranks of one run built different subspaces (another seed, another library version, another θ)."""
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .delta import AdapterSubspace, Scratch
+from .errors import SubspaceConfigError
 from .layout import ThetaLayout, holder_names, original_tensor
 from .projections import Projection
 
@@ -90,12 +91,12 @@ class SubspaceEngine(nn.Module):
         n_scales = len(layout.slots) if mode == "said" else 0
         d_c = dim - n_scales
         if d_c <= 0:
-            raise ValueError(
+            raise SubspaceConfigError(
                 f"SAID mode spends one of the dim={dim} trainable numbers on each of the {n_scales} tensors of θ, "
                 f"leaving none for c; use dim > {n_scales} or mode='global'"
             )
         if dim > layout.D:
-            raise ValueError(f"dim={dim} is larger than the number of weights in θ (D={layout.D})")
+            raise SubspaceConfigError(f"dim={dim} is larger than the number of weights in θ (D={layout.D})")
         self.record_base(model)
         first = original_tensor(model, layout.slots[0])
         device = first.device

@@ -92,7 +92,11 @@ def subspace_training_args(example: ExampleArguments, training: SubspaceTraining
         changes.update(subspace_projection=example.subspace)
     else:
         changes.update(subspace_dim=None, twa=example.subspace == "twa")
-    if example.target_modules:
+    if example.subspace == "none":  # every weight: the example's subspace defaults (and --seed's) do not apply
+        from .trainer import _subspace_defaults
+
+        changes.update(_subspace_defaults())
+    elif example.target_modules:
         changes.update(subspace_target_modules=list(example.target_modules))
     # --push_to_hub uploads the final result with our card at the end (run_example), not the Trainer's checkpoints
     example.push_at_end = bool(training.push_to_hub or getattr(example, "push_at_end", False))

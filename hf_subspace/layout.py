@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .errors import SubspaceConfigError
+
 ALL_LINEAR = "all-linear"
 
 
@@ -138,7 +140,8 @@ def select_parameters(
     full and left out of θ.
     """
     if isinstance(target_modules, (list, tuple, set)) and len(target_modules) == 0:
-        raise ValueError("target_modules is an empty list; pass None to reparameterize every trainable parameter")
+        raise SubspaceConfigError("target_modules is an empty list; pass None to reparameterize every trainable "
+                                  "parameter")
     target_modules = expand_all_linear(model, target_modules)
     trainable = trainable or (lambda name, p: p.requires_grad)
     skip = _wrapper_prefixes(model)
@@ -171,15 +174,80 @@ def select_parameters(
                 slots[id(p)].holders.append((module_name, attr))
     if not order:
         if target_modules is not None and not matched_module:
-            raise ValueError(
+            raise SubspaceConfigError(
                 f"target_modules={target_modules!r} matched no module with floating-point parameters; "
                 "module names look like: " + ", ".join(n for n, _ in list(model.named_modules())[1:6])
             )
-        raise ValueError(
+        raise SubspaceConfigError(
             "the model has no trainable floating-point parameters to reparameterize "
             "(all are frozen, integer, or under modules_to_save)"
         )
     return ThetaLayout([slots[k] for k in order])
+
+
+def check_targets(model: nn.Module, target_modules, exclude_modules=None, modules_to_save=(),
+                  task_type=None) -> None:
+    """Refuse, with a :class:`~hf_subspace.errors.SubspaceConfigError` naming the pattern, a ``target_modules``
+    entry (each of a list; a regex string as a whole; ``"all-linear"`` and ``None`` are not checked) that
+
+    * matches no module of ``model`` that owns floating-point parameters, or
+    * matches a module that ``modules_to_save`` (or an existing ``ModulesToSaveWrapper``) trains in full: a module
+      is either in θ or trained in full, and peft would silently leave it out of θ.
+
+    Called when an adapter is created (a loaded adapter keeps what it was saved with).
+    """
+    if target_modules is None or (isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR):
+        return
+    entries = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    skip = _wrapper_prefixes(model)
+    modules = list(model.named_modules())
+    owners = {name for name, module in modules
+              if any(p.is_floating_point() for _, p in own_tensors(module))}
+    for entry in entries:
+        in_theta, in_full, empty = [], [], []
+        for name, _ in modules:
+            if not name or not module_matches(name, [entry] if not isinstance(target_modules, str) else entry,
+                                              exclude_modules):
+                continue
+            if under_modules_to_save(name, modules_to_save) or _is_under(name, skip):
+                in_full.append(name)
+            elif name in owners:
+                in_theta.append(name)
+            else:
+                empty.append(name)
+        what = f"target_modules={entry!r}" if isinstance(target_modules, str) else \
+            f"the target_modules entry {entry!r}"
+        if in_full:
+            head = ("; peft adds 'classifier' and 'score' to it for task_type='SEQ_CLS'" if task_type == "SEQ_CLS"
+                    else "")
+            if not any(under_modules_to_save(n, modules_to_save) for n in in_full):
+                head += "; or another adapter's"
+            raise SubspaceConfigError(
+                f"{what} matches {_names(in_full)}, which is trained in full (modules_to_save="
+                f"{list(dict.fromkeys(modules_to_save or []))!r}{head}): a module is either in θ (target_modules) or "
+                "trained in full (modules_to_save), not both. Remove it from one of the two, or keep it out of θ "
+                "with exclude_modules")
+        if not in_theta:
+            if empty:
+                raise SubspaceConfigError(
+                    f"{what} matches only modules that own no parameters themselves ({_names(empty)}); θ is made of "
+                    "the parameters a matched module owns directly: name the layers inside, e.g. "
+                    + _layer_names(model, owners))
+            raise SubspaceConfigError(
+                f"{what} matched no module of this {type(model).__name__} (a list entry matches a module's full "
+                "name or its last parts, a string is a regex on the full name); its layers are named e.g. "
+                + _layer_names(model, owners))
+
+
+def _names(names: Sequence[str], n: int = 3) -> str:
+    shown = ", ".join(repr(x) for x in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _layer_names(model: nn.Module, owners) -> str:
+    """The distinct last parts of the names of the modules that own parameters (what a list entry can name)."""
+    last = sorted({name.rsplit(".", 1)[-1] for name in owners if name}, key=str.lower)
+    return ", ".join(repr(x) for x in last[:12]) + (", ..." if len(last) > 12 else "")
 
 
 def layout_from_names(model: nn.Module, names: Sequence[str]) -> ThetaLayout:

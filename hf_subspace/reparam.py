@@ -11,10 +11,10 @@ from typing import Sequence
 from torch import nn
 
 from .engine import SubspaceEngine, find_engine
-from .layout import ThetaLayout, layout_from_names, select_parameters, under_modules_to_save
+from .layout import ThetaLayout, check_targets, layout_from_names, select_parameters, under_modules_to_save
 from .plain import install_plain_save, plain_state_dict
 from .projections import Projection
-from .tuner.config import MODES, validate_subspace_args
+from .tuner.config import MODES, validate_dim_fits, validate_subspace_args
 
 __all__ = ["MODES", "SubspaceEngine", "ThetaLayout", "find_engine", "install_plain_save", "layout_from_names",
            "plain_state_dict", "reparameterize", "select_parameters", "validate_subspace_args"]
@@ -33,7 +33,9 @@ def reparameterize(model: nn.Module, dim: int, projection: "str | Projection" = 
     validate_subspace_args(dim, None if isinstance(projection, Projection) else projection, mode)
     if isinstance(getattr(model, "subspace", None), SubspaceEngine):
         raise ValueError("this model is already reparameterized (it has a `subspace` engine)")
+    check_targets(model, target_modules, exclude_modules, modules_to_save)
     layout = select_parameters(model, target_modules, exclude_modules, modules_to_save)
+    validate_dim_fits(dim, mode, layout, target_modules)
     engine = SubspaceEngine()
     engine.add_adapter(model, "default", layout, dim, projection, mode, seed, projection_options=projection_options)
     for module_name, module in model.named_modules():

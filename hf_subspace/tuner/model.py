@@ -19,12 +19,13 @@ from peft.utils import other as peft_other
 
 from .. import __version__
 from ..engine import SubspaceEngine, find_engine
+from ..errors import AdapterMismatchError, CorruptAdapterError
 from ..hub import auto_class_for
-from ..layout import (expand_all_linear, fingerprint_tensors, fingerprints_match, original_tensor,
+from ..layout import (check_targets, expand_all_linear, fingerprint_tensors, fingerprints_match, original_tensor,
                       select_parameters)
 from ..plain import install_plain_save, uninstall_plain_save
 from ..projections import PROJECTION_KINDS, STORED_KINDS, latest_format
-from .config import SubspaceConfig
+from .config import SubspaceConfig, validate_dim_fits
 from .layer import SubspaceLayer
 
 ENGINE_PREFIX = "base_model.subspace."
@@ -56,10 +57,14 @@ class SubspaceModel(BaseTuner):
         self._pre_injection_hook(model, config, adapter_name)
         engine: SubspaceEngine = self.subspace
         engine.record_base(model)  # what was trainable before the first adapter froze it: θ of every adapter
+        targets = config.target_modules
+        if config.layout_hash is None:  # created here (a loaded adapter keeps the θ it was saved with)
+            check_targets(model, targets, config.exclude_modules, config.modules_to_save, config.task_type)
         config.target_modules = expand_all_linear(model, config.target_modules, config.task_type)
         layout = select_parameters(model, config.target_modules, config.exclude_modules, config.modules_to_save,
                                    trainable=engine.was_trainable)
         self._check_or_record_base(model, config, layout)
+        validate_dim_fits(config.dim, config.mode, layout, targets)
         options = dict(config.projection_options)
         if config.projection in PROJECTION_KINDS:
             options["format"] = config.projection_format
@@ -95,22 +100,31 @@ class SubspaceModel(BaseTuner):
             config.projection_format = 1  # saved by hf_subspace 0.1.0, before formats were recorded
         if config.num_weights != layout.D or config.layout_hash != layout_hash:
             trained_on = config.base_model_class
-            hint = ""
+            hint = " Load it onto the base model it was trained on" + (
+                f" ({config.base_model_name_or_path!r})." if config.base_model_name_or_path else ".")
             if trained_on and trained_on != type(model).__name__:
                 hint = (f" The adapter was trained on a {trained_on}, and this base is a {type(model).__name__}: "
                         f"load the base with the class it was trained with (e.g. "
                         f"{auto_class_for(trained_on)}.from_pretrained(...)).")
-            raise ValueError(
+            raise AdapterMismatchError(
                 f"this subspace adapter was trained on a base whose θ has D={config.num_weights} weights "
                 f"(layout {config.layout_hash}); the model it is being loaded onto gives D={layout.D} "
                 f"(layout {layout_hash}) — its parameter names or shapes differ.{hint} First tensors here: "
                 + ", ".join(f"{s.name}{list(s.shape)}" for s in layout.slots[:3])
             )
+        trained_on = config.base_model_class
+        if trained_on and trained_on != type(model).__name__:
+            warnings.warn(
+                f"this subspace adapter was trained on a {trained_on} and is being loaded onto a "
+                f"{type(model).__name__}: θ's parameter names and shapes match, so it loads, but whatever lies "
+                f"outside θ (a task head) is not what it was trained with. Load the base with "
+                f"{auto_class_for(trained_on)}.from_pretrained(...) to get the model that was trained.",
+                stacklevel=2)
         if config.check_base_fingerprint and config.base_fingerprint is not None:
             if not fingerprints_match(config.base_fingerprint, tensors):
                 expected = (f" ({config.base_model_name_or_path!r} expected)" if config.base_model_name_or_path
                             else "")
-                raise ValueError(
+                raise AdapterMismatchError(
                     f"the base model's weights differ from those this adapter was trained on (base fingerprint "
                     f"mismatch): it looks like another checkpoint of the same architecture{expected}. Loading it "
                     "would give a silently wrong model. If you are sure, opt out with "
@@ -238,14 +252,15 @@ class SubspaceModel(BaseTuner):
             engine.adapters[adapter_name].projection.load_state_tensors(saved_projection)
             engine.adapters[adapter_name].invalidate()
         elif config.projection in STORED_KINDS:
-            raise ValueError(f"this {config.projection!r} adapter's file holds no projection tensors; its basis "
-                             "cannot be regenerated from a seed, so the adapter cannot be loaded")
+            raise CorruptAdapterError(f"this {config.projection!r} adapter's file holds no projection tensors; its "
+                                      "basis cannot be regenerated from a seed, so the adapter cannot be loaded")
         expected = f"{ENGINE_PREFIX}coeffs.{adapter_name}"
         if expected not in out:
-            raise ValueError("the adapter file holds no subspace coefficients (expected key 'subspace.coeffs')")
+            raise CorruptAdapterError("the adapter file holds no subspace coefficients (expected key "
+                                      "'subspace.coeffs'): it is not this adapter's weights file")
         c = engine.coeffs[adapter_name]
         if out[expected].shape != c.shape:
-            raise ValueError(
+            raise CorruptAdapterError(
                 f"the saved coefficient vector has shape {tuple(out[expected].shape)}, but this config gives "
                 f"{tuple(c.shape)}: the adapter file and adapter_config.json do not belong together"
             )
