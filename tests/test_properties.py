@@ -333,15 +333,11 @@ def test_row_slices_and_entries_are_the_whole_products_cut(name, data, seed, key
                  "rmatvec_at")
 
 
-# KNOWN BUG (reproducer in the issue 15 report): an empty row slice (start == stop) raises in hashing format 2
-# (IndexError when start % d == 0) and fastfood format 2 (ZeroDivisionError when start % B == 0; also for empty
-# `positions`), while format 1 and the other kinds return an empty vector / zeros. A model with a zero-element
-# trainable parameter (e.g. nn.Linear(0, 4).weight) reaches it through project_rows. Remove the xfail once fixed.
+# An empty row slice (start == stop) or no positions: what a zero-element tensor of θ (e.g. nn.Linear(0, 4).weight)
+# asks for through project_rows. Format 2 of hashing and fastfood once raised here (IndexError, ZeroDivisionError).
 FORMAT2_SLICED = ["fastfood-f2", "fastfood-f2-global", "hashing-f2"]
 
 
-@pytest.mark.xfail(strict=True, raises=(IndexError, ZeroDivisionError),
-                   reason="empty row slices / entries crash hashing and fastfood format 2 (issue 15 report)")
 @pytest.mark.parametrize("name", FORMAT2_SLICED)
 def test_empty_slices_and_entries_are_empty(name):
     p = build(name, 100, 10, seed=1)
@@ -422,17 +418,13 @@ def bad_sizes(draw, bools: bool = True):
 @props(25)
 @given(data=st.data(), seed=SEEDS)
 def test_bad_sizes_are_refused(kind, fmt, data, seed):
-    # bools are left out for trajectory: see the known gap below
-    D, d = data.draw(bad_sizes(bools=kind != "trajectory"), label="D, d")
+    D, d = data.draw(bad_sizes(bools=True), label="D, d")
     with pytest.raises(ValueError, match=r"\b[Dd]\b|larger than|positive integer"):
         make_projection(kind, D, d, seed=seed, format=fmt)
 
 
-# KNOWN GAP (issue 15 report): the stored kind's placeholder (TrajectoryProjection.empty, what make_projection
-# returns for "trajectory") checks isinstance(D, int), which admits bools, and then builds torch.zeros(k, D):
-# make_projection("trajectory", True, 1) silently gives D = 1, and a bool k raises TypeError from torch instead of
-# the ValueError every random kind raises. Remove the xfail once fixed.
-@pytest.mark.xfail(strict=True, reason="TrajectoryProjection.empty admits bool sizes (issue 15 report)")
+# The stored kind's placeholder (TrajectoryProjection.empty, what make_projection returns for "trajectory") once
+# admitted bools as sizes (isinstance(True, int)).
 @pytest.mark.parametrize("D,d", [(True, 1), (5, True)])
 def test_trajectory_placeholder_refuses_bool_sizes(D, d):
     with pytest.raises(ValueError):
@@ -471,3 +463,28 @@ def test_every_kind_and_format_is_covered():
         kind, options, _, _ = VARIANTS[name]
         if "format" in options:
             assert type(build(name, 50, 5, 0)) is PROJECTION_FORMATS[kind][options["format"]]
+
+
+@pytest.mark.parametrize("projection,fmt", [("hashing", 2), ("fastfood", 2), ("hashing", 1), ("dense", None)])
+def test_a_zero_element_parameter_in_theta_trains(projection, fmt):
+    """A model holding a zero-element weight (nn.Linear(0, 4)) in θ: forward and backward run and c gets a
+    gradient (format 2 of hashing and fastfood once raised on the empty row slice)."""
+    from peft import get_peft_model
+
+    import hf_subspace as hs
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.empty = torch.nn.Linear(0, 4)
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x + self.empty(x[:, :0]))
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), hs.SubspaceConfig(dim=5, projection=projection, projection_format=fmt,
+                                                    target_modules=["empty", "lin"]))
+    model(torch.randn(2, 4)).sum().backward()
+    c = model.base_model.subspace.coeffs["default"]
+    assert c.grad is not None and torch.isfinite(c.grad).all() and c.grad.abs().sum() > 0

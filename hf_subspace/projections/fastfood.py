@@ -98,10 +98,14 @@ class FastfoodProjection(Projection):
         return torch.arange(b0, b1 + 1, device=self.device), b0 * self.B
 
     def matvec_rows(self, c, start, stop):
+        if stop <= start:  # an empty slice (a zero-element tensor of θ)
+            return torch.zeros(0, device=self.device, dtype=torch.float32)
         blocks, base = self._block_ids(start, stop)
         return self._forward_blocks(c, blocks).reshape(-1)[start - base: stop - base]
 
     def rmatvec_rows(self, g, start, stop):
+        if stop <= start:
+            return torch.zeros(self.d, device=self.device, dtype=torch.float32)
         blocks, base = self._block_ids(start, stop)
         y = torch.zeros(len(blocks) * self.B, device=self.device, dtype=torch.float32)
         y[start - base: stop - base] = g.detach().reshape(-1).to(self.device, torch.float32)
@@ -113,10 +117,14 @@ class FastfoodProjection(Projection):
         return blocks, which, flat - blocks[which] * self.B
 
     def matvec_at(self, c, positions):
+        if positions.numel() == 0:
+            return torch.zeros(positions.shape, device=self.device, dtype=torch.float32)
         blocks, which, within = self._entries(positions)
         return self._forward_blocks(c, blocks)[which, within].view(positions.shape)
 
     def rmatvec_at(self, g, positions):
+        if positions.numel() == 0:
+            return torch.zeros(self.d, device=self.device, dtype=torch.float32)
         blocks, which, within = self._entries(positions)
         y = torch.zeros(len(blocks), self.B, device=self.device, dtype=torch.float32)
         y[which, within] = g.reshape(-1).to(self.device, torch.float32)  # positions are distinct

@@ -100,6 +100,8 @@ class HashingProjection(Projection):
         return torch.cat([w, w, -w, -w])
 
     def matvec_rows(self, c, start, stop):
+        if stop <= start:  # an empty slice (a zero-element tensor of θ)
+            return torch.zeros(0, device=self.device, dtype=torch.float32)
         d = self.d
         z = self._windows(c)
         out = torch.empty(stop - start, device=self.device, dtype=torch.float32)
@@ -134,6 +136,8 @@ class HashingProjection(Projection):
         return ((bins[:d] + bins[d: 2 * d]) - (bins[2 * d: 3 * d] + bins[3 * d:])) * self.col_scale
 
     def rmatvec_rows(self, g, start, stop):
+        if stop <= start:
+            return torch.zeros(self.d, device=self.device, dtype=torch.float32)
         d = self.d
         g = g.detach().reshape(-1).to(self.device, torch.float32)
         bins = torch.zeros(4 * d, device=self.device, dtype=torch.float32)

@@ -58,8 +58,10 @@ class TrajectoryProjection(Projection):
     @classmethod
     def empty(cls, D: int, k: int, device: torch.device | str | None = None) -> "TrajectoryProjection":
         """A zero ``(k, D)`` placeholder, to be filled by :meth:`load_state_tensors` (e.g. from an adapter file)."""
-        if not isinstance(D, int) or not isinstance(k, int) or D <= 0 or k <= 0:
+        if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in (D, k)):
             raise ValueError(f"D and k must be positive integers, got D={D!r}, k={k!r}")
+        if k > D:  # refused before the k x D zeros are allocated
+            raise ValueError(f"k={k} directions is larger than the number of weights D={D}")
         return cls(torch.zeros(k, D, dtype=torch.float32, device="cpu"), device=device)
 
     # -- products ---------------------------------------------------------------------------------------------
