@@ -216,7 +216,10 @@ def run_example(trainer: SubspaceTrainer, example: ExampleArguments, *, task: st
             config.base_model_name_or_path = base_dir
 
     before = evaluate("before")
-    trainer.train()
+    resume = args.resume_from_checkpoint  # --resume_from_checkpoint PATH, or "last" / "true": the newest complete one
+    if isinstance(resume, str) and resume.lower() in ("last", "true", "latest"):
+        resume = True
+    trainer.train(resume_from_checkpoint=resume)
     after = evaluate("eval")
     trainer.save_metrics("before", before)
     trainer.save_metrics("eval", after)  # output_dir/all_results.json holds both (what intrinsic-dim --script reads)
