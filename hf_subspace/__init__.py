@@ -13,8 +13,8 @@ from .tuner import SubspaceConfig, SubspaceModel  # noqa: E402
 from .trainer import SubspaceTrainer, SubspaceTrainingArguments, twa_from_checkpoints  # noqa: E402
 from .twa import save_twa_adapter  # noqa: E402
 from .distributed import ProjectionMismatchError, check_projections_match  # noqa: E402
-from .errors import (AdapterMismatchError, CorruptAdapterError, SubspaceConfigError, SubspaceError,  # noqa: E402
-                     TWASnapshotError)
+from .errors import (AdapterMismatchError, CorruptAdapterError, NonFiniteTrainingError,  # noqa: E402
+                     SubspaceConfigError, SubspaceError, TWASnapshotError)
 from . import _registry  # noqa: E402
 
 _registry.register()
@@ -30,6 +30,7 @@ def get_subspace_model(model, config: SubspaceConfig, adapter_name: str = "defau
 __all__ = [
     "AdapterMismatchError",
     "CorruptAdapterError",
+    "NonFiniteTrainingError",
     "PROJECTION_KINDS",
     "Projection",
     "ProjectionMismatchError",

@@ -12,6 +12,7 @@ Every one derives from :class:`SubspaceError` *and* from the built-in type it ha
 :class:`TWASnapshotError`     TWA snapshots that cannot span a subspace of this model (too few, other names or
                               shapes)
 :class:`ProjectionMismatchError` the processes of one run built different projections
+:class:`NonFiniteTrainingError` too many optimizer steps in a row had a NaN/Inf loss or gradient (a RuntimeError)
 ========================== =====================================================================================
 """
 from __future__ import annotations
@@ -41,6 +42,10 @@ class TWASnapshotError(SubspaceError, ValueError):
 
 class ProjectionMismatchError(SubspaceError, RuntimeError):
     """Ranks of one run built different subspaces (another seed, another library version, another θ)."""
+
+
+class NonFiniteTrainingError(SubspaceError, RuntimeError):
+    """Training stopped: too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
 def _fix(path: str | None) -> str:

@@ -20,11 +20,11 @@ from typing import Optional
 import torch
 from transformers import TrainerCallback
 
+from .errors import NonFiniteTrainingError  # noqa: F401  (raised here; importable from here as before)
+
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteTrainingError(RuntimeError):
-    """Training stopped: too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
 class NonFiniteGuard(TrainerCallback):

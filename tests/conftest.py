@@ -6,7 +6,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest
 import torch
-from torch import nn
 
 import hf_subspace  # noqa: F401  (registers the method with peft)
 

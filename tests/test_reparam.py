@@ -7,7 +7,7 @@ from torch import nn
 import hf_subspace as hs
 from hf_subspace.reparam import select_parameters
 
-from conftest import MODELS, bert_batch, gpt2_batch, tiny_bert_cls, tiny_gpt2, tiny_resnet, resnet_batch
+from conftest import MODELS, bert_batch, gpt2_batch, tiny_bert_cls, tiny_gpt2, tiny_resnet
 
 KINDS = ["hashing", "fastfood", "sparse", "dense"]
 
