@@ -480,6 +480,12 @@ def main(argv=None) -> int:
         hint = "" if isinstance(e, CliError) else f" (--debug or {DEBUG_ENV}=1 shows the traceback)"
         print(f"error: {_one_line(e)}{hint}", file=sys.stderr)
         return EXIT_ERROR
+    except Exception as e:  # noqa: BLE001  anything else (e.g. a --dataset whose columns the model does not take)
+        if debug:
+            raise
+        print(f"error: {type(e).__name__}: {_one_line(e)} (--debug or {DEBUG_ENV}=1 shows the traceback)",
+              file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

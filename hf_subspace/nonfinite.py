@@ -122,10 +122,6 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def _last_checkpoint(output_dir) -> Optional[str]:
-    import os
+    from .trainer import last_complete_checkpoint  # the newest checkpoint whose save was not cut short
 
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if not output_dir or not os.path.isdir(output_dir):
-        return None
-    return get_last_checkpoint(output_dir)
+    return last_complete_checkpoint(output_dir) if output_dir else None

@@ -26,7 +26,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from .nonfinite import NonFiniteGuard, NonFiniteMixin
 from .errors import SubspaceConfigError, TWASnapshotError
 from .reparam import SubspaceEngine, find_engine, layout_from_names, validate_subspace_args
-from .tuner.config import SubspaceConfig, is_subspace_model
+from .projections import PROJECTION_KINDS
+from .tuner.config import PEFT_TYPE, SubspaceConfig, is_subspace_model
 
 logger = logging.getLogger(__name__)
 
@@ -115,11 +116,48 @@ class SubspaceTrainingArguments(TrainingArguments):
                              f"{self.max_consecutive_nonfinite_steps!r}")
         if self.twa_optimizer not in TWA_OPTIMIZERS:
             raise ValueError(f"twa_optimizer must be one of {list(TWA_OPTIMIZERS)}, got {self.twa_optimizer!r}")
+        self._check_twa_numbers()
+
+    def _check_twa_numbers(self) -> None:
+        """The TWA phase's numbers, checked now rather than after the whole ordinary phase."""
+        def bad(name, what):
+            raise SubspaceConfigError(f"{name} must be {what}, got {getattr(self, name)!r}")
+
+        def number(name):
+            v = getattr(self, name)
+            return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+        def count(name, minimum=1):
+            v = getattr(self, name)
+            return v is None or (not isinstance(v, bool) and isinstance(v, int) and v >= minimum)
+
+        if not number("twa_learning_rate") or self.twa_learning_rate < 0:
+            bad("twa_learning_rate", "a non-negative number (0: stay at the snapshots' mean, i.e. SWA)")
+        if not number("twa_momentum") or not 0 <= self.twa_momentum < 1:
+            bad("twa_momentum", "a number in [0, 1)")
+        if not number("twa_weight_decay") or self.twa_weight_decay < 0:
+            bad("twa_weight_decay", "a non-negative number")
+        if not number("twa_lr_gamma") or self.twa_lr_gamma <= 0:
+            bad("twa_lr_gamma", "a positive number (the factor the learning rate is multiplied by at each milestone)")
+        if not number("twa_max_grad_norm") or self.twa_max_grad_norm < 0:
+            bad("twa_max_grad_norm", "a non-negative number (0: no clipping)")
+        if any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1
+               for f in self.twa_lr_milestones):
+            bad("twa_lr_milestones", "fractions of the TWA phase, each strictly between 0 and 1 (e.g. [0.5, 0.75])")
+        for name in ("twa_batch_size", "twa_bn_batches", "twa_snapshot_steps", "twa_num_components"):
+            if not count(name):
+                bad(name, "a positive integer or None")
+        if not count("twa_snapshot_start_step", 0):
+            bad("twa_snapshot_start_step", "a non-negative integer")
+        if self.twa_num_components is not None and self.twa_basis != "pca":
+            raise SubspaceConfigError(f"twa_num_components={self.twa_num_components} only applies to twa_basis='pca' "
+                                      "(the top-k directions); twa_basis='twa' keeps every direction of the snapshots. "
+                                      "Set twa_basis='pca' or leave twa_num_components out")
 
 
 #: the settings that only a random subspace (subspace_dim) uses
 SUBSPACE_ONLY = ("subspace_projection", "subspace_mode", "subspace_seed", "subspace_projection_format",
-                 "subspace_target_modules", "subspace_modules_to_save")
+                 "subspace_target_modules", "subspace_modules_to_save", "subspace_weight_decay")
 
 
 def _subspace_defaults() -> dict:
@@ -140,7 +178,17 @@ def _task_type(model) -> Optional[str]:
 
 def wrap_model(model: nn.Module, args: SubspaceTrainingArguments):
     """Turn ``model`` into a PEFT subspace model according to ``args`` (unchanged if already one)."""
-    if is_subspace_model(model) or args.subspace_dim is None:
+    if is_subspace_model(model):
+        config = next(c for c in model.peft_config.values() if getattr(c, "peft_type", None) == PEFT_TYPE)
+        if args.subspace_dim is not None and args.subspace_dim != config.dim:
+            raise SubspaceConfigError(
+                f"the model is already a subspace model with dim={config.dim}, but subspace_dim={args.subspace_dim}: "
+                "pass the plain model to have the trainer wrap it, or leave subspace_dim out to train it as it is")
+        if args.twa:
+            raise SubspaceConfigError("twa=True trains the ordinary model and then its trajectory's subspace; pass "
+                                      "the plain model, not one already wrapped as a random subspace")
+        return model
+    if args.subspace_dim is None:
         return model
     from peft import get_peft_model
 
@@ -216,6 +264,7 @@ class SubspaceTrainer(NonFiniteMixin, Trainer):
             self.snapshot_callback = SnapshotCallback(
                 every_n_steps=args.twa_snapshot_steps, per_epoch=args.twa_snapshot_steps is None,
                 dtype=getattr(torch, args.twa_snapshot_dtype), start_step=args.twa_snapshot_start_step,
+                min_snapshots=2,
             )
             self.add_callback(self.snapshot_callback)
 
@@ -272,6 +321,8 @@ class SubspaceTrainer(NonFiniteMixin, Trainer):
         if not self.args.twa:
             if resume_from_checkpoint is True:
                 resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or True
+            if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+                _check_resumed_adapter(self.model, str(resume_from_checkpoint))
             return super().train(resume_from_checkpoint, *args, **kwargs)
         from transformers.trainer_utils import TrainOutput
 
@@ -322,10 +373,18 @@ class SubspaceTrainer(NonFiniteMixin, Trainer):
                                              storage=args.twa_snapshot_storage)
             logger.warning("%s has no %s (not written by a one-run TWA): the TWA basis will span only the snapshots "
                            "taken from here on", resume_from_checkpoint, TWA_MANIFEST_FILE)
-        if args.twa_snapshot_storage == "disk" and os.path.isdir(directory) and any(
-                name.startswith("snapshot-") for name in os.listdir(directory)) and resume_from_checkpoint is None:
-            raise ValueError(f"{directory} already holds TWA snapshots of an earlier run: resume it with "
-                             "trainer.train(resume_from_checkpoint=True), or choose another output_dir")
+        writes = args.twa_snapshot_storage == "disk" or args.save_strategy != "no"  # into twa_snapshots/, twa/
+        if resume_from_checkpoint is None and writes:
+            from .errors import TWASnapshotError
+
+            phase = os.path.join(args.output_dir, "twa", TWA_PHASE_FILE)
+            earlier = [p for p in (directory, phase) if os.path.isfile(p) or (os.path.isdir(p) and any(
+                name.startswith("snapshot-") for name in os.listdir(p)))]
+            if earlier:
+                raise TWASnapshotError(
+                    f"{earlier[0]} holds {'TWA snapshots' if earlier[0] == directory else 'the TWA phase record'} of "
+                    "an earlier one-run TWA in this output_dir, which a new run would mix with its own: resume it "
+                    "with trainer.train(resume_from_checkpoint=True), or choose another output_dir (or delete it)")
         return SnapshotStore(storage=args.twa_snapshot_storage,
                              directory=directory if args.twa_snapshot_storage == "disk" else None,
                              dtype=getattr(torch, args.twa_snapshot_dtype))
@@ -371,6 +430,40 @@ TWA_SNAPSHOT_DIR = "twa_snapshots"
 TWA_MANIFEST_FILE = "twa_snapshots.json"
 TWA_PHASE_FILE = "phase.json"
 TWA_COEFFICIENTS_FILE = "twa_coefficients.safetensors"
+
+
+#: what a checkpoint's subspace adapter and the model it resumes in must share (else c means another P c)
+_RESUME_KEYS = ("dim", "projection", "mode", "seed", "projection_format", "projection_options", "num_weights",
+                "layout_hash")
+_RESUME_ARGS = {"dim": "subspace_dim", "projection": "subspace_projection", "mode": "subspace_mode",
+                "seed": "subspace_seed", "projection_format": "subspace_projection_format",
+                "num_weights": "subspace_target_modules", "layout_hash": "subspace_target_modules"}
+
+
+def _check_resumed_adapter(model, checkpoint: str) -> None:
+    """Refuse to resume a subspace run from a checkpoint whose adapter was trained with other subspace settings:
+    its c would be loaded and trained as coefficients of another P (peft keeps the model's own config)."""
+    from .errors import AdapterMismatchError
+
+    configs = getattr(model, "peft_config", None)
+    if not is_subspace_model(model) or not isinstance(configs, dict):
+        return
+    for name, config in configs.items():
+        saved = _read_json(os.path.join(checkpoint, "adapter_config.json") if name == "default"
+                           else os.path.join(checkpoint, name, "adapter_config.json"))
+        if saved is None or saved.get("peft_type") != PEFT_TYPE:
+            continue
+        if saved.get("projection_format") is None and saved.get("projection") in PROJECTION_KINDS:
+            saved["projection_format"] = 1  # saved by hf_subspace 0.1.0
+        differ = [k for k in _RESUME_KEYS if k in saved and saved[k] != getattr(config, k, None)
+                  and not (k == "projection_options" and not saved[k] and not getattr(config, k, None))]
+        if differ:
+            shown = ", ".join(f"{k}={saved[k]!r} there but {getattr(config, k, None)!r} here" for k in differ)
+            flags = sorted({_RESUME_ARGS[k] for k in differ if k in _RESUME_ARGS})
+            raise AdapterMismatchError(
+                f"{checkpoint} holds adapter {name!r} trained with other subspace settings ({shown}); resuming would "
+                f"train its coefficients as those of another subspace. Resume with the settings it was trained with"
+                + (f" ({', '.join(flags)})" if flags else "") + ", or start a new run in another output_dir")
 
 
 def _read_json(path) -> Optional[dict]:

@@ -124,3 +124,21 @@ def test_the_command_prints_no_traceback(folders):
     assert proc.stderr.strip().splitlines() == [
         f"error: adapter folder {folders / 'missing'} does not exist: pass the folder that PeftModel.save_pretrained "
         "wrote"], proc.stderr
+
+
+def test_an_unexpected_error_is_one_line_too(folders, monkeypatch, capsys):
+    """An error no check foresaw (here: an AttributeError deep in a command, as a --dataset whose columns the model
+    does not take gives inside the model's forward): still one line with its type, exit 2."""
+    import hf_subspace.cli as cli
+
+    def broken(ns):
+        raise AttributeError("'NoneType' object has no attribute 'shape'")
+
+    monkeypatch.setattr(cli, "cmd_info", broken)
+    code = main(["info", str(folders / "sub")])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_ERROR and "\n" not in err
+    assert err.startswith("error: AttributeError: 'NoneType' object has no attribute 'shape' (--debug")
+    monkeypatch.setenv("HF_SUBSPACE_DEBUG", "1")
+    with pytest.raises(AttributeError):
+        main(["info", str(folders / "sub")])

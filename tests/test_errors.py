@@ -311,3 +311,56 @@ def test_twa_snapshots_with_other_names(tmp_path):
     _checkpoints(tmp_path / "run", [tiny_bert_cls().bert, tiny_bert_cls(seed=1).bert])
     with pytest.raises(TWASnapshotError, match=r"has no floating-point tensor named 'bert\."):
         hs.twa_from_checkpoints(str(tmp_path / "run"), tiny_bert_cls(), args(tmp_path / "out", twa=True), _data())
+
+
+@pytest.mark.parametrize("kw,words", [
+    ({"twa_learning_rate": -1.0}, "twa_learning_rate must be a non-negative number"),
+    ({"twa_momentum": -0.5}, r"twa_momentum must be a number in \[0, 1\)"),
+    ({"twa_lr_gamma": -1.0}, "twa_lr_gamma must be a positive number"),
+    ({"twa_lr_milestones": [1.5]}, "twa_lr_milestones must be fractions of the TWA phase"),
+    ({"twa_batch_size": 0}, "twa_batch_size must be a positive integer or None"),
+    ({"twa_bn_batches": 0}, "twa_bn_batches must be a positive integer or None"),
+    ({"twa_snapshot_steps": 0}, "twa_snapshot_steps must be a positive integer or None"),
+    ({"twa_num_components": 3}, "twa_num_components=3 only applies to twa_basis='pca'"),
+])
+def test_bad_twa_settings_fail_before_the_ordinary_phase(tmp_path, kw, words):
+    with pytest.raises(SubspaceConfigError, match=words):
+        args(tmp_path, twa=True, **kw)
+
+
+def test_a_twa_run_that_cannot_record_2_snapshots_fails_when_training_starts(tmp_path):
+    """Not after the whole ordinary phase: twa_snapshot_start_step beyond the run's last step."""
+    from test_trainer import image_dataset
+
+    from conftest import tiny_resnet
+
+    a = args(tmp_path, twa=True, max_steps=4, twa_snapshot_steps=2, twa_snapshot_start_step=10,
+             per_device_train_batch_size=8, disable_tqdm=True)
+    trainer = hs.SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset())
+    with pytest.raises(TWASnapshotError, match=r"would record only 0 weight snapshot\(s\) \(every 2 steps from step "
+                                               r"10 to step 4\), and TWA needs at least 2"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_subspace_weight_decay_without_subspace_dim(tmp_path):
+    with pytest.raises(SubspaceConfigError, match="subspace_weight_decay=True is set but subspace_dim is not"):
+        args(tmp_path, subspace_weight_decay=True)
+
+
+def test_an_already_wrapped_model_with_another_subspace_dim(tmp_path):
+    wrapped = get_peft_model(tiny_bert_cls(), hs.SubspaceConfig(dim=10, task_type="SEQ_CLS"))
+    with pytest.raises(SubspaceConfigError, match="already a subspace model with dim=10, but subspace_dim=500"):
+        hs.SubspaceTrainer(model=wrapped, args=args(tmp_path, subspace_dim=500))
+    with pytest.raises(SubspaceConfigError, match="pass the plain model, not one already wrapped"):
+        hs.SubspaceTrainer(model=wrapped, args=args(tmp_path, twa=True))
+
+
+@pytest.mark.parametrize("kw,words", [({"seed": 1.5}, r"seed must be an integer .*got 1.5 \(float\)"),
+                                      ({"seed": "abc"}, "seed must be an integer"),
+                                      ({"target_modules": 5}, "target_modules must be None, a string"),
+                                      ({"projection_format": "1"}, "projection_format must be a positive integer"),
+                                      ({"projection_format": 0}, "projection_format must be a positive integer")])
+def test_bad_config_fields(kw, words):
+    with pytest.raises(SubspaceConfigError, match=words):
+        hs.SubspaceConfig(dim=10, **kw)

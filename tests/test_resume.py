@@ -123,7 +123,7 @@ def test_twa_phase_checkpoints_of_an_earlier_phase_are_not_resumed(tmp_path, str
 def test_a_fresh_disk_run_refuses_the_snapshots_of_an_earlier_one(tmp_path):
     with pytest.raises(Interrupted):
         twa_run(tmp_path, "disk", [InterruptAt(3)])
-    with pytest.raises(ValueError, match="already holds TWA snapshots.*resume_from_checkpoint=True"):
+    with pytest.raises(ValueError, match="holds TWA snapshots of an earlier one-run TWA.*resume_from_checkpoint=True"):
         twa_run(tmp_path, "disk")
 
 
@@ -166,3 +166,51 @@ def test_a_run_killed_with_sigkill_resumes_bit_identically(tmp_path):
     straight = subspace_run(tmp_path / "straight").model.base_model.subspace.coeffs["default"]
     resumed = subspace_run(out, resume=True).model.base_model.subspace.coeffs["default"]
     assert torch.equal(resumed, straight)
+
+
+def test_per_epoch_snapshots_survive_a_checkpoint_at_the_end_of_an_epoch(tmp_path):
+    """The default per-epoch snapshot is taken at the epoch's last step, before that step's checkpoint: a run
+    resumed from checkpoint-8 (the end of epoch 1) keeps it instead of losing it."""
+    def run(out, callbacks=(), resume=None):
+        a = args(str(out), twa=True, num_train_epochs=3, learning_rate=0.05, save_strategy="steps", save_steps=4,
+                 twa_epochs=1, twa_learning_rate=0.5)
+        t = SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset(), callbacks=list(callbacks))
+        t.train(resume_from_checkpoint=resume)
+        return t
+
+    straight = run(tmp_path / "a")
+    assert straight.snapshot_callback.store.steps == [8, 16, 24]
+    with pytest.raises(Interrupted):
+        run(tmp_path / "b", [InterruptAt(10)])
+    manifest = json.loads((tmp_path / "b" / "checkpoint-8" / "twa_snapshots.json").read_text())
+    assert [s["step"] for s in manifest["snapshots"]] == [8]
+    resumed = run(tmp_path / "b", resume=True)
+    assert resumed.snapshot_callback.store.steps == [8, 16, 24]
+    assert_same(final_state(resumed), final_state(straight))
+
+
+def test_a_fresh_run_refuses_an_earlier_runs_twa_phase_record(tmp_path):
+    """A completed one-run TWA left twa/phase.json and twa_snapshots/: a new run into the same folder would mix
+    them with its own (and a later resume would take the old phase), so it is refused; nothing is deleted."""
+    twa_run(tmp_path)
+    before = sorted(p.name for p in (tmp_path / "twa_snapshots").iterdir())
+    with pytest.raises(ValueError, match="an earlier one-run TWA in this output_dir.*resume_from_checkpoint=True"):
+        twa_run(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "twa_snapshots").iterdir()) == before
+    assert (tmp_path / "twa" / "phase.json").is_file()
+
+
+@pytest.mark.parametrize("change,words", [({"subspace_seed": 5}, "seed=0 there but 5 here"),
+                                          ({"subspace_dim": 64}, "dim=100 there but 64 here"),
+                                          ({"subspace_projection": "fastfood"}, "projection='hashing' there")])
+def test_resuming_with_other_subspace_settings_is_refused(tmp_path, change, words):
+    from hf_subspace import AdapterMismatchError
+
+    with pytest.raises(Interrupted):
+        subspace_run(tmp_path, [InterruptAt(3)])
+    a = args(str(tmp_path), **{**dict(subspace_dim=100, max_steps=6, save_strategy="steps", save_steps=2,
+                                      learning_rate=1e-2), **change})
+    t = SubspaceTrainer(model=tiny_bert_cls(), args=a, train_dataset=text_dataset())
+    with pytest.raises(AdapterMismatchError, match=rf"checkpoint-2 holds adapter 'default' trained with other "
+                                                   rf"subspace settings \({words}.*Resume with the settings"):
+        t.train(resume_from_checkpoint=True)

@@ -1,6 +1,7 @@
 """``SubspaceConfig``: the PEFT config of a random-subspace adapter (θ = θ0 + P c)."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -119,6 +120,22 @@ class SubspaceConfig(PeftConfig):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = sorted(self.modules_to_save)
+        if isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool):
+            self.seed = int(self.seed)  # e.g. a numpy integer
+        else:
+            raise SubspaceConfigError(f"seed must be an integer (P is generated from it), got {self.seed!r} "
+                                      f"({type(self.seed).__name__})")
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str) and not (
+                    isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise SubspaceConfigError(f"{name} must be None, a string (a regex on module names) or a list of "
+                                          f"module names, got {value!r}")
+        if self.projection_format is not None and (isinstance(self.projection_format, bool)
+                                                   or not isinstance(self.projection_format, int)
+                                                   or self.projection_format < 1):
+            raise SubspaceConfigError(f"projection_format must be a positive integer (1: as hf_subspace 0.1.0 "
+                                      f"generated P; None: the latest), got {self.projection_format!r}")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

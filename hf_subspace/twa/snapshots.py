@@ -8,6 +8,7 @@ statistics are buffers, not parameters, so they are never part of a snapshot: TW
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -272,6 +273,10 @@ class SnapshotCallback(TrainerCallback):
         storage, directory, dtype, max_snapshots: see :class:`SnapshotStore`.
         start_step: record nothing before this optimizer step (the first, far-from-converged part of a run
             spends directions of the subspace on a path training has left).
+        min_snapshots: when training starts, raise :class:`~hf_subspace.TWASnapshotError` if the run cannot record
+            this many (SubspaceTrainer's one-run TWA asks for 2).
+
+    A per-epoch snapshot is taken at the epoch's last optimizer step, before that step's checkpoint is saved.
 
     In a multi-process run every process records its own copy (all hold the same weights); give each process
     its own ``directory`` when storing on disk.
@@ -279,7 +284,7 @@ class SnapshotCallback(TrainerCallback):
 
     def __init__(self, every_n_steps: int | None = None, per_epoch: bool = True, storage: str = "memory",
                  directory: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-                 max_snapshots: int | None = None, start_step: int = 0):
+                 max_snapshots: int | None = None, start_step: int = 0, min_snapshots: int = 0):
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
                                           or every_n_steps <= 0):
             raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}")
@@ -290,15 +295,45 @@ class SnapshotCallback(TrainerCallback):
         self.every_n_steps = every_n_steps
         self.per_epoch = per_epoch
         self.start_step = start_step
+        self.min_snapshots = min_snapshots
         self.store = SnapshotStore(storage=storage, directory=directory, dtype=dtype, max_snapshots=max_snapshots)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Fail now, not after the whole run, when it cannot record ``min_snapshots`` snapshots."""
+        if not self.min_snapshots or not state.max_steps or state.max_steps <= 0:
+            return
+        done, last = state.global_step, state.max_steps
+        first = max(done + 1, self.start_step)
+        if self.every_n_steps is not None:
+            n = self.every_n_steps
+            coming = max(0, last // n - (first - 1) // n) if first <= last else 0
+            how = f"every {n} steps from step {max(self.start_step, 1)} to step {last}"
+        else:
+            epochs = max(1, math.ceil(state.num_train_epochs or 1))
+            per_epoch = last / epochs
+            coming = sum(1 for e in range(1, epochs + 1) if first <= min(last, math.ceil(e * per_epoch)))
+            how = f"one per epoch over {epochs} epoch(s) ({last} steps) from step {max(self.start_step, 1)}"
+        if len(self.store) + coming < self.min_snapshots:
+            from ..errors import TWASnapshotError
+
+            raise TWASnapshotError(
+                f"this run would record only {len(self.store) + coming} weight snapshot(s) ({how}), and TWA needs at "
+                f"least {self.min_snapshots} to span a subspace: lower twa_snapshot_steps or twa_snapshot_start_step, "
+                "or train for more steps")
+
     def on_step_end(self, args, state, control, **kwargs):
-        if self.every_n_steps is not None and state.global_step % self.every_n_steps == 0:
+        if self.every_n_steps is not None:
+            if state.global_step % self.every_n_steps == 0:
+                self._record(kwargs.get("model"), state.global_step)
+        elif self.per_epoch and state.epoch and float(state.epoch).is_integer():
+            # the last step of an epoch: record now, before the Trainer saves this step's checkpoint (on_epoch_end
+            # comes after it, and a run resumed from that checkpoint starts the next epoch)
             self._record(kwargs.get("model"), state.global_step)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.every_n_steps is None and self.per_epoch:
-            self._record(kwargs.get("model"), state.global_step)
+        if self.every_n_steps is None and self.per_epoch and (not self.store.steps
+                                                              or self.store.steps[-1] != state.global_step):
+            self._record(kwargs.get("model"), state.global_step)  # an epoch cut short (max_steps)
 
     def _record(self, model, step: int) -> None:
         if step < self.start_step:
