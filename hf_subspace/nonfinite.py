@@ -4,7 +4,8 @@ One bad batch (a NaN in the data, an overflow in half precision, a loss spike) m
 rest of a run. :class:`NonFiniteGuard` (a Trainer callback, installed by :class:`~hf_subspace.SubspaceTrainer` and
 by the TWA phase) looks at the accumulated loss and the gradients just before the optimizer step. When one of them
 is not finite it drops every gradient (``p.grad = None``), so the optimizer's ``step()`` leaves the parameters and
-its own state (Adam's moments and step counts, SGD's momentum) exactly as they were; the step still counts, so the
+its own state (Adam's moments and step counts, SGD's momentum) exactly as they were, and BatchNorm running
+statistics are put back as they were when the step began; the step still counts, so the
 learning-rate schedule and ``global_step`` move on as they would after a step skipped by fp16's GradScaler. Skips
 are counted and logged (``nonfinite_steps_skipped`` in the logs); ``max_consecutive`` skips in a row stop training
 with :class:`NonFiniteTrainingError` before anything further is saved, so the last checkpoint is the last good
@@ -18,6 +19,7 @@ import logging
 from typing import Optional
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 from transformers import TrainerCallback
 
 from .errors import NonFiniteTrainingError  # noqa: F401  (raised here; importable from here as before)
@@ -53,6 +55,15 @@ class NonFiniteGuard(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.in_a_row = 0
         self._bad_loss = False
+        self._stats = None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        """Keep the BatchNorm running statistics as the step starts: a bad batch's forward has already folded its
+        NaNs into them by the time the step is skipped."""
+        model = model if model is not None else self.trainer.model
+        self._stats = [(buf, buf.detach().clone()) for m in model.modules()
+                       if isinstance(m, _BatchNorm) and m.track_running_stats
+                       for buf in (m.running_mean, m.running_var, m.num_batches_tracked) if buf is not None]
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         bad_loss, self._bad_loss = self._bad_loss, False
@@ -67,6 +78,9 @@ class NonFiniteGuard(TrainerCallback):
             return
         for p in model.parameters():
             p.grad = None  # optimizers skip parameters without a gradient: no update, no state change
+        with torch.no_grad():
+            for buf, kept in self._stats or ():
+                buf.copy_(kept)  # the BatchNorm statistics as before the skipped step's forwards
         step = state.global_step + 1
         self.skipped += 1
         self.in_a_row += 1

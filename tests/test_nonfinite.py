@@ -127,3 +127,28 @@ def test_the_guard_can_be_turned_off_and_its_setting_is_checked(tmp_out):
     assert not torch.isfinite(trainer.model.base_model.subspace.coeffs["default"]).all()  # what it guards against
     with pytest.raises(ValueError, match="max_consecutive_nonfinite_steps must be a non-negative integer"):
         SubspaceTrainingArguments(output_dir=tmp_out, max_consecutive_nonfinite_steps=-1)
+
+
+def test_a_nan_batch_leaves_batchnorm_statistics_as_they_were(tmp_out):
+    """The bad batch's forward folds NaN into BatchNorm's running statistics before the step is skipped: they are
+    put back, so evaluation after the run is finite (full fine-tuning of a ResNet)."""
+    class NaNImages(SubspaceTrainer):
+        def compute_loss(self, model, inputs, *a, **kw):
+            if self.state.global_step == 2:
+                inputs = {**inputs, "pixel_values": inputs["pixel_values"] * float("nan")}
+            return super().compute_loss(model, inputs, *a, **kw)
+
+    class Stats(TrainerCallback):
+        after = {}
+
+        def on_step_end(self, a, state, control, model=None, **kwargs):
+            bn = model.resnet.embedder.embedder.normalization
+            Stats.after[state.global_step] = (bn.running_mean.clone(), bn.num_batches_tracked.clone())
+
+    a = args(tmp_out, max_steps=5, learning_rate=1e-3)
+    trainer = NaNImages(model=tiny_resnet(), args=a, train_dataset=image_dataset(), callbacks=[Stats()])
+    trainer.train()
+    assert trainer.nonfinite_guard.skipped_steps == [3]
+    assert torch.equal(Stats.after[3][0], Stats.after[2][0]) and torch.equal(Stats.after[3][1], Stats.after[2][1])
+    assert all(torch.isfinite(b).all() for b in trainer.model.buffers() if b.is_floating_point())
+    assert math.isfinite(trainer.evaluate(image_dataset(16, 1))["eval_loss"])
