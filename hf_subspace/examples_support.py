@@ -67,7 +67,8 @@ def parse_args(task_class, defaults: dict, baseline_defaults: Optional[dict] = N
     ``defaults`` overrides the Trainer's own defaults for this example (``output_dir``, ``learning_rate``,
     ``subspace_dim``, ...); ``baseline_defaults`` replaces some of them for ``--subspace none`` and
     ``twa_defaults`` for ``--subspace twa`` (e.g. another learning rate). Anything on the command line wins.
-    The subspace seed follows ``--seed`` unless ``--subspace_seed`` is given.
+    The subspace seed follows ``--seed`` unless ``--subspace_seed`` is given, and the random state is seeded from
+    ``--seed`` here, so a model the example builds next (a new classification head) is the same in every run.
     """
     from transformers import HfArgumentParser
 
@@ -80,6 +81,9 @@ def parse_args(task_class, defaults: dict, baseline_defaults: Optional[dict] = N
     extra = {"none": baseline_defaults, "twa": twa_defaults}.get(known.subspace) or {}
     parser.set_defaults(**extra, subspace_seed=known.seed)
     example, task, training = parser.parse_args_into_dataclasses(args=argv)
+    from transformers import set_seed
+
+    set_seed(training.seed)  # before the example builds its model: a new head (or a model from a config) from --seed
     return example, task, subspace_training_args(example, training)
 
 
