@@ -35,6 +35,22 @@ ORIGINALS: dict = {}
 SAVE_ORDER = ("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json", "README.md")
 
 
+_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _remove_other_format_weights(target: str, written: set) -> None:
+    """After a save in one format, delete the same adapter's weights file in the other format left from an earlier
+    save: peft loads ``adapter_model.safetensors`` before ``adapter_model.bin``, so a stale one would be loaded
+    instead of what was just saved."""
+    for rel in written:
+        folder, name = os.path.split(rel)
+        if name in _WEIGHT_FILES:
+            other = _WEIGHT_FILES[1 - _WEIGHT_FILES.index(name)]
+            stale = os.path.join(target, folder, other)
+            if os.path.join(folder, other) not in written and os.path.isfile(stale):
+                os.remove(stale)
+
+
 def _patch_peft_model() -> None:
     """Give subspace adapters our model card on save and on push (other methods are untouched).
 
@@ -89,6 +105,8 @@ def _patch_peft_model() -> None:
         with atomic_folder(target, order=SAVE_ORDER, skip=("README.md",) if cards else ()) as tmp:
             bound.arguments["save_directory"] = tmp
             result = original_save(*bound.args, **bound.kwargs)
+            written = {os.path.relpath(os.path.join(root, f), tmp) for root, _, files in os.walk(tmp) for f in files}
+        _remove_other_format_weights(target, written)
         if cards:
             hub.write_adapter_cards(self, target, selected_adapters=selected)
         return result

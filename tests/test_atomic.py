@@ -314,3 +314,20 @@ def test_other_peft_methods_save_as_peft_does(tmp_path, monkeypatch):
     lora = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
     lora.save_pretrained(str(tmp_path / "lora"))
     assert os.path.isfile(tmp_path / "lora" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("first,second", [(True, False), (False, True)])
+def test_a_save_in_the_other_format_removes_the_stale_weights_file(tmp_path, first, second):
+    """peft loads adapter_model.safetensors before adapter_model.bin: a .bin saved over a .safetensors (or the
+    reverse) must not leave the old file to be loaded instead of the new one."""
+    from peft import PeftModel
+
+    model = subspace_bert()
+    set_coeffs(model, torch.full_like(model.base_model.subspace.coeffs["default"], 0.1))
+    model.save_pretrained(tmp_path, safe_serialization=first)
+    set_coeffs(model, torch.full_like(model.base_model.subspace.coeffs["default"], 0.3))
+    model.save_pretrained(tmp_path, safe_serialization=second)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert ("adapter_model.safetensors" in names) == second and ("adapter_model.bin" in names) == (not second)
+    loaded = PeftModel.from_pretrained(tiny_bert_cls(), str(tmp_path))
+    assert torch.allclose(loaded.base_model.subspace.coeffs["default"], torch.tensor(0.3))
