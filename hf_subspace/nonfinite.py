@@ -69,7 +69,7 @@ class NonFiniteGuard(TrainerCallback):
         bad_loss, self._bad_loss = self._bad_loss, False
         model = model if model is not None else self.trainer.model
         if getattr(self.trainer.accelerator, "scaler", None) is not None:
-            return  # fp16 with a GradScaler: it already skips steps with inf gradients (and lowers its scale)
+            return  # fp16 with a GradScaler: it skips steps with inf gradients itself (see on_optimizer_step)
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         bad = bad_loss or (bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()))
         bad = _any_rank(bad, grads[0].device if grads else torch.device("cpu"))
@@ -78,9 +78,7 @@ class NonFiniteGuard(TrainerCallback):
             return
         for p in model.parameters():
             p.grad = None  # optimizers skip parameters without a gradient: no update, no state change
-        with torch.no_grad():
-            for buf, kept in self._stats or ():
-                buf.copy_(kept)  # the BatchNorm statistics as before the skipped step's forwards
+        self._restore_batchnorm()
         step = state.global_step + 1
         self.skipped += 1
         self.in_a_row += 1
@@ -98,6 +96,21 @@ class NonFiniteGuard(TrainerCallback):
                 "learning rate, or use bf16 instead of fp16; max_consecutive_nonfinite_steps sets how many bad steps "
                 "in a row are tolerated (0: never stop)"
             )
+
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        """fp16 with a GradScaler: when it skipped the step and the forward left NaN/Inf in the BatchNorm running
+        statistics, put them back (a step it skipped only to lower its scale leaves them as they are)."""
+        accelerator = self.trainer.accelerator
+        if getattr(accelerator, "scaler", None) is None or not accelerator.optimizer_step_was_skipped:
+            return
+        if any(not bool(torch.isfinite(buf).all()) for buf, _ in self._stats or () if buf.is_floating_point()):
+            self._restore_batchnorm()
+
+    def _restore_batchnorm(self) -> None:
+        with torch.no_grad():
+            for buf, kept in self._stats or ():
+                buf.copy_(kept)  # the BatchNorm statistics as before the skipped step's forwards
 
 
 class NonFiniteMixin:

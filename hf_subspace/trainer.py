@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -125,11 +126,11 @@ class SubspaceTrainingArguments(TrainingArguments):
 
         def number(name):
             v = getattr(self, name)
-            return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+            return not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v)
 
         def count(name, minimum=1):
             v = getattr(self, name)
-            return v is None or (not isinstance(v, bool) and isinstance(v, int) and v >= minimum)
+            return v is None or (not isinstance(v, bool) and isinstance(v, numbers.Integral) and v >= minimum)
 
         if not number("twa_learning_rate") or self.twa_learning_rate < 0:
             bad("twa_learning_rate", "a non-negative number (0: stay at the snapshots' mean, i.e. SWA)")
@@ -141,7 +142,9 @@ class SubspaceTrainingArguments(TrainingArguments):
             bad("twa_lr_gamma", "a positive number (the factor the learning rate is multiplied by at each milestone)")
         if not number("twa_max_grad_norm") or self.twa_max_grad_norm < 0:
             bad("twa_max_grad_norm", "a non-negative number (0: no clipping)")
-        if any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1
+        if not number("twa_epochs") or self.twa_epochs <= 0:
+            bad("twa_epochs", "a positive number of epochs")
+        if any(isinstance(f, bool) or not isinstance(f, numbers.Real) or not 0 < f < 1
                for f in self.twa_lr_milestones):
             bad("twa_lr_milestones", "fractions of the TWA phase, each strictly between 0 and 1 (e.g. [0.5, 0.75])")
         for name in ("twa_batch_size", "twa_bn_batches", "twa_snapshot_steps", "twa_num_components"):
@@ -149,6 +152,10 @@ class SubspaceTrainingArguments(TrainingArguments):
                 bad(name, "a positive integer or None")
         if not count("twa_snapshot_start_step", 0):
             bad("twa_snapshot_start_step", "a non-negative integer")
+        for name in ("twa_batch_size", "twa_bn_batches", "twa_snapshot_steps", "twa_num_components",
+                     "twa_snapshot_start_step"):
+            if getattr(self, name) is not None:
+                setattr(self, name, int(getattr(self, name)))  # e.g. a numpy integer: a plain int from here on
         if self.twa_num_components is not None and self.twa_basis != "pca":
             raise SubspaceConfigError(f"twa_num_components={self.twa_num_components} only applies to twa_basis='pca' "
                                       "(the top-k directions); twa_basis='twa' keeps every direction of the snapshots. "

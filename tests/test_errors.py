@@ -364,3 +364,19 @@ def test_an_already_wrapped_model_with_another_subspace_dim(tmp_path):
 def test_bad_config_fields(kw, words):
     with pytest.raises(SubspaceConfigError, match=words):
         hs.SubspaceConfig(dim=10, **kw)
+
+
+def test_numpy_numbers_sets_and_none_are_accepted_where_they_mean_the_same(tmp_path):
+    import numpy as np
+
+    a = args(tmp_path, twa=True, twa_momentum=np.float32(0.9), twa_learning_rate=np.float32(1),
+             twa_batch_size=np.int64(4), twa_snapshot_steps=np.int64(5))
+    assert a.twa_batch_size == 4 and type(a.twa_snapshot_steps) is int
+    config = hs.SubspaceConfig(dim=50, exclude_modules={"classifier"}, projection_format=np.int64(1),
+                               projection_options=None)
+    assert config.exclude_modules == ["classifier"] and config.projection_format == 1
+    assert config.projection_options == {}
+    with pytest.raises(SubspaceConfigError, match="projection_options must be a dict"):
+        hs.SubspaceConfig(dim=50, projection_options=["block"])
+    with pytest.raises(SubspaceConfigError, match="twa_epochs must be a positive number"):
+        args(tmp_path, twa=True, twa_epochs=float("nan"))

@@ -152,3 +152,25 @@ def test_a_nan_batch_leaves_batchnorm_statistics_as_they_were(tmp_out):
     assert torch.equal(Stats.after[3][0], Stats.after[2][0]) and torch.equal(Stats.after[3][1], Stats.after[2][1])
     assert all(torch.isfinite(b).all() for b in trainer.model.buffers() if b.is_floating_point())
     assert math.isfinite(trainer.evaluate(image_dataset(16, 1))["eval_loss"])
+
+
+def test_under_a_grad_scaler_batchnorm_is_restored_only_when_its_skip_left_nan():
+    """fp16's GradScaler skips inf steps itself (the guard stands aside); when it skipped one and the forward had
+    folded NaN into BatchNorm's statistics, they are put back; after a skip that only lowered the scale, not."""
+    from types import SimpleNamespace
+
+    from hf_subspace.nonfinite import NonFiniteGuard
+
+    model = tiny_resnet()
+    accelerator = SimpleNamespace(scaler=object(), optimizer_step_was_skipped=True)
+    guard = NonFiniteGuard(SimpleNamespace(accelerator=accelerator, model=model))
+    bn = model.resnet.embedder.embedder.normalization
+    for poison, restored in ((float("nan"), True), (0.5, False)):
+        guard.on_step_begin(None, None, None, model=model)
+        kept = bn.running_mean.clone()
+        with torch.no_grad():
+            bn.running_mean.add_(poison)
+        guard.on_pre_optimizer_step(None, SimpleNamespace(global_step=0), None, model=model)
+        guard.on_optimizer_step(None, None, None)
+        assert torch.equal(bn.running_mean, kept) == restored
+    assert guard.skipped == 0  # the scaler's skips are its own

@@ -214,3 +214,51 @@ def test_resuming_with_other_subspace_settings_is_refused(tmp_path, change, word
     with pytest.raises(AdapterMismatchError, match=rf"checkpoint-2 holds adapter 'default' trained with other "
                                                    rf"subspace settings \({words}.*Resume with the settings"):
         t.train(resume_from_checkpoint=True)
+
+
+def per_epoch_twa(out, callbacks=(), resume=None, **kw):
+    a = args(str(out), twa=True, learning_rate=0.05, twa_epochs=1, twa_learning_rate=0.5, **kw)
+    t = SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset(), callbacks=list(callbacks))
+    t.train(resume_from_checkpoint=resume)
+    return t
+
+
+def test_a_run_ending_mid_epoch_lists_its_last_snapshot_and_resumes_from_any_checkpoint(tmp_path):
+    """8 steps per epoch, max_steps=12: per-epoch snapshots at 8 and 12 (the run's end, before its checkpoint is
+    saved); a resume from checkpoint-7 is not refused by the early 2-snapshot check and ends the same."""
+    kw = dict(max_steps=12, save_strategy="steps", save_steps=7)
+    straight = per_epoch_twa(tmp_path / "a", **kw)
+    assert straight.snapshot_callback.store.steps == [8, 12]
+    last = json.loads((tmp_path / "a" / "checkpoint-12" / "twa_snapshots.json").read_text())
+    assert [s["step"] for s in last["snapshots"]] == [8, 12]
+    with pytest.raises(Interrupted):
+        per_epoch_twa(tmp_path / "b", [InterruptAt(9)], **kw)
+    resumed = per_epoch_twa(tmp_path / "b", resume=str(tmp_path / "b" / "checkpoint-7"), **kw)
+    assert resumed.snapshot_callback.store.steps == [8, 12]
+    assert_same(final_state(resumed), final_state(straight))
+
+
+def test_the_early_snapshot_check_counts_a_fractional_last_epoch(tmp_path):
+    """1.5 epochs of 8 steps from step 7: snapshots at 8 and 12, so the run is not refused."""
+    t = per_epoch_twa(tmp_path, num_train_epochs=1.5, twa_snapshot_start_step=7)
+    assert t.snapshot_callback.store.steps == [8, 12]
+
+
+def test_an_iterable_dataset_does_not_stall_the_early_check(tmp_path):
+    """Its epochs have no known length (the Trainer sets num_train_epochs to sys.maxsize): the check stands aside
+    and training starts."""
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            for item in image_dataset():
+                yield {k: v for k, v in item.items()}
+
+    class StopAtOne(TrainerCallback):
+        def on_step_end(self, a, state, control, **kwargs):
+            raise Interrupted("started")
+
+    a = args(str(tmp_path), twa=True, max_steps=4)
+    trainer = SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=Stream(), callbacks=[StopAtOne()])
+    with pytest.raises(Interrupted, match="started"):
+        trainer.train()

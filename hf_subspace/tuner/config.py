@@ -120,6 +120,13 @@ class SubspaceConfig(PeftConfig):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = sorted(self.modules_to_save)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if self.projection_options is None:
+            self.projection_options = {}
+        if not isinstance(self.projection_options, dict):
+            raise SubspaceConfigError(f"projection_options must be a dict of the projection kind's options (e.g. "
+                                      f"{{'block': 'global'}} for fastfood), got {self.projection_options!r}")
         if isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool):
             self.seed = int(self.seed)  # e.g. a numpy integer
         else:
@@ -131,6 +138,8 @@ class SubspaceConfig(PeftConfig):
                     isinstance(value, list) and all(isinstance(v, str) for v in value)):
                 raise SubspaceConfigError(f"{name} must be None, a string (a regex on module names) or a list of "
                                           f"module names, got {value!r}")
+        if isinstance(self.projection_format, numbers.Integral) and not isinstance(self.projection_format, bool):
+            self.projection_format = int(self.projection_format)
         if self.projection_format is not None and (isinstance(self.projection_format, bool)
                                                    or not isinstance(self.projection_format, int)
                                                    or self.projection_format < 1):

@@ -298,21 +298,28 @@ class SnapshotCallback(TrainerCallback):
         self.min_snapshots = min_snapshots
         self.store = SnapshotStore(storage=storage, directory=directory, dtype=dtype, max_snapshots=max_snapshots)
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         """Fail now, not after the whole run, when it cannot record ``min_snapshots`` snapshots."""
         if not self.min_snapshots or not state.max_steps or state.max_steps <= 0:
             return
         done, last = state.global_step, state.max_steps
-        first = max(done + 1, self.start_step)
+        first = max(done + 1, self.start_step, 1)
         if self.every_n_steps is not None:
             n = self.every_n_steps
             coming = max(0, last // n - (first - 1) // n) if first <= last else 0
             how = f"every {n} steps from step {max(self.start_step, 1)} to step {last}"
         else:
-            epochs = max(1, math.ceil(state.num_train_epochs or 1))
-            per_epoch = last / epochs
-            coming = sum(1 for e in range(1, epochs + 1) if first <= min(last, math.ceil(e * per_epoch)))
-            how = f"one per epoch over {epochs} epoch(s) ({last} steps) from step {max(self.start_step, 1)}"
+            try:  # the Trainer's optimizer steps per epoch; unknown for an iterable dataset: no check
+                per_epoch = math.ceil(len(train_dataloader) / max(1, args.gradient_accumulation_steps))
+            except TypeError:
+                return
+            if per_epoch <= 0:
+                return
+            # epochs end at per_epoch, 2·per_epoch, ... below the last step, and the run ends at the last step
+            coming = (max(0, (last - 1) // per_epoch - (first - 1) // per_epoch) if first <= last else 0) + (
+                first <= last)
+            how = (f"one per epoch (epochs of {per_epoch} steps; the run ends at step {last}) from step "
+                   f"{max(self.start_step, 1)}")
         if len(self.store) + coming < self.min_snapshots:
             from ..errors import TWASnapshotError
 
@@ -325,9 +332,10 @@ class SnapshotCallback(TrainerCallback):
         if self.every_n_steps is not None:
             if state.global_step % self.every_n_steps == 0:
                 self._record(kwargs.get("model"), state.global_step)
-        elif self.per_epoch and state.epoch and float(state.epoch).is_integer():
-            # the last step of an epoch: record now, before the Trainer saves this step's checkpoint (on_epoch_end
-            # comes after it, and a run resumed from that checkpoint starts the next epoch)
+        elif self.per_epoch and ((state.epoch and float(state.epoch).is_integer())
+                                 or (state.max_steps and state.global_step >= state.max_steps)):
+            # the last step of an epoch, or of the run: record now, before the Trainer saves this step's checkpoint
+            # (on_epoch_end comes after it, and a run resumed from that checkpoint starts the next epoch)
             self._record(kwargs.get("model"), state.global_step)
 
     def on_epoch_end(self, args, state, control, **kwargs):
