@@ -407,10 +407,14 @@ class SubspaceTrainer(NonFiniteMixin, Trainer):
             run_dir = self._get_output_dir(trial=trial)
             folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             os.makedirs(folder, exist_ok=True)
-            manifest = self.snapshot_callback.store.persist(os.path.join(self.args.output_dir, TWA_SNAPSHOT_DIR))
-            manifest["directory"] = TWA_SNAPSHOT_DIR
-            write_json(os.path.join(folder, TWA_MANIFEST_FILE), manifest, indent=1)
+            write_json(os.path.join(folder, TWA_MANIFEST_FILE), self._snapshot_manifest(), indent=1)
         return super()._save_checkpoint(model, trial)
+
+    def _snapshot_manifest(self) -> dict:
+        """The snapshots so far, made durable in ``<output_dir>/twa_snapshots`` and listed (relative to output_dir)."""
+        manifest = self.snapshot_callback.store.persist(os.path.join(self.args.output_dir, TWA_SNAPSHOT_DIR))
+        manifest["directory"] = TWA_SNAPSHOT_DIR
+        return manifest
 
     def _record_twa_phase(self, output) -> Optional[dict]:
         """When checkpoints are saved, note where the TWA phase starts (``twa/phase.json``: its snapshots and the
@@ -425,9 +429,7 @@ class SubspaceTrainer(NonFiniteMixin, Trainer):
                                                       "training_loss": output.training_loss,
                                                       "metrics": dict(output.metrics)}}
         if self.args.should_save:
-            manifest = self.snapshot_callback.store.persist(os.path.join(self.args.output_dir, TWA_SNAPSHOT_DIR))
-            manifest["directory"] = TWA_SNAPSHOT_DIR
-            phase["snapshots"] = manifest
+            phase["snapshots"] = self._snapshot_manifest()
             os.makedirs(os.path.join(self.args.output_dir, "twa"), exist_ok=True)
             write_json(os.path.join(self.args.output_dir, "twa", TWA_PHASE_FILE), phase, indent=1)
         return phase
