@@ -27,8 +27,6 @@ from .errors import NonFiniteTrainingError  # noqa: F401  (raised here; importab
 logger = logging.getLogger(__name__)
 
 
-
-
 class NonFiniteGuard(TrainerCallback):
     """Skip optimizer steps with a non-finite loss or gradient; stop after ``max_consecutive`` in a row.
 
@@ -46,24 +44,26 @@ class NonFiniteGuard(TrainerCallback):
         self.in_a_row = 0
         self.skipped_steps: list[int] = []
         self._bad_loss = False
+        self._bn_buffers: list[torch.Tensor] = []  # the model's BatchNorm running statistics (found once)
+        self._stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # and their values as the step began
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         """Note one micro-batch's loss (a detached scalar)."""
         if not self._bad_loss and not bool(torch.isfinite(loss.detach()).all()):
             self._bad_loss = True
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.in_a_row = 0
         self._bad_loss = False
-        self._stats = None
+        model = model if model is not None else self.trainer.model
+        self._bn_buffers = [buf for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
+                            for buf in (m.running_mean, m.running_var, m.num_batches_tracked) if buf is not None]
+        self._stats = []
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         """Keep the BatchNorm running statistics as the step starts: a bad batch's forward has already folded its
         NaNs into them by the time the step is skipped."""
-        model = model if model is not None else self.trainer.model
-        self._stats = [(buf, buf.detach().clone()) for m in model.modules()
-                       if isinstance(m, _BatchNorm) and m.track_running_stats
-                       for buf in (m.running_mean, m.running_var, m.num_batches_tracked) if buf is not None]
+        self._stats = [(buf, buf.detach().clone()) for buf in self._bn_buffers]
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         bad_loss, self._bad_loss = self._bad_loss, False
@@ -97,19 +97,18 @@ class NonFiniteGuard(TrainerCallback):
                 "in a row are tolerated (0: never stop)"
             )
 
-
     def on_optimizer_step(self, args, state, control, **kwargs):
         """fp16 with a GradScaler: when it skipped the step and the forward left NaN/Inf in the BatchNorm running
         statistics, put them back (a step it skipped only to lower its scale leaves them as they are)."""
         accelerator = self.trainer.accelerator
         if getattr(accelerator, "scaler", None) is None or not accelerator.optimizer_step_was_skipped:
             return
-        if any(not bool(torch.isfinite(buf).all()) for buf, _ in self._stats or () if buf.is_floating_point()):
+        if any(not bool(torch.isfinite(buf).all()) for buf, _ in self._stats if buf.is_floating_point()):
             self._restore_batchnorm()
 
     def _restore_batchnorm(self) -> None:
         with torch.no_grad():
-            for buf, kept in self._stats or ():
+            for buf, kept in self._stats:
                 buf.copy_(kept)  # the BatchNorm statistics as before the skipped step's forwards
 
 

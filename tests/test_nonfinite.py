@@ -164,6 +164,7 @@ def test_under_a_grad_scaler_batchnorm_is_restored_only_when_its_skip_left_nan()
     model = tiny_resnet()
     accelerator = SimpleNamespace(scaler=object(), optimizer_step_was_skipped=True)
     guard = NonFiniteGuard(SimpleNamespace(accelerator=accelerator, model=model))
+    guard.on_train_begin(None, None, None, model=model)
     bn = model.resnet.embedder.embedder.normalization
     for poison, restored in ((float("nan"), True), (0.5, False)):
         guard.on_step_begin(None, None, None, model=model)
