@@ -439,6 +439,7 @@ TWA_SNAPSHOT_DIR = "twa_snapshots"
 TWA_MANIFEST_FILE = "twa_snapshots.json"
 TWA_PHASE_FILE = "phase.json"
 TWA_COEFFICIENTS_FILE = "twa_coefficients.safetensors"
+TWA_PHASE_MARK_FILE = "twa_phase.json"  # in each TWA-phase checkpoint: the id of the phase it belongs to
 
 
 #: what a checkpoint's subspace adapter and the model it resumes in must share (else c means another P c)
@@ -487,18 +488,18 @@ def _read_json(path) -> Optional[dict]:
 def last_complete_checkpoint(folder, phase_id: Optional[str] = None) -> Optional[str]:
     """The newest ``checkpoint-<step>`` folder of ``folder`` that holds ``trainer_state.json`` (written last, so a
     checkpoint cut short by a kill is passed over), and for the TWA phase, of phase ``phase_id``."""
-    import re
+    from .twa.snapshots import _CHECKPOINT_RE
 
     if not os.path.isdir(folder):
         return None
     found = sorted(((int(m.group(1)), name) for name in os.listdir(folder)
-                    if (m := re.fullmatch(r"checkpoint-(\d+)", name))), reverse=True)
+                    if (m := _CHECKPOINT_RE.fullmatch(name))), reverse=True)
     for _, name in found:
         path = os.path.join(folder, name)
         if not os.path.isfile(os.path.join(path, "trainer_state.json")):
             logger.warning("passing over %s: it has no trainer_state.json (its save was cut short)", path)
             continue
-        if phase_id is not None and (_read_json(os.path.join(path, "twa_phase.json")) or {}).get("id") != phase_id:
+        if phase_id is not None and (_read_json(os.path.join(path, TWA_PHASE_MARK_FILE)) or {}).get("id") != phase_id:
             continue
         return path
     return None
@@ -630,7 +631,7 @@ class _TWAPhaseTrainer(NonFiniteMixin, Trainer):
         os.makedirs(output_dir, exist_ok=True)
         save_safetensors({"coefficients": self.coefficients.detach().cpu().contiguous()},
                          os.path.join(output_dir, TWA_COEFFICIENTS_FILE))
-        write_json(os.path.join(output_dir, "twa_phase.json"), {"id": self.phase_id})
+        write_json(os.path.join(output_dir, TWA_PHASE_MARK_FILE), {"id": self.phase_id})
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         from safetensors.torch import load_file

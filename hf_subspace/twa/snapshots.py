@@ -114,14 +114,19 @@ class SnapshotStore:
         if self.storage == "memory":
             self._items.append(copy)
         else:
-            path = self.directory / f"snapshot-{self._next_index:06d}.safetensors"
-            save_safetensors(copy, path, metadata={"step": str(int(step)), "names": json.dumps(self.names)})
-            self._items.append(path)
+            self._items.append(self._write(copy, self.directory, self._next_index, step))
         self._indices.append(self._next_index)
         self._next_index += 1
         self.steps.append(int(step))
         if self.max_snapshots is not None and len(self) > self.max_snapshots:
             self.remove(0)
+
+    def _write(self, tensors: Mapping[str, torch.Tensor], directory: Path, index: int, step: int) -> Path:
+        """Snapshot number ``index`` as ``directory/snapshot-<index>.safetensors`` (atomically, with its step and
+        names), the file :meth:`open` and :meth:`restore` read."""
+        path = directory / f"snapshot-{index:06d}.safetensors"
+        save_safetensors(tensors, path, metadata={"step": str(int(step)), "names": json.dumps(self.names)})
+        return path
 
     def remove(self, i: int) -> None:
         """Drop snapshot ``i`` (and its file)."""
@@ -161,9 +166,7 @@ class SnapshotStore:
             files = []
             for index, item, step in zip(self._indices, self._items, self.steps):
                 if index not in self._persisted:
-                    path = directory / f"snapshot-{index:06d}.safetensors"
-                    save_safetensors(item, path, metadata={"step": str(int(step)), "names": json.dumps(self.names)})
-                    self._persisted[index] = path
+                    self._persisted[index] = self._write(item, directory, index, step)
                 files.append(self._persisted[index].name)
         return {"storage": self.storage, "dtype": str(self.dtype).removeprefix("torch."), "next_index": self._next_index,
                 "snapshots": [{"file": f, "step": s} for f, s in zip(files, self.steps)]}
