@@ -5,6 +5,20 @@ and ``PeftModel.from_pretrained(base, path)`` work.
 """
 __version__ = "0.2.0"
 
+import logging as _logging
+
+
+class _DropBitsandbytesKernelHint(_logging.Filter):
+    """bitsandbytes (imported by peft when installed) logs at import, on CPUs with AVX-512 BF16, that an optional
+    faster 4-bit kernel (the ``kernels`` package) is not installed; it then uses its own. Nothing is wrong and
+    nothing is downloaded, so that one message is dropped; every other bitsandbytes message still shows."""
+
+    def filter(self, record):
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropBitsandbytesKernelHint())
+
 from .projections import PROJECTION_KINDS, Projection, make_projection  # noqa: E402
 from .engine import SubspaceEngine, find_engine  # noqa: E402
 from .layout import ThetaLayout, select_parameters  # noqa: E402

@@ -17,6 +17,7 @@ import logging
 import math
 import numbers
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -118,6 +119,27 @@ class SubspaceTrainingArguments(TrainingArguments):
         if self.twa_optimizer not in TWA_OPTIMIZERS:
             raise ValueError(f"twa_optimizer must be one of {list(TWA_OPTIMIZERS)}, got {self.twa_optimizer!r}")
         self._check_twa_numbers()
+
+    def get_process_log_level(self):
+        """``TrainingArguments.get_process_log_level``, plus one check: ``transformers.Trainer.__init__`` calls it
+        with its model already set, so a plain ``Trainer`` given these arguments and an unwrapped model is refused
+        here (it would silently fine-tune every weight at the subspace's learning rate)."""
+        trainer = sys._getframe(1).f_locals.get("self")
+        if (isinstance(trainer, Trainer) and not isinstance(trainer, SubspaceTrainer)
+                and (self.subspace_dim is not None or self.twa)):
+            model = getattr(trainer, "model", None)
+            what = f"subspace_dim={self.subspace_dim}" if self.subspace_dim is not None else "twa=True"
+            if model is not None and find_engine(model) is None:
+                raise SubspaceConfigError(
+                    f"{type(trainer).__name__} was given SubspaceTrainingArguments({what}) and a plain "
+                    f"{type(model).__name__}: it does not read the subspace settings, so it would fine-tune all "
+                    f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} weights. Use "
+                    "hf_subspace.SubspaceTrainer (it wraps the model), or wrap the model first with "
+                    "peft.get_peft_model(model, hf_subspace.SubspaceConfig(dim=...))")
+            if self.twa:
+                raise SubspaceConfigError(f"{type(trainer).__name__} does not run TWA (twa=True): use "
+                                          "hf_subspace.SubspaceTrainer")
+        return super().get_process_log_level()
 
     def _check_twa_numbers(self) -> None:
         """The TWA phase's numbers, checked now rather than after the whole ordinary phase."""

@@ -353,3 +353,18 @@ def test_cli_info(tmp_path):
                           capture_output=True, text=True, check=True)
     info = json.loads(proc.stdout)
     assert info["dim"] == 77 and info["tensors"]["base_model.subspace.coeffs"] == [77]
+
+
+def test_plain_trainer_refuses_subspace_arguments_with_an_unwrapped_model(tmp_out):
+    """transformers.Trainer does not read subspace_dim: given an unwrapped model it would fine-tune every weight."""
+    from peft import get_peft_model
+    from transformers import Trainer
+
+    for kw in ({"subspace_dim": 50}, {"twa": True}):
+        with pytest.raises(hs.SubspaceConfigError, match="Trainer was given SubspaceTrainingArguments.*SubspaceTrainer"):
+            Trainer(model=tiny_bert_cls(), args=args(tmp_out, **kw), train_dataset=text_dataset())
+    # a model the user wrapped is trained in its subspace by the plain Trainer: accepted
+    wrapped = get_peft_model(tiny_bert_cls(), hs.SubspaceConfig(dim=50))
+    Trainer(model=wrapped, args=args(tmp_out, subspace_dim=50), train_dataset=text_dataset())
+    # and plain TrainingArguments-like use (no subspace setting) is untouched
+    Trainer(model=tiny_bert_cls(), args=args(tmp_out), train_dataset=text_dataset())
