@@ -468,12 +468,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    """Run the command; a wrong input (see the module docstring) prints one ``error:`` line and returns 2."""
-    ns = build_parser().parse_args(argv)
-    debug = getattr(ns, "debug", False) or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false")
+def run_reporting_errors(func, debug: bool = False) -> int:
+    """``func()``'s exit status; a wrong input (see the module docstring) prints one ``error:`` line and gives 2.
+
+    Shared by the command and the example scripts. ``debug`` (or ``HF_SUBSPACE_DEBUG=1``) lets the exception
+    through with its traceback."""
+    debug = debug or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false")
     try:
-        return ns.func(ns)
+        return func() or 0
     except _known_errors() as e:
         if debug:
             raise
@@ -486,6 +488,12 @@ def main(argv=None) -> int:
         print(f"error: {type(e).__name__}: {_one_line(e)} (--debug or {DEBUG_ENV}=1 shows the traceback)",
               file=sys.stderr)
         return EXIT_ERROR
+
+
+def main(argv=None) -> int:
+    """Run the command; a wrong input (see the module docstring) prints one ``error:`` line and returns 2."""
+    ns = build_parser().parse_args(argv)
+    return run_reporting_errors(lambda: ns.func(ns), debug=getattr(ns, "debug", False))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -53,11 +54,19 @@ class ExampleArguments:
         "help": "the modules whose weights form θ, e.g. q_proj v_proj (default: every weight)"})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "use at most this many for training"})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "evaluate on at most this many"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "replace the result an earlier run saved in OUTPUT_DIR/final (without it such a run is refused "
+                "before training starts)"})
 
 
 # the Trainer defaults that every example changes (each example adds its own)
 COMMON_DEFAULTS = dict(seed=0, save_strategy="no", eval_strategy="no", logging_steps=10, report_to="none",
-                       per_device_eval_batch_size=64)
+                       per_device_eval_batch_size=64,
+                       # transformers 5 multiplies the loss by the number of processes when the model's forward
+                       # takes **kwargs, for losses divided by the global token count; the classification losses
+                       # are plain means (the language-modeling example turns it back on)
+                       average_tokens_across_devices=False,
+                       dataloader_pin_memory=torch.cuda.is_available())
 
 
 def parse_args(task_class, defaults: dict, baseline_defaults: Optional[dict] = None,
@@ -75,16 +84,29 @@ def parse_args(task_class, defaults: dict, baseline_defaults: Optional[dict] = N
     parser = HfArgumentParser((ExampleArguments, task_class, SubspaceTrainingArguments))
     parser.set_defaults(**{**COMMON_DEFAULTS, **defaults})
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        # torchrun on CPU: without a backend transformers sets up no process group (N unsynchronized runs)
-        parser.set_defaults(ddp_backend="gloo")
+        # torchrun on CPU: accelerate makes a multi-CPU (DDP) run only with cpu=True; with a backend alone it opens
+        # the process group but runs N unsynchronized single-process trainings (parallel_mode NOT_PARALLEL), whose
+        # evaluations each score a padded copy of the whole set
+        parser.set_defaults(ddp_backend="gloo", use_cpu=True)
     known, _ = parser.parse_known_args(argv)
     extra = {"none": baseline_defaults, "twa": twa_defaults}.get(known.subspace) or {}
     parser.set_defaults(**extra, subspace_seed=known.seed)
     example, task, training = parser.parse_args_into_dataclasses(args=argv)
     from transformers import set_seed
 
+    _keep_earlier_result(example, training)
     set_seed(training.seed)  # before the example builds its model: a new head (or a model from a config) from --seed
     return example, task, subspace_training_args(example, training)
+
+
+def _keep_earlier_result(example: ExampleArguments, training: SubspaceTrainingArguments) -> None:
+    """Refuse, before anything is trained, a run that would overwrite an earlier run's saved result."""
+    final = os.path.join(training.output_dir, "final")
+    held = sorted(os.listdir(final)) if os.path.isdir(final) else []
+    if held and not example.overwrite_output_dir and not training.resume_from_checkpoint:
+        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        raise ValueError(f"{final} holds the result of an earlier run ({shown}): pass --output_dir DIR to save this "
+                         "run elsewhere, or --overwrite_output_dir to replace it")
 
 
 def subspace_training_args(example: ExampleArguments, training: SubspaceTrainingArguments):
@@ -106,6 +128,24 @@ def subspace_training_args(example: ExampleArguments, training: SubspaceTraining
     example.push_at_end = bool(training.push_to_hub or getattr(example, "push_at_end", False))
     changes.update(push_to_hub=False)
     return dataclasses.replace(training, **changes)
+
+
+def run_script(main: Callable) -> None:
+    """What an example's ``if __name__ == "__main__"`` runs: ``main()``, with a wrong input (``--subspace_dim 0``,
+    a missing data package, ...) reported on one ``error:`` line and exit status 2, as ``hf-subspace`` does;
+    ``--debug`` (or ``HF_SUBSPACE_DEBUG=1``) shows the traceback instead."""
+    import sys
+
+    from .cli import run_reporting_errors
+
+    debug = "--debug" in sys.argv
+    if debug:
+        sys.argv.remove("--debug")
+    def call():
+        main()
+        return 0
+
+    sys.exit(run_reporting_errors(call, debug=debug))
 
 
 def take(dataset, n: Optional[int]):
@@ -258,7 +298,12 @@ def save_result(trainer: SubspaceTrainer, example: ExampleArguments, folder: str
     metrics = {k: v for k, v in summary.items() if v is not None}
     if example.subspace in RANDOM_SUBSPACES:
         trainer.model.peft_config["default"].training_metrics = metrics
-        trainer.save_model(folder)  # PeftModel.save_pretrained: the adapter and our card
+        with warnings.catch_warnings():
+            # offline, peft cannot look up the recorded Hub base's config.json to compare vocabularies (a LoRA
+            # concern: whether to save resized embeddings); a subspace adapter never saves them (θ's layout hash
+            # and the base fingerprint catch another vocabulary on load), so its "will assume" note says nothing
+            warnings.filterwarnings("ignore", message="Could not find a config file in")
+            trainer.save_model(folder)  # PeftModel.save_pretrained: the adapter and our card
         weights = adapter_file(folder)
         return {"folder": folder, "what": "adapter", "size": _size(weights) if weights else "?",
                 "card": os.path.join(folder, "README.md")}
@@ -307,4 +352,4 @@ def push_result(trainer: SubspaceTrainer, example: ExampleArguments, saved: dict
 
 __all__ = ["COMMON_DEFAULTS", "ExampleArguments", "SUBSPACE_CHOICES", "accuracy_metrics", "coco_map", "gather_lists",
            "parse_args",
-           "run_example", "save_result", "subspace_training_args", "take"]
+           "run_example", "run_script", "save_result", "subspace_training_args", "take"]

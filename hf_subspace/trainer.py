@@ -219,6 +219,8 @@ def wrap_model(model: nn.Module, args: SubspaceTrainingArguments):
         return model
     if args.subspace_dim is None:
         return model
+    import warnings
+
     from peft import get_peft_model
 
     config = SubspaceConfig(
@@ -227,7 +229,9 @@ def wrap_model(model: nn.Module, args: SubspaceTrainingArguments):
         task_type=_task_type(model),
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated name (for every method): not the user's
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 class _SubspaceInfoCallback(TrainerCallback):

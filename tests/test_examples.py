@@ -69,3 +69,51 @@ def test_image_example_twa(tmp_path):
     assert (tmp_path / "final" / "base" / "config.json").is_file()
     assert "twa_eval_accuracy" in (tmp_path / "final" / "adapter" / "README.md").read_text() or \
         "accuracy after training" in (tmp_path / "final" / "adapter" / "README.md").read_text()
+
+
+def test_example_errors_are_one_line(tmp_path):
+    """A wrong input ends in one `error:` line and exit status 2, as hf-subspace's own errors do (not a traceback)."""
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "text_classification", "train.py"), "--subspace_dim", "0",
+           "--output_dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_SUBSPACE_DEBUG": "0"})
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: dim must be a positive integer"), proc.stderr
+
+
+def test_a_second_run_does_not_overwrite_an_earlier_result(tmp_path):
+    """A run into an output_dir whose final/ holds a saved result is refused before training; nothing is touched."""
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "adapter_model.safetensors").write_bytes(b"earlier run")
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "image_classification", "train.py"), *SMOKE,
+           "--output_dir", str(tmp_path), *EXAMPLES["image_classification"]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "holds the result of an earlier run" in proc.stderr, proc.stderr
+    assert "--overwrite_output_dir" in proc.stderr
+    assert (final / "adapter_model.safetensors").read_bytes() == b"earlier run"
+    assert not (tmp_path / "all_results.json").exists()  # refused before anything ran
+    run_example("image_classification", tmp_path, "--overwrite_output_dir")
+    assert (final / "adapter_model.safetensors").read_bytes() != b"earlier run"
+
+
+def test_two_process_example_is_data_parallel(tmp_path):
+    """torchrun on CPU: a real DDP run (no "parallel_mode != DISTRIBUTED" warning), the loss as on one process (not
+    multiplied by the number of processes), and an evaluation over exactly the requested samples (no padding)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           os.path.join(ROOT, "examples", "text_classification", "train.py"), *SMOKE, "--max_steps", "1",
+           "--logging_steps", "1", "--learning_rate", "0", "--output_dir", str(tmp_path),
+           *EXAMPLES["text_classification"][:2], "--max_eval_samples", "7", "--max_length", "16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "parallel_mode != ParallelMode.DISTRIBUTED" not in proc.stderr + proc.stdout
+    results = json.loads((tmp_path / "all_results.json").read_text())
+    assert results["before_samples_per_second"] > 0
+    assert round(results["before_accuracy"] * 7, 4) == round(results["before_accuracy"] * 7)  # k of 7, not k/128
+    # lr 0: the one training step leaves the model as it was, so the logged training loss is the loss of that
+    # batch at initialization, ~ln 2 for a fresh 2-class head (doubled, 1.39, with the loss scaled by 2 processes)
+    losses = [float(v) for v in __import__("re").findall(r"'loss': '?([0-9.]+)", proc.stdout)]
+    assert losses and all(0.4 < v < 1.0 for v in losses), proc.stdout[-3000:]

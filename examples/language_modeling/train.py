@@ -112,7 +112,9 @@ def main(argv=None):
         LMArguments, dict(output_dir="outputs/language_modeling", subspace_dim=10000, learning_rate=2e-2,
                           max_steps=30, per_device_train_batch_size=4, per_device_eval_batch_size=8,
                           max_train_samples=2000, warmup_steps=3, logging_steps=5,
-                          target_modules=["q_proj", "v_proj"]),
+                          target_modules=["q_proj", "v_proj"],
+                          # the causal-LM loss is divided by the token count: across processes, by the global one
+                          average_tokens_across_devices=True),
         baseline_defaults=dict(learning_rate=5e-5), argv=argv)
     torch.manual_seed(args.seed)
     model, tokenizer, hub_id = build(example, lm)
@@ -144,4 +146,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    ex.run_script(main)
