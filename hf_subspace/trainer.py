@@ -18,6 +18,7 @@ import math
 import numbers
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -36,7 +37,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SubspaceTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the subspace and TWA settings (all prefixed ``subspace_`` / ``twa_``)."""
+    """``TrainingArguments`` plus the subspace and TWA settings (all prefixed ``subspace_`` / ``twa_``).
+
+    Learning rate: with a random subspace use ``learning_rate`` 1e-3 to 1e-1 with Adam(W) (the examples use 2e-2
+    to 1e-1), not full fine-tuning's 1e-5 to 5e-5. P has unit-length columns, so ‖θ - θ0‖ ≈ ‖c‖: the d numbers of
+    c carry the whole change of the model's weights, while Adam moves each of them by about ``learning_rate`` per
+    step. At 2e-5, c (and so θ) moves ~1,000x less than at 2e-2 and training seems to do nothing; the trainer
+    warns when that happens (``subspace_lr_check_steps``). TWA's coefficients have their own ``twa_learning_rate``.
+    """
 
     subspace_dim: Optional[int] = field(default=None, metadata={"help": "d: train a random subspace of this size"})
     subspace_projection: str = field(default="hashing", metadata={"help": "hashing | fastfood | sparse | dense"})
@@ -83,6 +91,9 @@ class SubspaceTrainingArguments(TrainingArguments):
                                                                   "per step)"})
     twa_max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping in the TWA phase (0: none, "
                                                                      "as in the paper)"})
+    subspace_lr_check_steps: int = field(default=20, metadata={
+        "help": "after this many optimizer steps, warn if θ has barely moved (‖θ-θ0‖ < 1e-4 ‖θ0‖): the learning "
+                "rate is then far too small for c (0: no check)"})
     skip_nonfinite_steps: bool = field(default=True, metadata={
         "help": "skip an optimizer step whose loss or gradient is NaN/Inf (parameters and optimizer state "
                 "untouched; counted as nonfinite_steps_skipped in the logs)"})
@@ -112,6 +123,10 @@ class SubspaceTrainingArguments(TrainingArguments):
             raise ValueError(f"twa_lr_schedule must be one of {list(TWA_LR_SCHEDULES)}, got {self.twa_lr_schedule!r}")
         if self.twa_epochs <= 0:
             raise ValueError(f"twa_epochs must be positive, got {self.twa_epochs}")
+        if (isinstance(self.subspace_lr_check_steps, bool) or not isinstance(self.subspace_lr_check_steps, int)
+                or self.subspace_lr_check_steps < 0):
+            raise SubspaceConfigError("subspace_lr_check_steps must be a non-negative integer (0: no check), got "
+                                      f"{self.subspace_lr_check_steps!r}")
         if (isinstance(self.max_consecutive_nonfinite_steps, bool) or not isinstance(self.max_consecutive_nonfinite_steps, int)
                 or self.max_consecutive_nonfinite_steps < 0):
             raise ValueError("max_consecutive_nonfinite_steps must be a non-negative integer (0: never stop), got "
@@ -219,7 +234,6 @@ def wrap_model(model: nn.Module, args: SubspaceTrainingArguments):
         return model
     if args.subspace_dim is None:
         return model
-    import warnings
 
     from peft import get_peft_model
 
@@ -245,6 +259,47 @@ class _SubspaceInfoCallback(TrainerCallback):
         if info:
             logger.info("subspace training: %s", info)
             self.trainer.log(info)
+
+
+class _LearningRateCheckCallback(TrainerCallback):
+    """After ``args.subspace_lr_check_steps`` optimizer steps, warn when θ has barely moved: ‖Δc‖ < 1e-4 ‖θ0‖ over
+    θ (P's columns have unit length, so ‖θ - θ0‖ ≈ ‖Δc‖) — the mark of a full fine-tuning learning rate given to c.
+    One pass over θ0 when training starts; nothing per step but an integer comparison."""
+
+    RELATIVE = 1e-4
+
+    def __init__(self, trainer: "SubspaceTrainer"):
+        self.trainer = trainer
+        self.start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        engine = find_engine(self.trainer.model)
+        self.start = None
+        if engine is None or args.subspace_lr_check_steps <= 0 or args.twa:
+            return
+        adapter = engine.active[0]
+        slots = engine.adapters[adapter].layout.slots
+        norm = math.sqrt(sum(float(engine.original(s.name).detach().double().pow(2).sum()) for s in slots))
+        self.start = (adapter, engine.coeffs[adapter].detach().clone(), norm, state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.start is None:
+            return
+        adapter, c0, norm, first = self.start
+        if state.global_step - first < min(args.subspace_lr_check_steps, max(state.max_steps - first, 1)):
+            return
+        self.start = None
+        moved = float((find_engine(self.trainer.model).coeffs[adapter].detach() - c0).norm())
+        if moved < self.RELATIVE * norm:
+            lr = args.learning_rate  # the peak: the schedule's current value may have decayed already
+            message = (
+                f"after {state.global_step - first} steps θ has moved by ‖Δc‖ = {moved:.3g}, "
+                f"{moved / norm if norm else 0:.2g} of ‖θ0‖ = {norm:.3g}: the learning rate ({lr:g}) is likely far too "
+                "small for a subspace. c's d numbers carry the whole change of the weights (P has unit columns, so "
+                "‖θ-θ0‖ ≈ ‖c‖) and Adam moves each by about the learning rate per step: use 1e-3 to 1e-1 (the "
+                "examples use 2e-2 to 1e-1), not full fine-tuning's 1e-5 to 5e-5")
+            logger.warning(message)
+            warnings.warn(message, stacklevel=2)
 
 
 class _DistributedChecksCallback(TrainerCallback):
@@ -286,6 +341,7 @@ class SubspaceTrainer(NonFiniteMixin, Trainer):
                                     what="TWA" if args.twa else "subspace training")
         self.add_callback(_SubspaceInfoCallback(self))
         self.add_callback(_DistributedChecksCallback(self))
+        self.add_callback(_LearningRateCheckCallback(self))
         if args.skip_nonfinite_steps:
             self.install_nonfinite_guard(args.max_consecutive_nonfinite_steps)
         self.snapshot_callback = None

@@ -223,3 +223,16 @@ def test_cli_effective_rank(tmp_path, capsys):
     assert any(r["name"].endswith("query.weight") for r in report["matrices"])
     assert (tmp_path / "er" / "effective_rank.png").stat().st_size > 5_000
     assert "erank" in capsys.readouterr().out
+
+
+def test_a_chosen_lr_at_the_grid_edge_is_flagged(tmp_path):
+    """The best lr lies above the grid: every d picks the grid's largest, and the summary says so (empty otherwise)."""
+    task = ToyTask(center=300.0, best_lr=1.0)
+    s = run_sweep(task, dims=[100, 1000], seeds=[0], lrs=[1e-3, 1e-2], output_dir=tmp_path / "a", baseline=1.0,
+                  refine_steps=0, bootstrap=5, progress=False)
+    assert [(e["dim"], e["lr"], e["edge"]) for e in s["lr_at_grid_edge"]] == [(100, 1e-2, "largest"),
+                                                                               (1000, 1e-2, "largest")]
+    assert s["metric"] == "toy metric"
+    s = run_sweep(ToyTask(center=300.0, best_lr=1e-2), dims=[100, 1000], seeds=[0], lrs=[1e-3, 1e-2, 1e-1],
+                  output_dir=tmp_path / "b", baseline=1.0, refine_steps=0, bootstrap=5, progress=False)
+    assert s["lr_at_grid_edge"] == []

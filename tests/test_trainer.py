@@ -368,3 +368,19 @@ def test_plain_trainer_refuses_subspace_arguments_with_an_unwrapped_model(tmp_ou
     Trainer(model=wrapped, args=args(tmp_out, subspace_dim=50), train_dataset=text_dataset())
     # and plain TrainingArguments-like use (no subspace setting) is untouched
     Trainer(model=tiny_bert_cls(), args=args(tmp_out), train_dataset=text_dataset())
+
+
+def test_a_full_fine_tuning_learning_rate_is_flagged(tmp_out, recwarn):
+    """lr 2e-5 on c (a full fine-tuning habit): after subspace_lr_check_steps the trainer warns that θ barely moved,
+    naming the range to use; a subspace learning rate gets no such warning."""
+    def train(lr):
+        a = args(tmp_out, subspace_dim=50, learning_rate=lr, max_steps=3, subspace_lr_check_steps=3)
+        SubspaceTrainer(model=tiny_bert_cls(), args=a, train_dataset=text_dataset()).train()
+        return [str(w.message) for w in recwarn.list if "far too small for a subspace" in str(w.message)]
+
+    flagged = train(2e-5)
+    assert len(flagged) == 1 and "use 1e-3 to 1e-1" in flagged[0] and "2e-05" in flagged[0]
+    recwarn.clear()
+    assert train(5e-2) == []
+    with pytest.raises(hs.SubspaceConfigError, match="subspace_lr_check_steps"):
+        args(tmp_out, subspace_dim=50, subspace_lr_check_steps=-1)

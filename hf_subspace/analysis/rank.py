@@ -92,22 +92,30 @@ def suggest_dims(start: float, decades: int = 2, per_decade: int = 2) -> list[in
 
 
 def plot_effective_ranks(rows: list[dict], path: str, title: str = "effective rank per weight matrix") -> str:
-    """A bar chart of each matrix's effective rank beside its full rank (min side); returns ``path``."""
+    """Each matrix's effective rank beside its full rank (min side), one horizontal bar per matrix so that every
+    name stays readable however many there are; the mean ratio in the title; returns ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows) + 2), 4))
-    xs = range(len(rows))
-    ax.bar(xs, [min(r["shape"][0], math.prod(r["shape"][1:])) for r in rows], color="#dddddd", label="min(rows, cols)")
-    ax.bar(xs, [r["effective_rank"] for r in rows], color="#3b75af", label="effective rank")
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels([r["name"] for r in rows], rotation=90, fontsize=6)
-    ax.set_ylabel("dimensions")
-    ax.set_title(title)
-    ax.legend()
+    fig, ax = plt.subplots(figsize=(7.5, max(3.0, 0.22 * len(rows) + 1.6)))
+    ys = list(range(len(rows)))[::-1]  # the first matrix on top
+    full = [min(r["shape"][0], math.prod(r["shape"][1:])) for r in rows]
+    ax.barh(ys, full, color="#dddddd", label="full rank, min(rows, cols)")
+    ax.barh(ys, [r["effective_rank"] for r in rows], color="#3b75af", label="effective rank")
+    for y, r in zip(ys, rows):
+        ax.text(r["effective_rank"], y, f" {r['ratio']:.0%}", va="center", fontsize=6.5)
+    ax.set_yticks(ys)
+    ax.set_yticklabels([r["name"] for r in rows], fontsize=7)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel("dimensions")
+    mean = sum(r["ratio"] for r in rows) / max(1, len(rows))
+    ax.set_title(f"{title}\n{len(rows)} matrices, mean effective / full rank {mean:.0%}", fontsize=9)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0 + 0.9 / fig.get_figheight()), ncol=2, fontsize=7,
+              frameon=False)  # above the plot, clear of every bar
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -264,12 +264,23 @@ def run_sweep(task: Task, dims: Sequence[int], seeds: Sequence[int], lrs: Sequen
         "d_int": d_int, "d_int_interval": interval, "seeds": list(seeds), "lr_grid": list(lrs),
         "dims": [{"dim": d, "lr": s.lr, "mean": s.mean, "val_mean": s.val_mean, "per_seed": s.per_seed,
                   "reaches_target": s.mean >= target} for d, s in sorted(table.items())],
+        "metric": getattr(task, "metric_label", None) or "test metric",
+        "lr_at_grid_edge": lr_at_grid_edge({d: s.lr for d, s in table.items()}, lrs),
     }
     records = [r for r in store.for_task(task.name) if in_this_sweep(r)]
     if d_int is not None:
         summary["compression"] = _compression(records, d_int, full_model_bytes)
     _write_outputs(out, records, summary)
     return summary
+
+
+def lr_at_grid_edge(chosen: dict, grid: Sequence[float]) -> list[dict]:
+    """The dims whose chosen lr is the grid's smallest or largest (the best may lie beyond it); empty with one lr."""
+    grid = sorted(float(lr) for lr in grid)
+    if len(grid) < 2:
+        return []
+    return [{"dim": d, "lr": lr, "edge": "largest" if lr == grid[-1] else "smallest"}
+            for d, lr in sorted(chosen.items()) if lr in (grid[0], grid[-1])]
 
 
 def _compression(records: list[dict], d_int: int, full_model_bytes: int | None) -> dict:
@@ -318,7 +329,9 @@ def plot_sweep(summary: dict, records: list[dict], path: str) -> str:
     xs = [r["dim"] for r in dims]
     for r in dims:
         ax.scatter([r["dim"]] * len(r["per_seed"]), list(r["per_seed"].values()), s=14, color="#9bbbd9", zorder=2)
-    ax.plot(xs, [r["mean"] for r in dims], "-o", color="#1f5a96", label="subspace (mean over seeds)", zorder=3)
+    n_seeds = len(summary.get("seeds") or [None])
+    ax.plot(xs, [r["mean"] for r in dims], "-o", color="#1f5a96", zorder=3,
+            label=f"subspace (mean over {n_seeds} seeds)" if n_seeds > 1 else "subspace (1 seed)")
     if summary.get("baseline") is not None:
         ax.axhline(summary["baseline"], color="black", lw=1, label=f"direct training {summary['baseline']:.3f}")
     label = (f"{summary['threshold']:.0%} of direct training" if summary.get("threshold") is not None
@@ -330,6 +343,9 @@ def plot_sweep(summary: dict, records: list[dict], path: str) -> str:
         if iv.get("low") is not None and iv.get("high") is not None and iv["high"] > iv["low"]:
             ax.axvspan(iv["low"], iv["high"], color="#c0392b", alpha=0.08,
                        label=f"{iv['level']:.0%} bootstrap [{iv['low']:,}, {iv['high']:,}]")
+        elif iv.get("low") is not None and iv.get("low") == iv.get("high"):
+            ax.plot([], [], " ", label="bootstrap interval: one point" + (" (1 seed: nothing to resample)"
+                                                                          if n_seeds == 1 else ""))
     values = [v for r in dims for v in r["per_seed"].values()] + [summary["target"]]
     if summary.get("baseline") is not None:
         values.append(summary["baseline"])
@@ -337,9 +353,13 @@ def plot_sweep(summary: dict, records: list[dict], path: str) -> str:
     ax.set_ylim(lo - 0.05 * (hi - lo or 1), hi + 0.08 * (hi - lo or 1))  # the baseline line inside the frame
     ax.set_xscale("log")
     ax.set_xlabel("subspace dimension d")
-    ax.set_ylabel("test metric")
+    ax.set_ylabel(summary.get("metric") or "test metric")
     ax.set_title(f"intrinsic dimension: {summary['task']}")
     ax.grid(alpha=0.3, which="both")
+    if summary.get("lr_at_grid_edge"):
+        ax.text(0.01, 0.01, "lr chosen at the grid's edge for d = " + ", ".join(
+            f"{e['dim']:,}" for e in summary["lr_at_grid_edge"]) + ": extend --lrs", transform=ax.transAxes,
+            fontsize=6, color="#7f4f00", va="bottom")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -66,6 +66,7 @@ class MnistTask:
         self.arch, self.epochs, self.batch_size = arch, epochs, batch_size
         self.projection, self.mode, self.threads = projection, mode, threads
         self.name = f"mnist-{arch}"
+        self.metric_label = "test accuracy"
         from ..data import load_mnist_digits
 
         train, test = (load_mnist_digits(s, n_test=n_test, seed=0) for s in ("train", "test"))
@@ -133,6 +134,7 @@ class ScriptTask:
         if not os.path.isfile(script):
             raise ValueError(f"no such script: {script}")
         self.script, self.args, self.metric = script, list(args), metric
+        self.metric_label = metric  # the all_results.json key, e.g. eval_accuracy
         self.val_metric = val_metric or metric
         self.work_dir = work_dir or tempfile.mkdtemp(prefix="hf_subspace_sweep_")
         self.keep_outputs = keep_outputs  # False: keep each run's metrics files only (a baseline is a full model)
@@ -171,6 +173,7 @@ class ToyTask:
     def __init__(self, center: float = 300.0, baseline: float = 1.0, best_lr: float = 1e-2, noise: float = 0.0,
                  seconds: float | None = None):
         self.name, self.center, self.baseline, self.best_lr, self.noise = "toy", center, baseline, best_lr, noise
+        self.metric_label = "toy metric"
         # seconds each run takes (default: $HF_SUBSPACE_TOY_SLEEP or 0), to watch the progress bar or interrupt a sweep
         self.seconds = float(os.environ.get("HF_SUBSPACE_TOY_SLEEP", 0)) if seconds is None else seconds
         self.calls = 0
