@@ -97,6 +97,11 @@ def _patch_peft_model() -> None:
 
         bound = save_signature.bind(self, *args, **kwargs)  # a TypeError here is the one the original raises
         bound.apply_defaults()
+        if bound.arguments.get("save_embedding_layers") == "auto":
+            # "auto" looks the base's config.json up on the Hub to see whether the vocabulary was resized (a LoRA
+            # concern: then the embeddings are saved whole). A subspace adapter never saves them — another
+            # vocabulary changes θ's layout hash and fails the load — so no lookup: offline it only warned
+            bound.arguments["save_embedding_layers"] = False
         target = bound.arguments["save_directory"]
         if not bound.arguments.get("is_main_process", True) or os.path.isfile(target):
             return original_save(self, *args, **kwargs)  # writes no file / raises PEFT's error

@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -298,12 +297,7 @@ def save_result(trainer: SubspaceTrainer, example: ExampleArguments, folder: str
     metrics = {k: v for k, v in summary.items() if v is not None}
     if example.subspace in RANDOM_SUBSPACES:
         trainer.model.peft_config["default"].training_metrics = metrics
-        with warnings.catch_warnings():
-            # offline, peft cannot look up the recorded Hub base's config.json to compare vocabularies (a LoRA
-            # concern: whether to save resized embeddings); a subspace adapter never saves them (θ's layout hash
-            # and the base fingerprint catch another vocabulary on load), so its "will assume" note says nothing
-            warnings.filterwarnings("ignore", message="Could not find a config file in")
-            trainer.save_model(folder)  # PeftModel.save_pretrained: the adapter and our card
+        trainer.save_model(folder)  # PeftModel.save_pretrained: the adapter and our card
         weights = adapter_file(folder)
         return {"folder": folder, "what": "adapter", "size": _size(weights) if weights else "?",
                 "card": os.path.join(folder, "README.md")}

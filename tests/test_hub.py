@@ -354,3 +354,14 @@ def test_card_says_how_to_install_and_how_to_record_the_data(tmp_path):
     assert "pypi.org" not in card
     assert "not on PyPI yet" in card and "pip install -e ." in card and "needs the Hub" in card
     assert "Not recorded with this adapter. To record it" in card and "training_data = " in card
+
+
+def test_saving_a_subspace_adapter_asks_the_hub_nothing(tmp_path):
+    """peft's save_embedding_layers="auto" looks the base's config.json up on the Hub (it warned offline, and is a
+    network call the README says never happens); a subspace adapter never saves embeddings whole, so no lookup."""
+    model = get_peft_model(tiny_bert_cls(), hs.SubspaceConfig(dim=30))
+    model.peft_config["default"].base_model_name_or_path = "org/some-hub-base"
+    with mock.patch("peft.utils.save_and_load.check_file_exists_on_hf_hub",
+                    side_effect=AssertionError("looked up the Hub")) as lookup:
+        model.save_pretrained(tmp_path)
+    assert lookup.call_count == 0 and (tmp_path / "adapter_model.safetensors").is_file()
