@@ -41,6 +41,9 @@ def parse(config_class, defaults: dict, argv=None):
     parser.set_defaults(**{"report_to": "none", "save_strategy": "no", "seed": 0, "logging_steps": 5, "bf16": bf16,
                            **defaults})
     sub, config = parser.parse_args_into_dataclasses(args=argv)
+    from transformers import set_seed
+
+    set_seed(config.seed)  # before the model is built: --tiny's random θ0 is the same in every run
     return sub, config
 
 

@@ -35,13 +35,13 @@ def main(argv=None):
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=held,
                          processing_class=tokenizer, peft_config=subspace_config(sub, config.seed))
     before = trainer.evaluate()["eval_loss"]  # c = 0: the base model
-    trainer.train()
+    run = trainer.train()
     after = trainer.evaluate()["eval_loss"]
     return finish(trainer, {
         "task": f"SFT (TRL SFTTrainer) of {what} on {len(train):,} KJV verses", "steps": trainer.state.global_step,
         "held_out_verses": len(held), "eval_loss_before": round(before, 4), "eval_loss_after": round(after, 4),
         "perplexity_before": round(math.exp(before), 2), "perplexity_after": round(math.exp(after), 2),
-        "train_seconds": round(trainer.state.log_history[-1]["train_runtime"], 1),
+        "train_seconds": round(run.metrics["train_runtime"], 1),
         "load_seconds": load_s, "wall_seconds": clock()}, config.output_dir)
 
 
