@@ -197,3 +197,32 @@ def test_trl_example_runs_and_saves_its_adapter(script, measured, tmp_path):
     config = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
     assert config["peft_type"] == "SUBSPACE" and config["dim"] == 100
     assert "adapter saved to" in proc.stdout
+
+
+def test_kto_and_rloo_with_trained_peft_model_copy_it_into_their_reference(tmp_path):
+    """KTO and RLOO build their reference the same way (a "ref" adapter, ".default." parameters copied); one step
+    each, then the reference still holds the trained c and λ while the policy moved."""
+    unpaired = [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"} for r in PREFERENCES
+                for k in ("chosen", "rejected")]
+    prompts = Dataset.from_list([{"prompt": p} for p in ("abc", "hello", "xyz", "aaa")])
+    builders = {
+        "kto": lambda model, tok: trl.KTOTrainer(
+            model=model, args=trl.KTOConfig(**_common(tmp_path / "kto", max_steps=1, per_device_train_batch_size=8,
+                                                      learning_rate=5e-2)),
+            train_dataset=Dataset.from_list(unpaired), processing_class=tok),
+        "rloo": lambda model, tok: trl.RLOOTrainer(
+            model=model, reward_funcs=_reward_length, train_dataset=prompts, processing_class=tok,
+            args=trl.RLOOConfig(**_common(tmp_path / "rloo", max_steps=1, per_device_train_batch_size=4,
+                                          num_generations=4, max_completion_length=8, learning_rate=5e-2,
+                                          beta=0.1))),
+    }
+    for name, build in builders.items():
+        model, tokenizer, engine = _trained_peft_model()
+        trained_c, trained_l = engine.coeffs["default"].detach().clone(), engine.scales["default"].detach().clone()
+        trainer = build(model, tokenizer)
+        assert set(model.peft_config) == {"default", "ref"}, name
+        assert torch.equal(engine.coeffs["ref"], trained_c) and torch.equal(engine.scales["ref"], trained_l), name
+        trainer.train()
+        _finite_losses(trainer)
+        assert torch.equal(engine.coeffs["ref"], trained_c) and torch.equal(engine.scales["ref"], trained_l), name
+        assert not torch.equal(engine.coeffs["default"], trained_c), name
