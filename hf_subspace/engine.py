@@ -24,6 +24,7 @@
 """
 from __future__ import annotations
 
+import re
 import sys
 import weakref
 from typing import Sequence
@@ -42,14 +43,19 @@ class SubspaceEngine(nn.Module):
     """Owns the trainable vectors of every adapter and puts ``θ0 + δ`` into the model's weights.
 
     Parameters (float32): ``coeffs[name]`` is ``c`` (shape ``(d_c,)``), ``scales[name]`` the SAID scales (shape
-    ``(m,)``, SAID mode only). State: ``active`` adapters, ``enabled``, and ``merged_slots`` — the
+    ``(m,)``, SAID mode only). Both live in ``vectors[name]`` (an :class:`AdapterVectors`), so their parameter
+    names are ``vectors.<adapter>.coeffs`` and ``vectors.<adapter>.scales``: the adapter name sits between dots,
+    where PEFT's convention (``lora_A.<adapter>.weight``) puts it and where code that matches ``".<adapter>."``
+    looks for it (TRL copies ``".default."`` parameters into its ``"ref"`` adapter). ``coeffs`` and ``scales``
+    are dict-like views of that one container. State: ``active`` adapters, ``enabled``, and ``merged_slots`` — the
     ``(adapter, tensor)`` pairs whose delta has been added into θ0.
     """
 
     def __init__(self):
         super().__init__()
-        self.coeffs = nn.ParameterDict()
-        self.scales = nn.ParameterDict()
+        self.vectors = nn.ModuleDict()
+        self.coeffs = _VectorView(self.vectors, "coeffs")
+        self.scales = _VectorView(self.vectors, "scales")
         self.adapters: dict[str, AdapterSubspace] = {}
         self.active: list[str] = []
         self.enabled = True
@@ -418,9 +424,7 @@ class SubspaceEngine(nn.Module):
         if any(a == name for a, _ in self.merged_slots):
             raise ValueError(f"adapter {name!r} is merged; unmerge it before deleting it")
         del self.adapters[name]
-        del self.coeffs[name]
-        if name in self.scales:
-            del self.scales[name]
+        del self.vectors[name]
         self.active = [a for a in self.active if a != name]
         if not self.active and self.adapters:
             self.active = [next(iter(self.adapters))]  # as peft does: fall back to the first remaining adapter
@@ -446,6 +450,19 @@ class SubspaceEngine(nn.Module):
         for state in self.adapters.values():
             state.invalidate()
 
+    def named_vectors(self):
+        """``(adapter, parameter)`` for every trainable vector (c, then λ) of every adapter."""
+        for adapter, vectors in self.vectors.items():
+            for p in vectors.parameters():
+                yield adapter, p
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            current = current_vector_key(key[len(prefix):])
+            if current is not None:
+                state_dict[prefix + current] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _apply(self, fn, recurse=True):
         """``model.to(device)`` moves c and λ; dtype casts (``.half()``, ``.to(torch.bfloat16)``) leave them float32;
         ``to_empty()`` after the meta device starts them again at c = 0, λ = 1."""
@@ -470,6 +487,69 @@ class SubspaceEngine(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: {st.projection.kind} d={st.projection.d} D={st.layout.D} {st.mode}"
                          for n, st in self.adapters.items())
+
+
+class AdapterVectors(nn.Module):
+    """The trainable vectors of one adapter: ``coeffs`` (c) and, in SAID mode only, ``scales`` (λ)."""
+
+
+class _VectorView:
+    """``engine.coeffs`` / ``engine.scales``: one field of every adapter's :class:`AdapterVectors`, as a dict keyed by
+    adapter name (``view[name] = nn.Parameter(...)``, ``del view[name]``, ``name in view``, ``values()``)."""
+
+    def __init__(self, vectors: nn.ModuleDict, field: str):
+        self._vectors, self._field = vectors, field
+
+    def __getitem__(self, name: str) -> nn.Parameter:
+        p = self._vectors[name]._parameters.get(self._field) if name in self._vectors else None
+        if p is None:
+            raise KeyError(name)
+        return p
+
+    def __setitem__(self, name: str, p: nn.Parameter) -> None:
+        if name not in self._vectors:
+            self._vectors[name] = AdapterVectors()
+        self._vectors[name].register_parameter(self._field, p)
+
+    def __delitem__(self, name: str) -> None:
+        self[name]  # KeyError for an unknown name
+        del self._vectors[name]._parameters[self._field]
+        if not self._vectors[name]._parameters:
+            del self._vectors[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self._vectors and self._vectors[name]._parameters.get(self._field) is not None
+
+    def keys(self) -> list[str]:
+        return [n for n in self._vectors if n in self]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def values(self) -> list[nn.Parameter]:
+        return [self[n] for n in self.keys()]
+
+    def items(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, self[n]) for n in self.keys()]
+
+
+#: the engine's state-dict keys up to hf_subspace 0.2: ``coeffs.<adapter>`` / ``scales.<adapter>`` (ParameterDicts)
+_LEGACY_VECTOR_KEY = re.compile(r"^(coeffs|scales)\.([^.]+)$")
+
+
+def vector_key(field: str, adapter: str) -> str:
+    """The engine's state-dict key of ``field`` (``"coeffs"`` or ``"scales"``) of ``adapter``."""
+    return f"vectors.{adapter}.{field}"
+
+
+def current_vector_key(key: str) -> "str | None":
+    """The current engine key for a key saved by hf_subspace <= 0.2 (``coeffs.<adapter>``), else None. The one place
+    where old names of c and λ are mapped: the engine's ``load_state_dict`` applies it to every key it is given."""
+    m = _LEGACY_VECTOR_KEY.match(key)
+    return vector_key(m.group(1), m.group(2)) if m else None
 
 
 def _calling_module_frame():

@@ -380,7 +380,7 @@ class SubspaceTrainer(NonFiniteMixin, Trainer):
         names = super().get_decay_parameter_names(model)
         if self.args.subspace_weight_decay:
             return names
-        return [n for n in names if "subspace.coeffs" not in n and "subspace.scales" not in n]
+        return [n for n in names if "subspace.vectors." not in n]  # c and λ: subspace.vectors.<adapter>.coeffs
 
     # -- model card -------------------------------------------------------------------------------------------
     def create_model_card(self, *args, **kwargs):

@@ -97,7 +97,7 @@ def test_training_changes_only_c_and_saved_modules():
     model = _bert_adapter()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"base_model.subspace.coeffs.default", "base_model.subspace.scales.default",
+    assert trainable == {"base_model.subspace.vectors.default.coeffs", "base_model.subspace.vectors.default.scales",
                          "base_model.model.classifier.modules_to_save.default.weight",
                          "base_model.model.classifier.modules_to_save.default.bias"}
     _train(model, bert_batch())
@@ -118,7 +118,7 @@ def test_two_adapters_switch(tmp_out):
     model.add_adapter("other", hs.SubspaceConfig(dim=100, projection="hashing", task_type="SEQ_CLS", seed=2))
     model.set_adapter("other")
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        "base_model.subspace.coeffs.other", "base_model.model.classifier.modules_to_save.other.weight",
+        "base_model.subspace.vectors.other.coeffs", "base_model.model.classifier.modules_to_save.other.weight",
         "base_model.model.classifier.modules_to_save.other.bias"}
     _train(model, bert_batch(seed=2))
     out_b = _logits(model, bert_batch())

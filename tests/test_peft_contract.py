@@ -207,7 +207,7 @@ def test_model_init_is_wrapped(tmp_out):
     assert isinstance(trainer.model, PeftModel)
     trainer.train()
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
-    assert "base_model.subspace.coeffs.default" in trainable
+    assert "base_model.subspace.vectors.default.coeffs" in trainable
     assert not any("encoder" in n for n in trainable)  # not the whole model
 
 

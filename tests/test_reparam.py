@@ -105,7 +105,7 @@ def test_few_steps_lower_the_loss(name):
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1e-3, losses
     assert [n for n, p in model.named_parameters() if p.requires_grad] == \
-        ["subspace.coeffs.default", "subspace.scales.default"]
+        ["subspace.vectors.default.coeffs", "subspace.vectors.default.scales"]
 
 
 def test_batchnorm_buffers_are_not_in_theta():
@@ -248,7 +248,7 @@ def test_modules_to_save_are_trained_in_full_and_left_out_of_theta():
     names = [s.name for s in engine.adapters["default"].layout.slots]
     assert not any(n.startswith("classifier") for n in names)
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    assert trainable == ["classifier.bias", "classifier.weight", "subspace.coeffs.default"]
+    assert trainable == ["classifier.bias", "classifier.weight", "subspace.vectors.default.coeffs"]
 
 
 @pytest.mark.parametrize("opt_kwargs", [{"fused": True}, {"foreach": True}, {"foreach": False}])

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_subspace
 from hf_subspace import examples_support as ex
-from hf_subspace.data import SMOLLM2_HUB_ID, load_kjv_split, smollm2_gguf
+from hf_subspace.data import SMOLLM2_HUB_ID, load_kjv_split, load_smollm2
 
 PROMPTS = ("Genesis 50:27", "John 22:1", "And the LORD said unto Moses,")  # verses that do not exist, and a start
 
@@ -84,13 +84,7 @@ def build(example, lm):
     if example.model_name_or_path:
         name = example.model_name_or_path
         return AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name), None
-    folder, gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    # the GGUF weights are dequantized to float32 on load: only the "quantized" marker is left, which the Trainer
-    # refuses to train; drop it (the model is a plain float32 LlamaForCausalLM)
-    model.hf_quantizer, model.is_quantized = None, False
-    model.config.__dict__.pop("quantization_config", None)
+    model, tokenizer = load_smollm2(torch.float32)
     return model, tokenizer, SMOLLM2_HUB_ID
 
 

@@ -3,8 +3,9 @@
 Unlike LoRA-style tuners it does not replace modules: it reparameterizes tensors in place (see
 :mod:`hf_subspace.reparam`), so every parameter kind works — Linear, Conv, Embedding (tied or not),
 LayerNorm, biases, bare ``nn.Parameter``s. The trainable state lives in ``base_model.subspace``:
-``coeffs.<adapter>`` (c) and ``scales.<adapter>`` (SAID), which is all an adapter file holds (plus
-``modules_to_save`` and, on request, the generated projection).
+``vectors.<adapter>.coeffs`` (c) and ``vectors.<adapter>.scales`` (SAID), which is all an adapter file holds (plus
+``modules_to_save`` and, on request, the generated projection). The file names them ``base_model.subspace.coeffs``
+and ``base_model.subspace.scales`` (without the adapter name, as PEFT does), as every version has.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from peft.utils.other import ModulesToSaveWrapper, set_additional_trainable_modu
 from peft.utils import other as peft_other
 
 from .. import __version__
-from ..engine import SubspaceEngine, find_engine
+from ..engine import SubspaceEngine, find_engine, vector_key
 from ..errors import AdapterMismatchError, CorruptAdapterError
 from ..hub import auto_class_for
 from ..layout import (check_targets, expand_all_linear, fingerprint_tensors, fingerprints_match, original_tensor,
@@ -135,8 +136,7 @@ class SubspaceModel(BaseTuner):
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for n, p in model.named_parameters():
             p.requires_grad_(False)
-        for name, p in self.subspace.named_parameters():
-            adapter = name.split(".")[-1]
+        for adapter, p in self.subspace.named_vectors():
             cfg = self.peft_config.get(adapter)
             p.requires_grad_(adapter in self.active_adapters and not (cfg is not None and cfg.inference_mode))
 
@@ -150,14 +150,14 @@ class SubspaceModel(BaseTuner):
             self.unmerge_adapter()
         peft_other._set_adapter(self.model, names, inference_mode=inference_mode)  # may refuse: change nothing before
         self.subspace.set_active(names)
-        for name, p in self.subspace.named_parameters():
-            p.requires_grad_(name.split(".")[-1] in names and not inference_mode)
+        for adapter, p in self.subspace.named_vectors():
+            p.requires_grad_(adapter in names and not inference_mode)
         self.active_adapter = adapter_name
 
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name, p in self.subspace.named_parameters():
-            if name.split(".")[-1] in names:
+        for adapter, p in self.subspace.named_vectors():
+            if adapter in names:
                 p.requires_grad_(requires_grad)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
@@ -219,10 +219,12 @@ class SubspaceModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         out = {}
-        for key in (f"{ENGINE_PREFIX}coeffs.{adapter_name}", f"{ENGINE_PREFIX}scales.{adapter_name}"):
-            for k in (key, key.removeprefix("base_model.")):
+        for field in ("coeffs", "scales"):  # written as '<field>.<adapter>': PEFT saves it as 'base_model.subspace.<field>'
+            key = f"{ENGINE_PREFIX}{vector_key(field, adapter_name)}"
+            for k, saved in ((key, f"{ENGINE_PREFIX}{field}.{adapter_name}"),
+                             (key.removeprefix("base_model."), f"subspace.{field}.{adapter_name}")):
                 if k in state_dict:
-                    out[k] = state_dict[k]
+                    out[saved] = state_dict[k]
         engine = _find_engine(model)
         if config.base_fingerprint is None and config.layout_hash is not None:
             # created on the meta device: fingerprint θ0 now that it holds the weights trained on
@@ -243,7 +245,7 @@ class SubspaceModel(BaseTuner):
         for k, v in state_dict.items():
             stem = k.removeprefix("base_model.").removeprefix("subspace.")
             if stem in ("coeffs", "scales"):
-                out[f"{ENGINE_PREFIX}{stem}.{adapter_name}"] = v
+                out[f"{ENGINE_PREFIX}{vector_key(stem, adapter_name)}"] = v
             elif stem.startswith("projection_"):
                 saved_projection[stem.removeprefix("projection_")] = v
             else:
@@ -254,7 +256,7 @@ class SubspaceModel(BaseTuner):
         elif config.projection in STORED_KINDS:
             raise CorruptAdapterError(f"this {config.projection!r} adapter's file holds no projection tensors; its "
                                       "basis cannot be regenerated from a seed, so the adapter cannot be loaded")
-        expected = f"{ENGINE_PREFIX}coeffs.{adapter_name}"
+        expected = f"{ENGINE_PREFIX}{vector_key('coeffs', adapter_name)}"
         if expected not in out:
             raise CorruptAdapterError("the adapter file holds no subspace coefficients (expected key "
                                       "'subspace.coeffs'): it is not this adapter's weights file")
