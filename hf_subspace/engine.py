@@ -42,8 +42,9 @@ class SubspaceEngine(nn.Module):
     """Owns the trainable vectors of every adapter and puts ``θ0 + δ`` into the model's weights.
 
     Parameters (float32): ``coeffs[name]`` is ``c`` (shape ``(d_c,)``), ``scales[name]`` the SAID scales (shape
-    ``(m,)``, SAID mode only). State: ``active`` adapters, ``enabled``, and ``merged_slots`` — the
-    ``(adapter, tensor)`` pairs whose delta has been added into θ0.
+    ``(m,)``, SAID mode only). State: ``active`` adapters, ``enabled`` (every tensor), ``disabled_slots`` (tensors
+    disabled one by one: peft's per-layer ``enable_adapters(False)``), and ``merged_slots`` — the ``(adapter, tensor)``
+    pairs whose delta has been added into θ0.
     """
 
     def __init__(self):
@@ -53,6 +54,8 @@ class SubspaceEngine(nn.Module):
         self.adapters: dict[str, AdapterSubspace] = {}
         self.active: list[str] = []
         self.enabled = True
+        #: tensors whose layer was disabled on its own (``layer.enable_adapters(False)``): they read θ0 alone
+        self.disabled_slots: set[str] = set()
         self.merged_slots: set[tuple[str, str]] = set()
         #: every (module, attribute) holding each tensor of θ, by slot name (plain references, not submodules)
         self.holders: dict[str, list[tuple[nn.Module, str]]] = {}
@@ -150,7 +153,7 @@ class SubspaceEngine(nn.Module):
     def _live(self, slot_name: str) -> list[tuple[str, AdapterSubspace, int]]:
         """The active, unmerged adapters that cover ``slot_name``: ``(name, state, index in its layout)``."""
         out = []
-        if not self.enabled:
+        if not self.enabled or slot_name in self.disabled_slots:
             return out
         for name in self.active:
             state = self.adapters.get(name)
@@ -406,6 +409,7 @@ class SubspaceEngine(nn.Module):
                     # remove_parametrizations re-registers the very same Parameter object, so ties survive
                     assert getattr(module, attr) is original
         self.holders.clear()
+        self.disabled_slots.clear()
         self.unhook(model)
 
     def restore_requires_grad(self, model: nn.Module) -> None:
@@ -416,14 +420,14 @@ class SubspaceEngine(nn.Module):
 
     def delete_adapter(self, model: nn.Module, name: str) -> None:
         if any(a == name for a, _ in self.merged_slots):
-            raise ValueError(f"adapter {name!r} is merged; unmerge it before deleting it")
+            raise ValueError(f"Cannot delete adapter(s) {[name]} while they are merged. Please unmerge them first.")
         del self.adapters[name]
         del self.coeffs[name]
         if name in self.scales:
             del self.scales[name]
         self.active = [a for a in self.active if a != name]
         if not self.active and self.adapters:
-            self.active = [next(iter(self.adapters))]  # as peft does: fall back to the first remaining adapter
+            self.active = [sorted(self.adapters)[0]]  # as peft's layers do: the first remaining name, sorted
         if not self.adapters:
             self.remove_parametrizations(model)
         self.invalidate()

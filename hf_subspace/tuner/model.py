@@ -13,8 +13,8 @@ from typing import Optional
 
 from torch import nn
 
-from peft.tuners.tuners_utils import BaseTuner, _delete_auxiliary_adapter
-from peft.utils.other import ModulesToSaveWrapper, set_additional_trainable_modules
+from peft.tuners.tuners_utils import BaseTuner, _check_adapters_not_merged, _delete_auxiliary_adapter
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, set_additional_trainable_modules
 from peft.utils import other as peft_other
 
 from .. import __version__
@@ -155,10 +155,14 @@ class SubspaceModel(BaseTuner):
         self.active_adapter = adapter_name
 
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        """Turn gradients on or off for the given adapters: their c and λ, and their ``modules_to_save`` copies."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name, p in self.subspace.named_parameters():
             if name.split(".")[-1] in names:
                 p.requires_grad_(requires_grad)
+        for module in self.model.modules():
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                module.set_requires_grad(adapter_names=names, requires_grad=requires_grad)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         pass  # c and λ are created in float32 and stay so
@@ -167,7 +171,16 @@ class SubspaceModel(BaseTuner):
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Add the deltas of ``adapter_names`` (default: the active ones) into θ0; merging twice adds nothing."""
         self._check_merge_allowed()
-        self.subspace.merge(list(adapter_names or self.active_adapters), safe=safe_merge)
+        names = list(adapter_names or self.active_adapters)
+        if self.subspace.merged_slots:  # peft's warnings (check_adapters_to_merge), once for the model
+            merged = self.subspace.merged_adapters
+            todo = [n for n in names if n not in merged]
+            if todo:
+                warnings.warn(f"Already following adapters were merged {','.join(merged)}. "
+                              f"You are now additionally merging {','.join(todo)}.")
+            else:
+                warnings.warn("All adapters are already merged, nothing to do.")
+        self.subspace.merge(names, safe=safe_merge)
 
     def unmerge_adapter(self) -> None:
         if not self.subspace.merged_slots:
@@ -198,15 +211,27 @@ class SubspaceModel(BaseTuner):
         return self.model
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter, as peft does: a merged one is refused (peft's message); deleting an active one makes
+        the remaining active ones (or, if none, the first remaining name) active and trainable; deleting an inactive
+        one changes nothing else — in particular what is merged stays merged."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
+        _check_adapters_not_merged(self.model, adapter_name)
+        was_active = adapter_name in self.subspace.active
+        only_active = self.subspace.active == [adapter_name]
         self.subspace.delete_adapter(self.model, adapter_name)
         del self.peft_config[adapter_name]
-        _delete_auxiliary_adapter(self.model, adapter_name, new_active_adapters=self.subspace.active)
-        if self.subspace.active:
-            self.set_adapter(self.subspace.active[0])
-        else:
-            self.active_adapter = []
+        new_active = list(self.subspace.active)
+        if only_active and new_active:
+            warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                          f"{new_active[0]}.")
+        _delete_auxiliary_adapter(self.model, adapter_name, new_active_adapters=new_active)
+        if was_active:
+            for name, p in self.subspace.named_parameters():
+                adapter = name.split(".")[-1]
+                cfg = self.peft_config.get(adapter)
+                p.requires_grad_(adapter in new_active and not (cfg is not None and cfg.inference_mode))
+        self.active_adapter = (new_active[0] if len(new_active) == 1 else new_active) if new_active else []
 
     def _check_merge_allowed(self):
         """Tied weights are merged once (they are one tensor of θ); under FSDP or DeepSpeed ZeRO-3 θ0 is sharded
