@@ -286,3 +286,47 @@ def test_lora_load_of_a_corrupt_weights_file_raises_peft_own_error(tmp_path):
     with pytest.raises(Exception) as info:
         PeftModel.from_pretrained(MLP(), tmp_path)
     assert not isinstance(info.value, CorruptAdapterError)
+
+
+# -- 11. transformers' tie_weights / resize_token_embeddings on a wrapped model -------------------------------------
+def _gpt2_adapter(**kw):
+    model = get_peft_model(tiny_gpt2(), hs.SubspaceConfig(dim=50, **kw))
+    _perturb(model, "default")
+    return model
+
+
+def _gpt2_logits(model):
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_tie_weights_on_a_wrapped_model_with_tied_embeddings_keeps_the_adapted_model():
+    model = _gpt2_adapter()
+    before = _gpt2_logits(model)
+    model.tie_weights()
+    model.get_base_model().tie_weights(recompute_mapping=False)
+    inner = model.get_base_model()
+    assert inner.lm_head.parametrizations.weight.original is inner.transformer.wte.parametrizations.weight.original
+    torch.testing.assert_close(_gpt2_logits(model), before)
+    assert inner.get_parameter_or_buffer("transformer.wte.weight") is inner.transformer.wte.parametrizations.weight.original
+
+
+def test_resize_token_embeddings_keeping_the_size_works_and_changing_a_tensor_of_theta_is_refused():
+    model = _gpt2_adapter()
+    before = _gpt2_logits(model)
+    assert model.resize_token_embeddings(97).weight.shape[0] == 97
+    torch.testing.assert_close(_gpt2_logits(model), before)
+    with pytest.raises(hs.SubspaceConfigError, match=r"would change the embedding matrix from 97 rows to 128, but it "
+                                                     r"is a tensor of the subspace adapter's θ.*Resize the base"):
+        model.resize_token_embeddings(100, pad_to_multiple_of=64)
+    assert model.get_base_model().transformer.wte.weight.shape[0] == 97
+    torch.testing.assert_close(_gpt2_logits(model), before)
+
+
+def test_resize_token_embeddings_outside_theta_resizes_and_keeps_the_tie():
+    model = _gpt2_adapter(target_modules=["c_attn"])
+    model.resize_token_embeddings(100)
+    inner = model.get_base_model()
+    assert inner.lm_head.weight.shape[0] == 100 and inner.lm_head.weight is inner.transformer.wte.weight
+    assert _gpt2_logits(model).shape[-1] == 100
