@@ -330,3 +330,33 @@ def test_resize_token_embeddings_outside_theta_resizes_and_keeps_the_tie():
     inner = model.get_base_model()
     assert inner.lm_head.weight.shape[0] == 100 and inner.lm_head.weight is inner.transformer.wte.weight
     assert _gpt2_logits(model).shape[-1] == 100
+
+
+# -- 12. a base whose θ0 accelerate offloads -----------------------------------------------------------------------
+def test_cpu_offloaded_base_is_refused_naming_the_offloaded_tensors():
+    from accelerate import cpu_offload
+
+    base = tiny_gpt2()
+    cpu_offload(base, execution_device=torch.device("cpu"))
+    with pytest.raises(hs.SubspaceConfigError, match=r"tensors of θ \('transformer.wte.weight', .* are offloaded by "
+                                                     r"accelerate .* load the base without offload"):
+        get_peft_model(base, hs.SubspaceConfig(dim=50))
+
+
+def test_disk_offloaded_layers_are_refused_and_the_rest_can_be_theta(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_gpt2().save_pretrained(tmp_path / "base")
+    device_map = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": "cpu",
+                  "transformer.h.1": "disk", "transformer.ln_f": "cpu", "lm_head": "cpu"}
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map=device_map,
+                                                offload_folder=str(tmp_path / "offload"))
+    with pytest.raises(hs.SubspaceConfigError, match=r"'transformer.h.1.ln_1.weight'.* are offloaded"):
+        get_peft_model(base, hs.SubspaceConfig(dim=50))
+    model = get_peft_model(base, hs.SubspaceConfig(dim=50, target_modules=["h.0.attn.c_attn"]))
+    _perturb(model, "default")
+    assert not find_engine(model).coeffs["default"].is_meta
+    out = _gpt2_logits(model)
+    assert torch.isfinite(out).all()
+    with model.disable_adapter():
+        assert not torch.allclose(_gpt2_logits(model), out)
