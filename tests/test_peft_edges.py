@@ -360,3 +360,65 @@ def test_disk_offloaded_layers_are_refused_and_the_rest_can_be_theta(tmp_path):
     assert torch.isfinite(out).all()
     with model.disable_adapter():
         assert not torch.allclose(_gpt2_logits(model), out)
+
+
+# -- 15. quantized layers: said what is skipped and why -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama_4bit(tmp_path_factory):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2,
+                                 max_position_embeddings=32)).save_pretrained(folder)
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu",
+                                                    quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    return load
+
+
+def test_quantized_layers_left_out_of_theta_are_named_in_a_warning(llama_4bit):
+    base = llama_4bit()
+    assert type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    with pytest.warns(UserWarning, match=r"14 quantized layer\(s\) left out of θ \('model.layers.0.self_attn.q_proj': "
+                                         r"Linear4bit \(bitsandbytes\).*cannot adapt quantized weights.*θ is the "
+                                         r"model's other trainable floating-point tensors \(7 tensors, D="):
+        model = get_peft_model(base, hs.SubspaceConfig(dim=50))
+    slots = [s.name for s in find_engine(model).adapters["default"].layout.slots]
+    assert "model.embed_tokens.weight" in slots and not any("proj" in s for s in slots)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()  # the rest trains
+    assert find_engine(model).coeffs["default"].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("targets", [["q_proj"], "model.*proj", ["q_proj", "lm_head"]])
+def test_targeting_quantized_layers_is_refused_naming_their_class(llama_4bit, targets):
+    with pytest.raises(hs.SubspaceConfigError, match=r"matches \d+ quantized layer\(s\) \('model.layers.0.self_attn"
+                                                     r".q_proj': Linear4bit \(bitsandbytes\).*cannot adapt quantized"):
+        get_peft_model(llama_4bit(), hs.SubspaceConfig(dim=20, target_modules=targets))
+
+
+def test_all_linear_leaves_8bit_layers_out_with_a_warning():
+    bnb = pytest.importorskip("bitsandbytes")
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin0 = bnb.nn.Linear8bitLt(10, 20, has_fp16_weights=False, bias=True).to("cpu")
+            self.lin1, self.out = nn.Linear(20, 20), nn.Linear(20, 2)
+
+        def forward(self, X):
+            return self.out(self.lin1(self.lin0(X)))
+
+    with pytest.warns(UserWarning, match=r"'all-linear' leaves 1 quantized linear layer\(s\) out of θ \('lin0': "
+                                         r"Linear8bitLt \(bitsandbytes\)"):
+        model = get_peft_model(Model(), hs.SubspaceConfig(dim=20, target_modules="all-linear"))
+    assert model.peft_config["default"].target_modules == ["lin1", "out"]
+    assert [s.name for s in find_engine(model).adapters["default"].layout.slots] == ["lin1.weight", "lin1.bias",
+                                                                                     "out.weight", "out.bias"]
+    with pytest.warns(UserWarning, match=r"1 quantized layer\(s\) left out of θ \('lin0': Linear8bitLt"):
+        model = get_peft_model(Model(), hs.SubspaceConfig(dim=20))  # its float bias is not in θ either
+    assert "lin0.bias" not in [s.name for s in find_engine(model).adapters["default"].layout.slots]
