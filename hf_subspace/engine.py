@@ -376,7 +376,7 @@ class SubspaceEngine(nn.Module):
                     if (slots is None or s.name in slots) and (name, s.name) not in self.merged_slots]
             deltas = [(s, self.slot_delta(name, i)) for i, s in todo]
             if safe and not all(torch.isfinite(d).all() for _, d in deltas):
-                raise ValueError(f"NaN or inf in the delta of adapter {name!r}; refusing to merge it")
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
             for slot, delta in deltas:
                 original = self.original(slot.name)
                 original.add_(delta.to(original.device, original.dtype))

@@ -422,3 +422,25 @@ def test_all_linear_leaves_8bit_layers_out_with_a_warning():
     with pytest.warns(UserWarning, match=r"1 quantized layer\(s\) left out of θ \('lin0': Linear8bitLt"):
         model = get_peft_model(Model(), hs.SubspaceConfig(dim=20))  # its float bias is not in θ either
     assert "lin0.bias" not in [s.name for s in find_engine(model).adapters["default"].layout.slots]
+
+
+# -- mixed adapter batches and safe merging: refused, in peft's words where peft has them ---------------------------
+def test_mixed_adapter_batch_is_refused_not_silently_run_through_the_active_adapter():
+    model = _model(adapter_name="adapter0")
+    model.add_adapter("adapter1", hs.SubspaceConfig(dim=30, seed=1))
+    with pytest.raises(ValueError, match=r"does not support mixed adapter batches \(adapter_names=\['__base__', "
+                                         r"'adapter0', 'adapter1', '__base__', \.\.\.\]\)"):
+        model(X=X, adapter_names=["__base__", "adapter0", "adapter1"] * 3)
+    torch.testing.assert_close(model(X=X), _out(model))  # without it, the forward runs as before
+
+
+def test_safe_merge_of_a_broken_adapter_raises_peft_message_and_changes_nothing():
+    model = _model()
+    with torch.no_grad():
+        find_engine(model).coeffs["default"][0] = float("nan")
+    before = {k: v.clone() for k, v in get_base_model_state_dict(model).items()}
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights. The adapter default seems to be broken"):
+        model.merge_and_unload(safe_merge=True)
+    for key, value in get_base_model_state_dict(model).items():
+        assert torch.equal(value, before[key])
+    assert not find_engine(model).merged_slots

@@ -9,6 +9,7 @@ LayerNorm, biases, bare ``nn.Parameter``s. The trainable state lives in ``base_m
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from typing import Optional
 
 from torch import nn
@@ -168,6 +169,18 @@ class SubspaceModel(BaseTuner):
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         pass  # c and λ are created in float32 and stay so
 
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """peft calls this around every forward and ``generate``: a mixed-adapter batch (``adapter_names=[...]``, one
+        adapter per sample, which LoRA supports) is refused — every tensor of θ holds one θ0 + δ for the whole batch,
+        and ignoring the argument would silently run every sample through the active adapter."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                f"{type(self).__name__} does not support mixed adapter batches (adapter_names="
+                f"{_short(kwargs['adapter_names'])}): a subspace adapter adds one δ to each weight for the whole "
+                "batch. Run one forward per adapter instead (set_adapter, or disable_adapter() for '__base__')")
+        yield
+
     # -- merging ----------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Add the deltas of ``adapter_names`` (default: the active ones) into θ0; merging twice adds nothing."""
@@ -323,6 +336,11 @@ def _refuse_offloaded_theta0(model: nn.Module, layout) -> None:
             "memory: load the base without offload (device_map={'': 'cpu'}, or a device_map / max_memory that keeps "
             "every layer on a device; bf16 halves θ0), or keep the offloaded modules out of θ (target_modules / "
             "exclude_modules)")
+
+
+def _short(value, n: int = 4) -> str:
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    return repr(items[:n])[:-1] + (", ...]" if len(items) > n else "]")
 
 
 def _find_engine(model) -> SubspaceEngine:
