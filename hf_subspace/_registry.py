@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import re
 
 from peft import mapping as _mapping
 
@@ -22,6 +23,7 @@ def register() -> None:
     _mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = SubspaceModel.prefix
     _patch_peft_model()
     _patch_loading()
+    _patch_base_model_state_dict_keys()
 
 
 def is_registered() -> bool:
@@ -147,8 +149,10 @@ def _patch_loading() -> None:
     ValueError, raised from peft's own error):
 
     * ``PeftConfigMixin.from_json_file`` (every peft config is read with it): an ``adapter_config.json`` that is
-      not JSON raises it instead of a bare ``JSONDecodeError`` / ``UnicodeDecodeError`` (also ValueErrors). This
-      applies to every peft method — the file cannot tell which method wrote it.
+      not JSON raises it, naming the file. The file cannot tell which method wrote it, so this applies to every
+      peft method; for them nothing else changes: the error is still an instance of what json raised
+      (``json.JSONDecodeError`` / ``UnicodeDecodeError``, with its attributes: ``pos``, ``lineno``, ...), so a
+      LoRA user's ``except json.JSONDecodeError`` still catches it.
     * ``PeftModel.load_adapter`` (which ``PeftModel.from_pretrained`` calls): for a subspace adapter, a truncated or
       corrupt ``adapter_model.safetensors`` (safetensors' ``SafetensorError``), and a local folder without a
       weights file (peft then asks the Hub for the path and fails with an unrelated message).
@@ -172,7 +176,7 @@ def _patch_loading() -> None:
         try:
             return original_json(cls, path_json_file, **kwargs)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise corrupt_config_error(path_json_file, e) from e
+            raise _also_as(corrupt_config_error(path_json_file, e), e) from e
 
     @functools.wraps(original_load)
     def load_adapter(self, *args, **kwargs):
@@ -196,3 +200,69 @@ def _patch_loading() -> None:
 
     PeftConfigMixin.from_json_file = classmethod(from_json_file)
     PeftModel.load_adapter = load_adapter
+
+
+_PARAMETRIZED_KEY = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
+
+
+def _patch_base_model_state_dict_keys() -> None:
+    """``peft.get_base_model_state_dict`` / ``set_base_model_state_dict`` speak the base model's own keys.
+
+    Both translate each state-dict key of the wrapped model with ``peft.utils.save_and_load._peft_key_to_original_key``
+    (which strips LoRA's ``base_layer`` infix). A subspace adapter keeps θ0 at ``<module>.parametrizations.<attr>
+    .original``: for a model holding a subspace adapter, a key ending so under one of our parametrizations becomes
+    ``<module>.<attr>``. Every other model (LoRA, ...) and every other key go through peft's function unchanged.
+    """
+    from peft.utils import save_and_load
+
+    if "_peft_key_to_original_key" in ORIGINALS:
+        return
+    original = save_and_load._peft_key_to_original_key
+    ORIGINALS["_peft_key_to_original_key"] = original
+
+    @functools.wraps(original)
+    def _peft_key_to_original_key(model, peft_key: str) -> str:
+        key = original(model, peft_key)
+        if not is_subspace_model(model):
+            return key
+        match = _PARAMETRIZED_KEY.search(peft_key)
+        if match is None:
+            return key
+        from .engine import is_subspace_parametrized
+
+        module_path = peft_key[:match.start()]
+        try:
+            module = model.base_model.model.get_submodule(module_path)
+        except AttributeError:
+            return key
+        if not is_subspace_parametrized(module, match.group(2)):
+            return key
+        return _PARAMETRIZED_KEY.sub(lambda m: f"{m.group(1)}{m.group(2)}", key)
+
+    save_and_load._peft_key_to_original_key = _peft_key_to_original_key
+
+
+_DUAL_ERRORS: dict = {}
+
+
+def _also_as(error: BaseException, original: BaseException) -> BaseException:
+    """``error`` (ours) re-made as an instance of both its class and ``type(original)``, carrying ``original``'s
+    attributes: whoever catches the original type (or reads its fields) sees no difference."""
+    key = (type(error), type(original))
+    cls = _DUAL_ERRORS.get(key)
+    if cls is None:
+        cls = type(type(error).__name__, key, {"__module__": type(error).__module__,
+                                               "__str__": lambda self: self._message})
+        _DUAL_ERRORS[key] = cls
+    dual = cls.__new__(cls, *original.args)
+    dual.args = original.args
+    for name, value in vars(original).items():
+        setattr(dual, name, value)
+    for name in ("encoding", "object", "start", "end", "reason"):  # UnicodeDecodeError keeps them in C slots
+        if hasattr(original, name):
+            try:
+                setattr(dual, name, getattr(original, name))
+            except (AttributeError, TypeError):
+                pass
+    dual._message = str(error)
+    return dual

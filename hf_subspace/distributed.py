@@ -209,7 +209,8 @@ SHARDED_HELP = (
     "TWA snapshots whole parameters; hf_subspace does not support them yet. Use DDP instead — `accelerate launch "
     "--config_file examples/accelerate/multi_gpu.yaml` (distributed_type: MULTI_GPU) or `torchrun` — which sends "
     "only the gradient of c (4·d bytes per step) and keeps a whole θ0 on each rank; a model too large for one "
-    "device can be loaded in bf16/fp16 (c stays float32) or with device_map='auto' on one process.")
+    "device can be loaded in bf16/fp16 (c stays float32) or spread over the devices of one process with "
+    "device_map='auto' (with max_memory that keeps every layer on a device: offloaded θ0 is refused).")
 
 
 def _is_fsdp_module(module: nn.Module) -> bool:

@@ -47,8 +47,9 @@ class SubspaceEngine(nn.Module):
     names are ``vectors.<adapter>.coeffs`` and ``vectors.<adapter>.scales``: the adapter name sits between dots,
     where PEFT's convention (``lora_A.<adapter>.weight``) puts it and where code that matches ``".<adapter>."``
     looks for it (TRL copies ``".default."`` parameters into its ``"ref"`` adapter). ``coeffs`` and ``scales``
-    are dict-like views of that one container. State: ``active`` adapters, ``enabled``, and ``merged_slots`` — the
-    ``(adapter, tensor)`` pairs whose delta has been added into θ0.
+    are dict-like views of that one container. State: ``active`` adapters, ``enabled`` (every tensor),
+    ``disabled_slots`` (tensors disabled one by one: peft's per-layer ``enable_adapters(False)``), and
+    ``merged_slots`` — the ``(adapter, tensor)`` pairs whose delta has been added into θ0.
     """
 
     def __init__(self):
@@ -59,6 +60,8 @@ class SubspaceEngine(nn.Module):
         self.adapters: dict[str, AdapterSubspace] = {}
         self.active: list[str] = []
         self.enabled = True
+        #: tensors whose layer was disabled on its own (``layer.enable_adapters(False)``): they read θ0 alone
+        self.disabled_slots: set[str] = set()
         self.merged_slots: set[tuple[str, str]] = set()
         #: every (module, attribute) holding each tensor of θ, by slot name (plain references, not submodules)
         self.holders: dict[str, list[tuple[nn.Module, str]]] = {}
@@ -156,7 +159,7 @@ class SubspaceEngine(nn.Module):
     def _live(self, slot_name: str) -> list[tuple[str, AdapterSubspace, int]]:
         """The active, unmerged adapters that cover ``slot_name``: ``(name, state, index in its layout)``."""
         out = []
-        if not self.enabled:
+        if not self.enabled or slot_name in self.disabled_slots:
             return out
         for name in self.active:
             state = self.adapters.get(name)
@@ -379,7 +382,7 @@ class SubspaceEngine(nn.Module):
                     if (slots is None or s.name in slots) and (name, s.name) not in self.merged_slots]
             deltas = [(s, self.slot_delta(name, i)) for i, s in todo]
             if safe and not all(torch.isfinite(d).all() for _, d in deltas):
-                raise ValueError(f"NaN or inf in the delta of adapter {name!r}; refusing to merge it")
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
             for slot, delta in deltas:
                 original = self.original(slot.name)
                 original.add_(delta.to(original.device, original.dtype))
@@ -412,6 +415,7 @@ class SubspaceEngine(nn.Module):
                     # remove_parametrizations re-registers the very same Parameter object, so ties survive
                     assert getattr(module, attr) is original
         self.holders.clear()
+        self.disabled_slots.clear()
         self.unhook(model)
 
     def restore_requires_grad(self, model: nn.Module) -> None:
@@ -422,12 +426,12 @@ class SubspaceEngine(nn.Module):
 
     def delete_adapter(self, model: nn.Module, name: str) -> None:
         if any(a == name for a, _ in self.merged_slots):
-            raise ValueError(f"adapter {name!r} is merged; unmerge it before deleting it")
+            raise ValueError(f"Cannot delete adapter(s) {[name]} while they are merged. Please unmerge them first.")
         del self.adapters[name]
         del self.vectors[name]
         self.active = [a for a in self.active if a != name]
         if not self.active and self.adapters:
-            self.active = [next(iter(self.adapters))]  # as peft does: fall back to the first remaining adapter
+            self.active = [sorted(self.adapters)[0]]  # as peft's layers do: the first remaining name, sorted
         if not self.adapters:
             self.remove_parametrizations(model)
         self.invalidate()

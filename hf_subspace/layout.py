@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Callable, Iterable, Sequence
@@ -79,7 +80,17 @@ def expand_all_linear(model: nn.Module, target_modules, task_type=None):
 
     cfg = _match_config(target_modules, None, None)
     cfg.task_type = task_type
-    return sorted(_maybe_include_all_linear_layers(cfg, model).target_modules)
+    names = sorted(_maybe_include_all_linear_layers(cfg, model).target_modules)
+    quantized = [(n, q) for n, m in model.named_modules() if n and (q := quantized_class(m)) is not None
+                 and any(n == t or n.endswith("." + t) for t in names)]
+    if quantized:
+        keep = sorted({t for t in names if any(n == t or n.endswith("." + t) for n, m in model.named_modules()
+                                               if n and quantized_class(m) is None)})
+        warnings.warn(f"target_modules='all-linear' leaves {len(quantized)} quantized linear layer(s) out of θ "
+                      f"({_quantized_names(quantized)}): {QUANTIZED_HELP}. θ is made of the other linear layers "
+                      f"({len(keep)} of them); load the base unquantized to include them", stacklevel=2)
+        names = keep
+    return names
 
 
 def module_matches(module_name: str, target_modules=None, exclude_modules=None, modules_to_save=()) -> bool:
@@ -98,6 +109,35 @@ def module_matches(module_name: str, target_modules=None, exclude_modules=None, 
 def under_modules_to_save(module_name: str, modules_to_save) -> bool:
     """Whether ``module_name`` is (inside) one of ``modules_to_save`` — peft's rule for them."""
     return any(re.match(rf"(^|.*\.){m}($|\..*)", module_name) for m in (modules_to_save or ()))
+
+
+_BNB_QUANTIZED = {"Linear4bit", "Linear8bitLt", "Params4bit", "Int8Params"}
+
+
+def quantized_class(module: nn.Module) -> str | None:
+    """``"Linear4bit (bitsandbytes)"`` when ``module`` holds a quantized weight — a bitsandbytes ``Linear4bit`` /
+    ``Linear8bitLt`` (or subclass), a bitsandbytes ``Params4bit`` / ``Int8Params`` parameter, or a torchao tensor
+    subclass as a parameter — else None.
+
+    A subspace adapter cannot adapt a quantized weight yet (θ0 + P c needs θ0 in floating point), so such modules
+    are left out of θ whole (their float bias too: adapting it alone is not what naming the layer asks for)."""
+    classes = list(type(module).__mro__)
+    for _, p in module.named_parameters(recurse=False):
+        classes += [type(p), type(p.data)]
+    for cls in classes:
+        root = cls.__module__.split(".")[0]
+        if (root == "bitsandbytes" and cls.__name__ in _BNB_QUANTIZED) or root == "torchao":
+            return f"{type(module).__name__} ({root})"
+    return None
+
+
+def _quantized_names(pairs: Sequence[tuple[str, str]], n: int = 3) -> str:
+    shown = ", ".join(f"{name!r}: {cls}" for name, cls in pairs[:n])
+    return shown + (f" and {len(pairs) - n} more" if len(pairs) > n else "")
+
+
+QUANTIZED_HELP = ("a subspace adapter cannot adapt quantized weights yet (θ0 + P c needs θ0 in floating point; "
+                  "bitsandbytes Linear4bit / Linear8bitLt and torchao weights are not supported)")
 
 
 def _wrapper_prefixes(model: nn.Module) -> list[str]:
@@ -148,9 +188,14 @@ def select_parameters(
     slots: dict[int, ParamSlot] = {}
     order: list[int] = []
     matched_module = False
+    quantized: list[tuple[str, str]] = []
     for module_name, module in model.named_modules():
         if _is_under(module_name, skip) or not module_matches(module_name, target_modules, exclude_modules,
                                                                modules_to_save):
+            continue
+        kind = quantized_class(module)
+        if kind is not None:
+            quantized.append((module_name, kind))
             continue
         for attr, p in own_tensors(module):
             name = f"{module_name}.{attr}" if module_name else attr
@@ -172,6 +217,17 @@ def select_parameters(
         for attr, p in own_tensors(module):
             if id(p) in chosen and (module_name, attr) not in slots[id(p)].holders:
                 slots[id(p)].holders.append((module_name, attr))
+    if quantized and target_modules is not None:
+        raise SubspaceConfigError(
+            f"target_modules={target_modules!r} matches {len(quantized)} quantized layer(s) "
+            f"({_quantized_names(quantized)}): {QUANTIZED_HELP}. Load the base unquantized, or leave them out "
+            "(exclude_modules, or name other layers)")
+    if quantized:
+        D = sum(math.prod(slots[k].shape) for k in order)
+        warnings.warn(
+            f"{len(quantized)} quantized layer(s) left out of θ ({_quantized_names(quantized)}), weights and "
+            f"biases: {QUANTIZED_HELP}. θ is the model's other trainable floating-point tensors ({len(order)} "
+            f"tensors, D={D}); load the base unquantized to include them", stacklevel=2)
     if not order:
         if target_modules is not None and not matched_module:
             raise SubspaceConfigError(
@@ -203,13 +259,16 @@ def check_targets(model: nn.Module, target_modules, exclude_modules=None, module
     modules = list(model.named_modules())
     owners = {name for name, module in modules
               if any(p.is_floating_point() for _, p in own_tensors(module))}
+    quantized = {name: kind for name, module in modules if (kind := quantized_class(module)) is not None}
     for entry in entries:
-        in_theta, in_full, empty = [], [], []
+        in_theta, in_full, empty, in_quantized = [], [], [], []
         for name, _ in modules:
             if not name or not module_matches(name, [entry] if not isinstance(target_modules, str) else entry,
                                               exclude_modules):
                 continue
-            if under_modules_to_save(name, modules_to_save) or _is_under(name, skip):
+            if name in quantized and not (under_modules_to_save(name, modules_to_save) or _is_under(name, skip)):
+                in_quantized.append((name, quantized[name]))
+            elif under_modules_to_save(name, modules_to_save) or _is_under(name, skip):
                 in_full.append(name)
             elif name in owners:
                 in_theta.append(name)
@@ -217,6 +276,10 @@ def check_targets(model: nn.Module, target_modules, exclude_modules=None, module
                 empty.append(name)
         what = f"target_modules={entry!r}" if isinstance(target_modules, str) else \
             f"the target_modules entry {entry!r}"
+        if in_quantized:
+            raise SubspaceConfigError(
+                f"{what} matches {len(in_quantized)} quantized layer(s) ({_quantized_names(in_quantized)}): "
+                f"{QUANTIZED_HELP}. Load the base unquantized, or name other layers")
         if in_full:
             head = ("; peft adds 'classifier' and 'score' to it for task_type='SEQ_CLS'" if task_type == "SEQ_CLS"
                     else "")

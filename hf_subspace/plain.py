@@ -61,11 +61,103 @@ def _plain_save_pretrained(self, save_directory, *args, **kwargs):
     return type(self).save_pretrained(self, save_directory, *args, **kwargs)
 
 
+def _get_parameter_or_buffer(self, target: str):
+    """transformers' ``get_parameter_or_buffer`` on a wrapped model: a tensor of θ is found under its plain name
+    (``transformer.wte.weight``) as the parameter holding θ0 (``...parametrizations.weight.original``), so
+    ``tie_weights()`` (which accelerate calls, e.g. FSDP2 with ``cpu_ram_efficient_loading``) works."""
+    module_name, _, attr = target.rpartition(".")
+    try:
+        module = self.get_submodule(module_name) if module_name else self
+    except AttributeError:
+        module = None
+    if module is not None and is_subspace_parametrized(module, attr):
+        return module.parametrizations[attr].original
+    return type(self).get_parameter_or_buffer(self, target)
+
+
+def _tie_weights(self, missing_keys=None, recompute_mapping: bool = True):
+    """transformers' ``tie_weights`` on a wrapped model (accelerate calls it, e.g. FSDP2 with
+    ``cpu_ram_efficient_loading``).
+
+    Tied tensors of θ already share one θ0 (one tensor of θ with several holders): those ties are in place and kept.
+    Tying a tensor of θ to anything else would change θ under the adapter (or leave one side reading θ0 without δ),
+    which is refused. Ties between tensors outside θ are made as transformers makes them.
+    """
+    from .errors import SubspaceConfigError
+
+    if not hasattr(self, "get_expanded_tied_weights_keys"):
+        return type(self).tie_weights(self, missing_keys, recompute_mapping)
+    tied = dict(self.all_tied_weights_keys) if not recompute_mapping else \
+        self.get_expanded_tied_weights_keys(all_submodels=True)
+
+    def theta0(name):
+        module_name, _, attr = name.rpartition(".")
+        try:
+            module = self.get_submodule(module_name) if module_name else self
+        except AttributeError:
+            return None, None, attr
+        original = module.parametrizations[attr].original if is_subspace_parametrized(module, attr) else None
+        return module, original, attr
+
+    plain = []
+    for target, source in tied.items():
+        parent, target_theta0, attr = theta0(target)
+        _, source_theta0, _ = theta0(source)
+        if target_theta0 is None and source_theta0 is None:
+            plain.append((parent, attr, target, source))
+        elif target_theta0 is not source_theta0:
+            raise SubspaceConfigError(
+                f"tie_weights() would tie {target} to {source}, but "
+                f"{target if target_theta0 is not None else source} is a tensor of the subspace adapter's θ and the "
+                "other is not the same tensor: tying them now would change θ under the adapter. Tie the weights "
+                "before wrapping the model (get_peft_model)")
+    if len(plain) == len(tied):
+        return type(self).tie_weights(self, missing_keys, recompute_mapping)
+    for parent, attr, target, source in plain:  # transformers' own tying, for the pairs outside θ
+        if parent is None:
+            continue
+        source_param = self.get_parameter_or_buffer(source)
+        setattr(parent, attr, source_param)
+        self._adjust_bias(parent, source_param)
+        if missing_keys is not None:
+            missing_keys.discard(target)
+
+
+def _resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, *args, **kwargs):
+    """transformers' ``resize_token_embeddings`` on a wrapped model: refused with a clear error when it would change
+    the shape of a tensor of θ (the adapter's P maps onto θ as it was when the adapter was created); a call that
+    keeps the size (or only returns the embeddings) works as usual."""
+    from .errors import SubspaceConfigError
+
+    embeddings = self.get_input_embeddings()
+    if new_num_tokens is not None or pad_to_multiple_of is not None:
+        current = embeddings.weight.shape[0]
+        wanted = current if new_num_tokens is None else int(new_num_tokens)
+        if pad_to_multiple_of is not None:
+            wanted = -(-wanted // int(pad_to_multiple_of)) * int(pad_to_multiple_of)
+        adapted = [m for m in (embeddings, self.get_output_embeddings()) if m is not None
+                   and is_subspace_parametrized(m, "weight")]
+        if wanted != current and adapted:
+            raise SubspaceConfigError(
+                f"resize_token_embeddings({wanted}) would change the embedding matrix from {current} rows to "
+                f"{wanted}, but it is a tensor of the subspace adapter's θ: P was generated for θ's size when the "
+                "adapter was created. Resize the base model's embeddings first, then wrap it (get_peft_model), or "
+                "keep the embeddings out of θ (exclude_modules)")
+    return type(self).resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of, *args, **kwargs)
+
+
+_INSTANCE_METHODS = {"save_pretrained": _plain_save_pretrained, "get_parameter_or_buffer": _get_parameter_or_buffer,
+                     "tie_weights": _tie_weights, "resize_token_embeddings": _resize_token_embeddings}
+
+
 def install_plain_save(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` (a transformers model wrapped by hf_subspace) write plain names."""
-    if hasattr(type(model), "save_pretrained") and "save_pretrained" not in vars(model):
-        model.save_pretrained = types.MethodType(_plain_save_pretrained, model)
+    """Make ``model.save_pretrained`` (a transformers model wrapped by hf_subspace) write plain names, and
+    ``get_parameter_or_buffer`` / ``tie_weights`` / ``resize_token_embeddings`` understand its tensors of θ."""
+    for name, method in _INSTANCE_METHODS.items():
+        if hasattr(type(model), name) and name not in vars(model):
+            setattr(model, name, types.MethodType(method, model))
 
 
 def uninstall_plain_save(model: nn.Module) -> None:
-    vars(model).pop("save_pretrained", None)
+    for name in _INSTANCE_METHODS:
+        vars(model).pop(name, None)

@@ -10,7 +10,33 @@ from peft.config import PeftConfig
 from ..projections import PROJECTION_KINDS, STORED_KINDS
 from ..errors import SubspaceConfigError
 
-PEFT_TYPE = "SUBSPACE"
+
+
+class SubspacePeftType(str):
+    """The ``peft_type`` of a subspace adapter: the string ``"SUBSPACE"`` that also reads like a member of peft's
+    ``PeftType`` enum (``.value``, ``.name``).
+
+    peft's ``PeftType`` is a closed enum, so the method is registered under a string key; peft's own code reads
+    ``config.peft_type.value`` in its messages (``get_peft_model(..., mixed=True)``, hotswapping, gradient
+    checkpointing checks), which a plain ``str`` would turn into an ``AttributeError``. It compares, hashes and
+    serializes (JSON, pickle) as the plain string.
+    """
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+    @property
+    def name(self) -> str:
+        return str.__str__(self)
+
+    def __reduce__(self):
+        return (SubspacePeftType, (str.__str__(self),))
+
+
+PEFT_TYPE = SubspacePeftType("SUBSPACE")
 MODES = ("global", "said")
 
 

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 
 class SubspaceLayer(nn.Module, BaseTunerLayer):
@@ -43,7 +43,7 @@ class SubspaceLayer(nn.Module, BaseTunerLayer):
 
     @property
     def disable_adapters(self) -> bool:
-        return not self._engine.enabled
+        return not self._engine.enabled or self.slot_name in self._engine.disabled_slots
 
     @property
     def merged_adapters(self) -> list[str]:
@@ -56,15 +56,27 @@ class SubspaceLayer(nn.Module, BaseTunerLayer):
         return sorted(self._get_available_adapters())
 
     def enable_adapters(self, enabled: bool) -> None:
-        self._engine.enabled = bool(enabled)
-        self._engine.invalidate()
+        """Enable or disable the adapters on this tensor alone (peft's per-layer state); ``model.disable_adapter()``
+        calls it on every layer. A disabled tensor reads θ0: a delta merged into it is unmerged first, as LoRA's
+        layers unmerge when disabled."""
+        engine = self._engine
+        if enabled:
+            engine.enabled = True
+            engine.disabled_slots.discard(self.slot_name)
+        else:
+            if any(slot == self.slot_name for _, slot in engine.merged_slots):
+                engine.unmerge(slots={self.slot_name})
+            engine.disabled_slots.add(self.slot_name)
+        engine.invalidate()
 
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
         self._engine.set_active([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        names = [n for n in (adapter_names or self._engine.active) if n in self._get_available_adapters()]
-        self._engine.merge(names, slots={self.slot_name}, safe=safe_merge)
+        names = check_adapters_to_merge(self, adapter_names)  # peft's warnings for what is already merged
+        names = [n for n in names if n in self._get_available_adapters()]
+        if names:
+            self._engine.merge(names, slots={self.slot_name}, safe=safe_merge)
 
     def unmerge(self) -> None:
         self._engine.unmerge(slots={self.slot_name})
@@ -74,6 +86,45 @@ class SubspaceLayer(nn.Module, BaseTunerLayer):
 
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
         pass  # the trainable vectors live in the engine; the tuner sets them there
+
+    # -- the shape of the layer this tensor belongs to (peft's tuner layers expose it) --------------------------
+    def _holder(self):
+        holders = self._engine.holders.get(self.slot_name)
+        return holders[0] if holders else (None, None)
+
+    def _in_out_features(self) -> tuple[Optional[int], Optional[int]]:
+        """``(in_features, out_features)`` of the module holding this tensor, as peft reads them for its own layers
+        (Linear, Conv*d, Embedding, transformers' Conv1D, MultiheadAttention); for any other module, the tensor's
+        own shape: ``(shape[1], shape[0])`` for a matrix or kernel, ``(n, n)`` for a vector (a bias or a norm's
+        scale), ``(None, None)`` for a scalar."""
+        module, attr = self._holder()
+        if module is None:
+            return None, None
+        if isinstance(module, nn.MultiheadAttention):
+            return module.embed_dim, 3 * module.embed_dim
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                               nn.ConvTranspose3d)):
+            return module.in_channels, module.out_channels
+        if isinstance(module, nn.Embedding):
+            return module.num_embeddings, module.embedding_dim
+        if hasattr(module, "in_features") and hasattr(module, "out_features"):
+            return module.in_features, module.out_features
+        shape = tuple(module.parametrizations[attr].original.shape)
+        if type(module).__name__ == "Conv1D" and len(shape) == 2:  # transformers' Conv1D stores (in, out)
+            return shape[0], shape[1]
+        if len(shape) >= 2:
+            return shape[1], shape[0]
+        if len(shape) == 1:
+            return shape[0], shape[0]
+        return None, None
+
+    @property
+    def in_features(self) -> Optional[int]:
+        return self._in_out_features()[0]
+
+    @property
+    def out_features(self) -> Optional[int]:
+        return self._in_out_features()[1]
 
     # a parametrization has no base layer: keep BaseTunerLayer's weight/bias properties from recursing
     @property

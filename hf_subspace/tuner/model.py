@@ -10,17 +10,18 @@ and ``base_model.subspace.scales`` (without the adapter name, as PEFT does), as 
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from typing import Optional
 
 from torch import nn
 
-from peft.tuners.tuners_utils import BaseTuner, _delete_auxiliary_adapter
-from peft.utils.other import ModulesToSaveWrapper, set_additional_trainable_modules
+from peft.tuners.tuners_utils import BaseTuner, _check_adapters_not_merged, _delete_auxiliary_adapter
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, set_additional_trainable_modules
 from peft.utils import other as peft_other
 
 from .. import __version__
 from ..engine import SubspaceEngine, find_engine, vector_key
-from ..errors import AdapterMismatchError, CorruptAdapterError
+from ..errors import AdapterMismatchError, CorruptAdapterError, SubspaceConfigError
 from ..hub import auto_class_for
 from ..layout import (check_targets, expand_all_linear, fingerprint_tensors, fingerprints_match, original_tensor,
                       select_parameters)
@@ -64,6 +65,7 @@ class SubspaceModel(BaseTuner):
         config.target_modules = expand_all_linear(model, config.target_modules, config.task_type)
         layout = select_parameters(model, config.target_modules, config.exclude_modules, config.modules_to_save,
                                    trainable=engine.was_trainable)
+        _refuse_offloaded_theta0(model, layout)
         self._check_or_record_base(model, config, layout)
         validate_dim_fits(config.dim, config.mode, layout, targets)
         options = dict(config.projection_options)
@@ -155,19 +157,44 @@ class SubspaceModel(BaseTuner):
         self.active_adapter = adapter_name
 
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        """Turn gradients on or off for the given adapters: their c and λ, and their ``modules_to_save`` copies."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for adapter, p in self.subspace.named_vectors():
             if adapter in names:
                 p.requires_grad_(requires_grad)
+        for module in self.model.modules():
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                module.set_requires_grad(adapter_names=names, requires_grad=requires_grad)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         pass  # c and λ are created in float32 and stay so
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """peft calls this around every forward and ``generate``: a mixed-adapter batch (``adapter_names=[...]``, one
+        adapter per sample, which LoRA supports) is refused — every tensor of θ holds one θ0 + δ for the whole batch,
+        and ignoring the argument would silently run every sample through the active adapter."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                f"{type(self).__name__} does not support mixed adapter batches (adapter_names="
+                f"{_short(kwargs['adapter_names'])}): a subspace adapter adds one δ to each weight for the whole "
+                "batch. Run one forward per adapter instead (set_adapter, or disable_adapter() for '__base__')")
+        yield
 
     # -- merging ----------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Add the deltas of ``adapter_names`` (default: the active ones) into θ0; merging twice adds nothing."""
         self._check_merge_allowed()
-        self.subspace.merge(list(adapter_names or self.active_adapters), safe=safe_merge)
+        names = list(adapter_names or self.active_adapters)
+        if self.subspace.merged_slots:  # peft's warnings (check_adapters_to_merge), once for the model
+            merged = self.subspace.merged_adapters
+            todo = [n for n in names if n not in merged]
+            if todo:
+                warnings.warn(f"Already following adapters were merged {','.join(merged)}. "
+                              f"You are now additionally merging {','.join(todo)}.")
+            else:
+                warnings.warn("All adapters are already merged, nothing to do.")
+        self.subspace.merge(names, safe=safe_merge)
 
     def unmerge_adapter(self) -> None:
         if not self.subspace.merged_slots:
@@ -198,15 +225,26 @@ class SubspaceModel(BaseTuner):
         return self.model
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter, as peft does: a merged one is refused (peft's message); deleting an active one makes
+        the remaining active ones (or, if none, the first remaining name) active and trainable; deleting an inactive
+        one changes nothing else — in particular what is merged stays merged."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
+        _check_adapters_not_merged(self.model, adapter_name)
+        was_active = adapter_name in self.subspace.active
+        only_active = self.subspace.active == [adapter_name]
         self.subspace.delete_adapter(self.model, adapter_name)
         del self.peft_config[adapter_name]
-        _delete_auxiliary_adapter(self.model, adapter_name, new_active_adapters=self.subspace.active)
-        if self.subspace.active:
-            self.set_adapter(self.subspace.active[0])
-        else:
-            self.active_adapter = []
+        new_active = list(self.subspace.active)
+        if only_active and new_active:
+            warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                          f"{new_active[0]}.")
+        _delete_auxiliary_adapter(self.model, adapter_name, new_active_adapters=new_active)
+        if was_active:
+            for adapter, p in self.subspace.named_vectors():
+                cfg = self.peft_config.get(adapter)
+                p.requires_grad_(adapter in new_active and not (cfg is not None and cfg.inference_mode))
+        self.active_adapter = (new_active[0] if len(new_active) == 1 else new_active) if new_active else []
 
     def _check_merge_allowed(self):
         """Tied weights are merged once (they are one tensor of θ); under FSDP or DeepSpeed ZeRO-3 θ0 is sharded
@@ -268,6 +306,42 @@ class SubspaceModel(BaseTuner):
             )
         engine.adapters[adapter_name].invalidate()
         return out
+
+
+def _offloads(module: nn.Module) -> bool:
+    """Whether accelerate's hooks on ``module`` offload its weights (CPU or disk offload: they sit on the meta device
+    and a hook loads them at each forward)."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = list(getattr(hook, "hooks", ())) or ([hook] if hook is not None else [])
+    return any(getattr(h, "offload", False) or getattr(h, "weights_map", None) is not None for h in hooks)
+
+
+def _refuse_offloaded_theta0(model: nn.Module, layout) -> None:
+    """Refuse, naming the tensors, a θ whose θ0 accelerate offloads: the adapter computes θ0 + P c where a module's
+    forward reads the weight and cannot see weights a hook swaps in, so it would fail at the first forward
+    ("Cannot copy out of meta tensor") with c on the meta device."""
+    offloaded = []
+    for slot in layout.slots:
+        for module_name, attr in slot.holders:
+            module = model.get_submodule(module_name)
+            if original_tensor(model, slot).is_meta and _offloads(module):
+                offloaded.append(slot.name)
+                break
+    if offloaded:
+        shown = ", ".join(repr(n) for n in offloaded[:3]) + (f" and {len(offloaded) - 3} more"
+                                                              if len(offloaded) > 3 else "")
+        raise SubspaceConfigError(
+            f"{len(offloaded)} tensors of θ ({shown}) are offloaded by accelerate (CPU or disk offload from "
+            "device_map / max_memory / cpu_offload: their weights sit on the meta device and a hook loads them at "
+            "each forward). A subspace adapter computes θ0 + P c where the module reads its weight and needs θ0 in "
+            "memory: load the base without offload (device_map={'': 'cpu'}, or a device_map / max_memory that keeps "
+            "every layer on a device; bf16 halves θ0), or keep the offloaded modules out of θ (target_modules / "
+            "exclude_modules)")
+
+
+def _short(value, n: int = 4) -> str:
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    return repr(items[:n])[:-1] + (", ...]" if len(items) > n else "]")
 
 
 def _find_engine(model) -> SubspaceEngine:
