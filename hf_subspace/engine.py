@@ -269,6 +269,8 @@ class SubspaceEngine(nn.Module):
 
     def _enter_saved_hooks(self) -> None:
         s = self.scratch
+        if torch.compiler.is_compiling():
+            return  # a compiled graph keeps what AOT autograd decides; no Python hooks (nor frames) in the trace
         if getattr(s, "saved_depth", 0) and not _frame_is_running(getattr(s, "owner_frame", None)):
             self._reset_saved_hooks()  # the forward that entered them was interrupted (KeyboardInterrupt, ...)
         s.saved_depth = getattr(s, "saved_depth", 0) + 1
@@ -286,6 +288,8 @@ class SubspaceEngine(nn.Module):
 
     def _exit_saved_hooks(self) -> None:
         s = self.scratch
+        if torch.compiler.is_compiling():
+            return
         s.saved_depth = max(0, getattr(s, "saved_depth", 1) - 1)
         if s.saved_depth:
             return
