@@ -74,7 +74,7 @@ def tiny(name: str, layers: int = 2, big: bool = False):
     cfg = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=layers,
                     num_attention_heads=2, intermediate_size=37, num_labels=3)
     x = torch.randn(2, 3, 16, 16, generator=g)
-    return ViTForImageClassification(cfg), {"pixel_values": x, "labels": torch.tensor([0, 2])}, ["query", "value"], \
+    return ViTForImageClassification(cfg), {"pixel_values": x, "labels": torch.tensor([0, 2])}, ["q_proj", "v_proj"], \
         None
 
 
