@@ -5,8 +5,11 @@ cheap row slices (hashing) gets a forward that computes ``y = x (θ0 + δ)ᵀ`` 
 a backward that recomputes each block of ``θ0 + δ`` for ``∂L/∂x`` and takes ``Pᵀ`` of that block's weight
 gradient at once. Peak extra memory is one block (``BLOCK_ELEMENTS`` weights) instead of the adapted weight plus
 its whole gradient (for GPT-2's head: two 154 MB tensors in float32). Values and gradients are those of the plain
-path. Under autocast, without autograd, with several parametrizations, or for other kinds, the plain path runs.
-Second derivatives through such a layer are refused (``once_differentiable``).
+path (gradients up to the order of summation over blocks). Under autocast the blocks are multiplied as autocast
+would multiply the whole weight: input and block cast to the autocast dtype, each block of ``θ0 + δ`` computed in
+float32 first. Block offsets are host integers and nothing reads a value back from the device. Without autograd,
+with several parametrizations, or for other kinds, the plain path runs. Second derivatives through such a layer
+are refused (``once_differentiable``).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .products import run
 from .tuner.layer import override_forward, sole_subspace_layer
 
 #: weights at least this large take the blocked path (16M entries: 64 MB in float32)
@@ -31,7 +35,7 @@ def use_blocked_path_if_huge_linear(module: nn.Module, attr: str, numel: int) ->
 def blocked_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     layer = sole_subspace_layer(self)
     engine = None if layer is None else layer.engine
-    if engine is None or not engine.blocked_linears or torch.is_autocast_enabled(x.device.type):
+    if engine is None or not engine.blocked_linears:
         return nn.Linear.forward(self, x)
     original, slot_name = self.parametrizations.weight.original, layer.slot_name
     live = engine._live(slot_name)
@@ -43,8 +47,10 @@ def blocked_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     scales = [engine._scale(n, i) for n, _, i in live]
     terms = [(state, i, lam is not None) for (_, state, i), lam in zip(live, scales)]
     flat_scales = [lam for lam in scales if lam is not None]
-    y = BlockedLinear.apply(x, original, terms, len(coeffs), *coeffs, *flat_scales)
-    return y if self.bias is None else y + self.bias
+    kind = x.device.type
+    cast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    y = BlockedLinear.apply(x, original, terms, cast, len(coeffs), *coeffs, *flat_scales)
+    return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 def _block_weight(original, terms, coeffs, scales, r0, r1):
@@ -55,7 +61,7 @@ def _block_weight(original, terms, coeffs, scales, r0, r1):
         slot = state.layout.slots[i]
         src = c if lam is None else c * lam
         a = slot.offset + r0 * width
-        part = state.projection.matvec_rows(src, a, a + (r1 - r0) * width).view(r1 - r0, width)
+        part = run(state.projection, "matvec_rows", src, a, a + (r1 - r0) * width).view(r1 - r0, width)
         w = w + part.to(original.device, original.dtype)
     return w
 
@@ -70,28 +76,39 @@ class BlockedLinear(torch.autograd.Function):
     """``y = x (θ0 + Σ λ_a P_a c_a)ᵀ`` computed and differentiated a block of rows at a time."""
 
     @staticmethod
-    def forward(ctx, x, original, terms, n_coeffs, *params):
+    def forward(ctx, x, original, terms, cast, n_coeffs, *params):
         coeffs = [p.detach() for p in params[:n_coeffs]]
         it = iter(p.detach() for p in params[n_coeffs:])
         scales = [next(it) if has else None for _, _, has in terms]
         rows, width = original.shape
-        y = x.new_empty(*x.shape[:-1], rows)
-        for r0, r1 in _blocks(rows, width):
-            y[..., r0:r1] = torch.matmul(x, _block_weight(original, terms, coeffs, scales, r0, r1).t())
-        ctx.save_for_backward(x, *coeffs, *[s for s in scales if s is not None])
-        ctx.original, ctx.terms, ctx.n_coeffs = original, terms, n_coeffs
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x if cast is None else x.to(cast)  # what autocast's linear would multiply
+            y = xc.new_empty(*x.shape[:-1], rows)
+            for r0, r1 in _blocks(rows, width):
+                w = _block_weight(original, terms, coeffs, scales, r0, r1)
+                y[..., r0:r1] = torch.matmul(xc, (w if cast is None else w.to(cast)).t())
+        ctx.save_for_backward(xc, *coeffs, *[s for s in scales if s is not None])
+        ctx.original, ctx.terms, ctx.n_coeffs, ctx.cast, ctx.x_dtype = original, terms, n_coeffs, cast, x.dtype
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
+        with torch.autocast(gy.device.type, enabled=False):
+            return BlockedLinear._backward(ctx, gy)
+
+    @staticmethod
+    def _backward(ctx, gy):
         x, *rest = ctx.saved_tensors
         coeffs, it = rest[:ctx.n_coeffs], iter(rest[ctx.n_coeffs:])
         scales = [next(it) if has else None for _, _, has in ctx.terms]
         original = ctx.original
         rows, width = original.shape
         need_x = ctx.needs_input_grad[0]
-        gx = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if need_x else None
+        cast = ctx.cast
+        # under autocast each block's ∂L/∂x is a low-precision product, summed over blocks in float32
+        gx = torch.zeros(x.shape, dtype=x.dtype if cast is None else torch.float32, device=x.device) if need_x else None
+        gy = gy if cast is None else gy.to(cast)
         gc = [torch.zeros_like(c) for c in coeffs]
         gl = [None if lam is None else torch.zeros_like(lam) for lam in scales]
         x2 = x.reshape(-1, width)
@@ -100,13 +117,18 @@ class BlockedLinear(torch.autograd.Function):
             g = gy2[:, r0:r1]
             if need_x:
                 w = _block_weight(original, ctx.terms, coeffs, scales, r0, r1)
-                gx.view(-1, width).addmm_(g, w)
+                if cast is None:
+                    gx.view(-1, width).addmm_(g, w)
+                else:
+                    gx.view(-1, width).add_(g @ w.to(cast))
             gw = (g.t() @ x2).float().reshape(-1)  # this block's weight gradient, then its Pᵀ at once
             for k, ((state, i, _), c, lam) in enumerate(zip(ctx.terms, coeffs, scales)):
                 slot = state.layout.slots[i]
                 a = slot.offset + r0 * width
-                pt = state.projection.rmatvec_rows(gw, a, a + gw.numel())
+                pt = state.projection.rmatvec_rows(gw, a, a + gw.numel())  # autocast is off here
                 gc[k] += pt if lam is None else pt * lam
                 if lam is not None:
                     gl[k] += torch.dot(pt, c)  # ∂L/∂λ = <P c, ∂L/∂W> = <c, Pᵀ ∂L/∂W>
-        return (gx, None, None, None, *gc, *[g for g in gl if g is not None])
+        if gx is not None and gx.dtype != ctx.x_dtype:
+            gx = gx.to(ctx.x_dtype)
+        return (gx, None, None, None, None, *gc, *[g for g in gl if g is not None])

@@ -5,8 +5,11 @@ backward); the others cache the flat ``P c`` until ``c`` changes and run ``Pᵀ 
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
+from .cache import values_token
 from .layout import ThetaLayout
 from .products import project, project_at, project_rows
 from .projections import Projection
@@ -42,15 +45,15 @@ class AdapterSubspace:
         """``P c`` of shape ``(D,)`` (float32), recomputed only when ``c`` changed since the last call."""
         self.follow_device(c)
         s = self.scratch
-        key = (c.data_ptr(), torch.is_grad_enabled() and c.requires_grad)
-        # Compare values, not c._version: fused optimizers (AdamW(fused=True), the Trainer's CPU default)
-        # update parameters in place without bumping the version counter. d numbers: cheap.
-        if getattr(s, "flat", None) is None or s.key != key or not torch.equal(s.c, c.detach()):
+        # the same c object, unchanged: version, .data accesses and optimizer steps (fused optimizers bump no
+        # version), all read on the host (hf_subspace.cache) — no value comparison, so no device sync
+        key = (values_token([c]), torch.is_grad_enabled() and c.requires_grad)
+        if getattr(s, "flat", None) is None or s.key != key or s.c_ref() is not c:
             s.flat = project(c, self.projection)
             # one split node for all tensors: its backward concatenates the per-tensor gradients in one pass
             sizes = [slot.numel for slot in self.layout.slots]
             s.pieces = [piece.view(slot.shape) for piece, slot in zip(torch.split(s.flat, sizes), self.layout.slots)]
-            s.key, s.c = key, c.detach().clone()
+            s.key, s.c_ref = key, weakref.ref(c)
         return s.flat
 
     def piece(self, c: torch.Tensor, i: int, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,7 +73,9 @@ class AdapterSubspace:
         return piece if scale is None else piece * scale
 
     def rows(self, c: torch.Tensor, i: int, rows: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows ``rows`` (distinct, int64) of ``λ_i P_i c`` reshaped as tensor ``i``: ``(len(rows), ...)``."""
+        """Rows ``rows`` (int64, repeats allowed: an embedding's token ids) of ``λ_i P_i c`` reshaped as tensor
+        ``i``: ``(len(rows), ...)``. Kinds with row slices need ``projection.entries_sync_free`` (their
+        ``rmatvec_at`` accumulates repeated positions)."""
         slot = self.layout.slots[i]
         if not self.projection.supports_row_slices:
             return self.piece(c, i, scale)[rows]

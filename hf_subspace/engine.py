@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .cache import token, track, untrack, values_token
 from .delta import AdapterSubspace, Scratch
 from .errors import SubspaceConfigError
 from .layout import ThetaLayout, holder_names, original_tensor
@@ -121,9 +122,9 @@ class SubspaceEngine(nn.Module):
             proj = make_projection(projection, layout.D, d_c, seed=seed, device=proj_device,
                                    **(projection_options or {}))
         state = AdapterSubspace(layout, proj, mode)
-        self.coeffs[name] = nn.Parameter(torch.zeros(d_c, device=device, dtype=torch.float32))
+        self.coeffs[name] = track(nn.Parameter(torch.zeros(d_c, device=device, dtype=torch.float32)))
         if n_scales:
-            self.scales[name] = nn.Parameter(torch.ones(n_scales, device=device, dtype=torch.float32))
+            self.scales[name] = track(nn.Parameter(torch.ones(n_scales, device=device, dtype=torch.float32)))
         self.adapters[name] = state
         from peft.utils.integrations import _skip_init_on_device
 
@@ -144,7 +145,7 @@ class SubspaceEngine(nn.Module):
                         use_blocked_path_if_huge_linear(module, attr, slot.numel)
                     if not any(m is module and a == attr for m, a in holders):
                         holders.append((module, attr))
-                    module.parametrizations[attr].original.requires_grad_(False)
+                    track(module.parametrizations[attr].original).requires_grad_(False)
         if not self.active:
             self.active = [name]
         self.hook_into(model)
@@ -187,7 +188,7 @@ class SubspaceEngine(nn.Module):
         if cache is not None:
             hit = cache.get(slot_name)
             if hit is not None and hit[0] == _identity(original):
-                return hit[1]
+                return hit[1]  # host-side check only (no sync): see hf_subspace.cache
         out = original
         for name, state, i in live:
             out = out + state.piece(self.coeffs[name], i, self._scale(name, i)).to(original.device, original.dtype)
@@ -210,7 +211,10 @@ class SubspaceEngine(nn.Module):
             # kinds that cache the flat P c keep it for the step anyway: point at their piece instead of recomputing
             view = None if state.projection.supports_row_slices else state.scratch.pieces[i].detach()
             terms.append((name, state, i, c, None if lam is None else lam[i], view))
-        s.saved[out.untyped_storage().data_ptr()] = (weakref.ref(out), slot_name, original, tuple(terms))
+        entry = (weakref.ref(out), slot_name, original, tuple(terms), _identity(original))
+        s.saved[out.untyped_storage().data_ptr()] = entry
+        if out.grad_fn is not None:  # autocast's low-precision copy of ``out`` is found through its grad_fn
+            s.saved_fns[id(out.grad_fn)] = entry
 
     def _recompute(self, slot_name: str, original: torch.Tensor, terms) -> torch.Tensor:
         """``θ0 + δ`` of one tensor again, bit for bit as the forward computed it.
@@ -233,21 +237,40 @@ class SubspaceEngine(nn.Module):
         return out
 
     def _pack_saved(self, t: torch.Tensor):
-        saved = self.scratch.saved
+        s = self.scratch
+        saved = s.saved
         if saved and isinstance(t, torch.Tensor) and t.layout == torch.strided:
             key = t.untyped_storage().data_ptr()
             hit = saved.get(key)
             if hit is not None:
-                ref, slot_name, original, terms = hit
+                ref, slot_name, original, terms, ident = hit
                 w = ref()
                 if w is not None and w.untyped_storage().data_ptr() == key and w.dtype == t.dtype:
-                    return _SavedWeight(slot_name, original, terms, t.size(), t.stride(), t.storage_offset())
-        outer = self.scratch.outer_hooks
+                    return _SavedWeight(slot_name, original, terms, t.size(), t.stride(), t.storage_offset(), ident,
+                                        None)
+            if t.dtype != torch.float32 or t._base is not None:
+                # under autocast a matmul saves its cast of the weight (or a view of it): ``ToCopyBackward0`` of
+                # an adapted weight. It is recomputed as the same cast of the same float32 value: bit for bit.
+                base = t if t._base is None else t._base
+                fn = base.grad_fn if s.saved_fns else None
+                if fn is not None and type(fn).__name__ == "ToCopyBackward0":
+                    src = fn.next_functions[0][0]
+                    hit = s.saved_fns.get(id(src)) if src is not None else None
+                    w = None if hit is None else hit[0]()
+                    if (w is not None and w.grad_fn is src and base.shape == w.shape and base.is_contiguous()
+                            and w.is_contiguous()):
+                        _, slot_name, original, terms, ident = hit
+                        return _SavedWeight(slot_name, original, terms, t.size(), t.stride(), t.storage_offset(),
+                                            ident, t.dtype)
+        outer = s.outer_hooks
         return t if outer is None else _OuterSaved(outer[1], outer[0](t))
 
     def _unpack_saved(self, packed):
         if isinstance(packed, _SavedWeight):
+            _check_unchanged(packed)
             w = self._recompute(packed.slot_name, packed.original, packed.terms)
+            if packed.cast is not None:
+                w = w.to(packed.cast)
             return w.as_strided(packed.size, packed.stride, packed.offset)
         if isinstance(packed, _OuterSaved):
             return packed.unpack(packed.value)
@@ -255,6 +278,8 @@ class SubspaceEngine(nn.Module):
 
     def _enter_saved_hooks(self) -> None:
         s = self.scratch
+        if torch.compiler.is_compiling():
+            return  # a compiled graph keeps what AOT autograd decides; no Python hooks (nor frames) in the trace
         if getattr(s, "saved_depth", 0) and not _frame_is_running(getattr(s, "owner_frame", None)):
             self._reset_saved_hooks()  # the forward that entered them was interrupted (KeyboardInterrupt, ...)
         s.saved_depth = getattr(s, "saved_depth", 0) + 1
@@ -266,18 +291,20 @@ class SubspaceEngine(nn.Module):
             s.saved = None
             return
         s.outer_hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        s.saved, s.snapshots = {}, {}
+        s.saved, s.saved_fns, s.snapshots = {}, {}, {}
         torch._C._autograd._push_saved_tensors_default_hooks(self._pack_saved, self._unpack_saved)
         s.pushed = True
 
     def _exit_saved_hooks(self) -> None:
         s = self.scratch
+        if torch.compiler.is_compiling():
+            return
         s.saved_depth = max(0, getattr(s, "saved_depth", 1) - 1)
         if s.saved_depth:
             return
         if getattr(s, "pushed", False):
             torch._C._autograd._pop_saved_tensors_default_hooks()
-        s.pushed, s.saved, s.snapshots, s.outer_hooks, s.owner_frame = False, None, None, None, None
+        s.pushed, s.saved, s.saved_fns, s.snapshots, s.outer_hooks, s.owner_frame = False, None, None, None, None, None
 
     def _reset_saved_hooks(self) -> None:
         """Undo what an interrupted forward left: torch runs ``always_call`` forward hooks on ``Exception`` only,
@@ -287,7 +314,7 @@ class SubspaceEngine(nn.Module):
         if getattr(s, "pushed", False) and top is not None and top[0] == self._pack_saved:
             torch._C._autograd._pop_saved_tensors_default_hooks()
         s.saved_depth, s.in_forward, s.training_forward = 0, False, False
-        s.pushed, s.saved, s.snapshots, s.outer_hooks, s.owner_frame = False, None, None, None, None
+        s.pushed, s.saved, s.saved_fns, s.snapshots, s.outer_hooks, s.owner_frame = False, None, None, None, None, None
 
     def rows_delta(self, slot_name: str, rows: torch.Tensor) -> torch.Tensor | None:
         """Rows ``rows`` of the summed active delta of one tensor (float32), or None when nothing applies."""
@@ -318,13 +345,12 @@ class SubspaceEngine(nn.Module):
             return None
         if getattr(s, "checked_in_forward", False):
             return s.cache  # already checked in this forward of the model: c cannot change during it
-        key = (tuple(self.active), frozenset(self.merged_slots), torch.is_inference_mode_enabled())
-        values = [(self.coeffs[n], self.scales[n] if n in self.scales else None) for n in self.active]
-        if getattr(s, "cache_key", None) != key or not all(
-                torch.equal(a, c) and (b is None) == (lam is None) and (b is None or torch.equal(b, lam))
-                for (a, b), (c, lam) in zip(s.values, values)):
+        values = [t for n in self.active for t in (self.coeffs[n], self.scales[n] if n in self.scales else None)]
+        # host-side only (versions, storage, .data accesses, optimizer steps: hf_subspace.cache): no sync
+        key = (tuple(self.active), frozenset(self.merged_slots), torch.is_inference_mode_enabled(),
+               values_token(values))
+        if getattr(s, "cache_key", None) != key:
             s.cache, s.cache_key = {}, key
-            s.values = [(c.detach().clone(), None if lam is None else lam.detach().clone()) for c, lam in values]
         s.checked_in_forward = getattr(s, "in_forward", False)
         return s.cache
 
@@ -409,7 +435,7 @@ class SubspaceEngine(nn.Module):
                 continue
             for attr in list(module.parametrizations.keys()):
                 if is_subspace_parametrized(module, attr):
-                    original = module.parametrizations[attr].original
+                    original = untrack(module.parametrizations[attr].original)
                     _own_parametrized_class(module)
                     parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
                     # remove_parametrizations re-registers the very same Parameter object, so ties survive
@@ -446,7 +472,7 @@ class SubspaceEngine(nn.Module):
     def _drop_cache(self) -> None:
         """Forget the materialized tensors and what they were checked against, but not the state of the forward
         in progress (``in_forward``, ``training_forward``): dropping mid-forward must not end it."""
-        for key in ("cache", "cache_key", "values", "checked_in_forward"):
+        for key in ("cache", "cache_key", "checked_in_forward"):
             self.scratch.__dict__.pop(key, None)
 
     def invalidate(self) -> None:
@@ -479,6 +505,8 @@ class SubspaceEngine(nn.Module):
             return out
 
         out = super()._apply(keep_dtype, recurse)
+        for p in (*self.coeffs.values(), *self.scales.values()):
+            track(p)
         if was_meta and not any(p.is_meta for p in self.parameters()):
             with torch.no_grad():
                 for p in self.coeffs.values():
@@ -580,11 +608,26 @@ class _SavedWeight:
     """What autograd keeps of an adapted weight between forward and backward: θ0 (alive anyway), the d numbers the
     forward used, and the saved view's geometry — not the ``D``-sized tensor."""
 
-    __slots__ = ("slot_name", "original", "terms", "size", "stride", "offset")
+    __slots__ = ("slot_name", "original", "terms", "size", "stride", "offset", "ident", "cast")
 
-    def __init__(self, slot_name, original, terms, size, stride, offset):
+    def __init__(self, slot_name, original, terms, size, stride, offset, ident, cast):
         self.slot_name, self.original, self.terms = slot_name, original, terms
         self.size, self.stride, self.offset = size, stride, offset
+        self.ident, self.cast = ident, cast  # θ0's identity at the forward; the dtype autocast cast the weight to
+
+
+def _check_unchanged(packed: _SavedWeight) -> None:
+    """Refuse to recompute ``θ0 + δ`` from a θ0 changed since the forward (autograd refuses a modified saved
+    tensor the same way). Changed: an in-place update (version), or a ``.data`` alias handed out while the storage
+    stayed the same (``p.data.mul_(5)``). A new storage with the same values (ZeRO-3 / FSDP gathering a
+    parameter again) is legitimate and recomputed from."""
+    now = _identity(packed.original)
+    (_, ptr0, dtype0, dev0, version0, epoch0), (_, ptr1, dtype1, dev1, version1, epoch1) = packed.ident, now
+    if version1 != version0 or (epoch1 != epoch0 and ptr1 == ptr0) or (dtype1, dev1) != (dtype0, dev0):
+        raise RuntimeError(
+            f"θ0 of {packed.slot_name!r} was modified between the forward and the backward (in place, or through "
+            "`.data`); the backward recomputes θ0 + δ from θ0 and would use the new values. Change base weights "
+            "only after backward(), or set engine.recompute_saved_weights = False to keep adapted weights instead")
 
 
 class _OuterSaved:
@@ -598,8 +641,10 @@ class _OuterSaved:
 
 def _identity(t: torch.Tensor) -> tuple:
     """What must not change for a materialized θ0 + δ to stay valid: the tensor, its storage (``.data =`` and
-    ``Module._apply`` swap it without a version bump), dtype, device and version (in-place updates)."""
-    return (id(t), t.data_ptr(), t.dtype, t.device, t._version)
+    ``Module._apply`` swap it without a version bump), dtype, device, version (in-place updates) and ``.data``
+    accesses (an alias written in place moves no version: :mod:`hf_subspace.cache`). A θ0 that a whole-module move
+    replaced by a new plain Parameter is tracked again here."""
+    return token(track(t))
 
 
 def is_subspace_parametrized(module: nn.Module, attr: str) -> bool:

@@ -12,6 +12,10 @@ with :class:`NonFiniteTrainingError` before anything further is saved, so the la
 state.
 
 On several processes the decision is all-reduced (one float per step), so every rank skips the same steps.
+
+Nothing is read back from the device per micro-batch: each loss's finiteness is folded into a flag on the device,
+read once per optimizer step together with the gradients' (one device→host sync per optimizer step, which the
+skip-or-step decision needs).
 """
 from __future__ import annotations
 
@@ -43,18 +47,18 @@ class NonFiniteGuard(TrainerCallback):
         self.skipped = 0
         self.in_a_row = 0
         self.skipped_steps: list[int] = []
-        self._bad_loss = False
+        self._bad_loss: Optional[torch.Tensor] = None  # on the device: some micro-batch's loss was not finite
         self._bn_buffers: list[torch.Tensor] = []  # the model's BatchNorm running statistics (found once)
         self._stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # and their values as the step began
 
     def observe_loss(self, loss: torch.Tensor) -> None:
-        """Note one micro-batch's loss (a detached scalar)."""
-        if not self._bad_loss and not bool(torch.isfinite(loss.detach()).all()):
-            self._bad_loss = True
+        """Note one micro-batch's loss (a detached scalar): folded into a flag on its device, no host read."""
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.in_a_row = 0
-        self._bad_loss = False
+        self._bad_loss = None
         model = model if model is not None else self.trainer.model
         self._bn_buffers = [buf for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
                             for buf in (m.running_mean, m.running_var, m.num_batches_tracked) if buf is not None]
@@ -66,12 +70,19 @@ class NonFiniteGuard(TrainerCallback):
         self._stats = [(buf, buf.detach().clone()) for buf in self._bn_buffers]
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        bad_loss, self._bad_loss = self._bad_loss, False
+        loss_flag, self._bad_loss = self._bad_loss, None
         model = model if model is not None else self.trainer.model
         if getattr(self.trainer.accelerator, "scaler", None) is not None:
             return  # fp16 with a GradScaler: it skips steps with inf gradients itself (see on_optimizer_step)
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        bad = bad_loss or (bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()))
+        bad_loss = bad_grad = False
+        if grads or loss_flag is not None:  # one host read for the loss flag and every gradient
+            device = grads[0].device if grads else loss_flag.device
+            no = torch.zeros((), dtype=torch.bool, device=device)
+            loss_bad = no if loss_flag is None else loss_flag.to(device)
+            grad_bad = torch.stack([~torch.isfinite(g).all() for g in grads]).any() if grads else no
+            bad_loss, bad_grad = torch.stack([loss_bad, grad_bad]).tolist()
+        bad = bad_loss or bad_grad
         bad = _any_rank(bad, grads[0].device if grads else torch.device("cpu"))
         if not bad:
             self.in_a_row = 0

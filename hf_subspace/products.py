@@ -4,6 +4,9 @@ None of them saves a tensor of size ``D`` for the backward, so one cached output
 passes (gradient accumulation, activation checkpointing). Each backward is the adjoint product as an autograd
 function of its own, whose backward is the forward product again: second derivatives (Hessian-vector products
 in c) are exact.
+
+Every product runs with autocast off, whatever the caller's context: δ is float32 for every kind (fastfood's
+Hadamard matmuls included), and the backward's recompute (outside autocast) equals the forward's bit for bit.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ class LinearProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, projection, op, adjoint, args):
         ctx.projection, ctx.op, ctx.adjoint, ctx.args = projection, op, adjoint, args
-        return getattr(projection, op)(x, *args)
+        return run(projection, op, x, *args)
 
     @staticmethod
     def backward(ctx, grad):
@@ -33,7 +36,13 @@ def _product(c: torch.Tensor, projection, op: str, adjoint: str, *args) -> torch
     """``projection.<op>(c, *args)``, differentiable in ``c`` when autograd needs it."""
     if torch.is_grad_enabled() and c.requires_grad:
         return LinearProduct.apply(c, projection, op, adjoint, args)
-    return getattr(projection, op)(c.detach(), *args)
+    return run(projection, op, c.detach(), *args)
+
+
+def run(projection, op: str, *args) -> torch.Tensor:
+    """``projection.<op>(*args)`` in float32: autocast off (as peft does inside its own parametrizations)."""
+    with torch.autocast(projection.device.type, enabled=False):
+        return getattr(projection, op)(*args)
 
 
 def project(c: torch.Tensor, projection) -> torch.Tensor:

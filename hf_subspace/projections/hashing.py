@@ -12,14 +12,18 @@ analytically; with ``n_col`` that count the columns are exactly orthonormal (``P
 rows sit at an independent random offset in each block, with independent signs.
 
 Cost: ``P c`` over a slice is, per block, a contiguous window of ``[w, w, -w, -w]`` (``w = c/√n``) chosen by
-``r_b`` and ``u_b`` — one gather of whole windows — times ``v``; ``Pᵀ g`` multiplies by the signs and adds each
-block into ``4d`` bins at its offset (one ``scatter_add`` with an index built a chunk at a time; a block of
-sign -1 adds to the second half). State:
+``r_b`` and ``u_b`` — one gather of whole windows — times ``v``; ``Pᵀ g`` multiplies by ``v``, rolls each whole
+block's row by ``r_b`` onto the columns (a window of the row written twice: a gather indexed by block, never an
+index of one int64 per row) and sums the rows with their signs ``u_b``, a chunk of blocks at a time. The first
+and last (partial) block of a slice are plain slices at offsets hashed on the host (:meth:`window_start`), so
+no product reads a value back from the device. State:
 ``v``, ``1/√n`` and ``arange(d)`` — ``O(d)``, e.g. 160 KB at d = 10k whatever ``D`` is; nothing of size ``D``
 is built, not even while constructing ``P``. Format 1 (one int32 per row, hf_subspace 0.1.0) is in
 :mod:`hf_subspace.projections.hashing_v1`.
 """
 from __future__ import annotations
+
+from array import array
 
 import torch
 
@@ -29,6 +33,25 @@ _P31 = 2**31 - 1  # a Mersenne prime: products of two residues stay below 2**62,
 _MULTS = (1_103_515_245, 2_147_482_951, 1_664_525_397)
 #: rows per index chunk of the backward: 1M rows = 8 MiB of int64 index
 CHUNK_ROWS = 1 << 20
+
+
+def _roll_rows(rows: torch.Tensor, shifts: torch.Tensor, sign: torch.Tensor, d: int) -> torch.Tensor:
+    """``Σ_b sign_b · roll(rows_b, shifts_b)`` (``(n, d)`` -> ``(d,)``): row ``b`` entry ``k`` lands on column
+    ``(k + shifts_b) mod d``. Each rolled row is the window ``[d - shifts_b, 2d - shifts_b)`` of the row written
+    twice: one gather indexed by ``n`` block numbers, not by ``n·d`` positions."""
+    n = rows.shape[0]
+    twice = torch.cat([rows, rows], 1)
+    rolled = twice.unfold(1, d, 1)[torch.arange(n, device=rows.device), d - shifts]
+    return (rolled * sign.unsqueeze(1)).sum(0)
+
+
+def block_hash_int(block: int, seed: int, stream: int) -> int:
+    """:func:`block_hash` of one block number, in Python integers on the host (the same value, no device read)."""
+    x = (int(block) + (int(seed) * 7_919 + int(stream) * 104_729 + 12_345) % _P31) % _P31
+    for m in _MULTS:
+        x = (x * m + 40_503) % _P31
+        x = x ^ (x >> 13)
+    return x
 
 
 def block_hash(blocks: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
@@ -52,6 +75,7 @@ class HashingProjection(Projection):
     def __init__(self, D, d, seed=0, device=None):
         super().__init__(D, d, seed, device)
         self._saved: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._saved_host = None  # a saved P's block offsets as host integers (array('q'))
         self._ranges: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         g = cpu_generator(self.seed, stream=4)
         cpu = torch.device("cpu")  # explicit: a default-device context (meta, cuda) must not change P
@@ -69,8 +93,8 @@ class HashingProjection(Projection):
     supports_row_slices = True
 
     def _block_range(self, b0: int, b1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(r_b, r_b + 2d·[u_b < 0])`` for blocks ``b0..b1``: the column offset, and where the block's window
-        starts in ``[w, w, -w, -w]`` (and its bins in the backward).
+        """``(r_b, r_b + 2d·[u_b < 0])`` for blocks ``b0..b1`` (int64 on the device): the column offset, and where
+        the block's window starts in ``[w, w, -w, -w]``. Hashed on the device (no host read).
 
         Kept per range asked (one per tensor of θ: ``O(D/d)`` numbers in all, 16 B per block, e.g. 200 KB at
         D = 124M, d = 10k), so a training step does not hash the same blocks again and again.
@@ -83,6 +107,14 @@ class HashingProjection(Projection):
             if not torch.compiler.is_compiling():
                 self._ranges[key] = hit
         return hit
+
+    def window_start(self, b: int) -> int:
+        """Where block ``b``'s window starts in ``[w, w, -w, -w]`` (``r_b + 2d·[u_b < 0]``), as a host integer:
+        the first and last block of a slice are plain slices at this offset, with no read from the device."""
+        if self._saved_host is not None:
+            shifts, negative = self._saved_host
+            return shifts[b] + (2 * self.d if negative[b] else 0)
+        return block_hash_int(b, self.seed, 5) % self.d + (2 * self.d if block_hash_int(b, self.seed, 6) & 1 else 0)
 
     def shifts_signs(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(r_b, u_b < 0)`` for block numbers ``blocks``: the column offset and whether the block's sign is -1."""
@@ -106,15 +138,15 @@ class HashingProjection(Projection):
         z = self._windows(c)
         out = torch.empty(stop - start, device=self.device, dtype=torch.float32)
         b0, b1 = start // d, (stop - 1) // d  # first and last block touched
-        _, offsets = self._block_range(b0, b1)  # where each block's window starts in z
-        for j, b in ((0, b0), (b1 - b0, b1))[: 1 if b1 == b0 else 2]:  # first and last block: plain slices
+        for b in (b0, b1)[: 1 if b1 == b0 else 2]:  # first and last block: plain slices at host offsets
             lo, hi = max(start, b * d) - b * d, min(stop, (b + 1) * d) - b * d
-            o = int(offsets[j])
+            o = self.window_start(b)
             at = b * d + lo - start
             torch.mul(z[o + lo: o + hi], self.v[lo:hi], out=out[at: at + hi - lo])
-        if b1 - b0 >= 2:  # whole blocks in between: one gather of windows
+        if b1 - b0 >= 2:  # whole blocks in between: one gather of windows at offsets kept on the device
+            _, offsets = self._block_range(b0 + 1, b1 - 1)
             mid = out[(b0 + 1) * d - start: b1 * d - start].view(b1 - b0 - 1, d)
-            torch.index_select(z.unfold(0, d, 1), 0, offsets[1:-1], out=mid)
+            torch.index_select(z.unfold(0, d, 1), 0, offsets, out=mid)
             mid.mul_(self.v)
         return out
 
@@ -129,7 +161,14 @@ class HashingProjection(Projection):
     def _matvec(self, c):
         return self.matvec_rows(c, 0, self.D)
 
+    entries_sync_free = True  # matvec_at / rmatvec_at: elementwise hashes and an index_add (repeats accumulate)
+
     # -- Pᵀ g -----------------------------------------------------------------------------------------------
+    def _block_signs(self, b0: int, b1: int) -> torch.Tensor:
+        """``u_b`` (±1.0, float32 on the device) of blocks ``b0..b1``."""
+        _, offsets = self._block_range(b0, b1)
+        return 1.0 - 2.0 * (offsets >= 2 * self.d).to(torch.float32)
+
     def _fold(self, bins):
         """``4d`` bins (row offsets ``r_b + k``, plus ``2d`` where ``u_b = -1``) back onto the ``d`` columns, scaled."""
         d = self.d
@@ -142,19 +181,22 @@ class HashingProjection(Projection):
         g = g.detach().reshape(-1).to(self.device, torch.float32)
         bins = torch.zeros(4 * d, device=self.device, dtype=torch.float32)
         b0, b1 = start // d, (stop - 1) // d
-        _, offsets = self._block_range(b0, b1)  # the sign of a block is which half of the bins it adds to
-        for j, b in ((0, b0), (b1 - b0, b1))[: 1 if b1 == b0 else 2]:  # first and last block: slice adds
+        for b in (b0, b1)[: 1 if b1 == b0 else 2]:  # first and last block: slice adds at host offsets
             lo, hi = max(start, b * d) - b * d, min(stop, (b + 1) * d) - b * d
-            o, at = int(offsets[j]), b * d + lo - start
+            o, at = self.window_start(b), b * d + lo - start
             bins[o + lo: o + hi].addcmul_(g[at: at + hi - lo], self.v[lo:hi])
-        if b1 - b0 >= 2:  # whole blocks in between: values scattered at their offsets, a chunk at a time
-            step = max(1, CHUNK_ROWS // d)
+        out = self._fold(bins)
+        if b1 - b0 >= 2:  # whole blocks in between: each block's row rolled onto the columns, summed with its sign
+            r, _ = self._block_range(b0 + 1, b1 - 1)
+            sign = self._block_signs(b0 + 1, b1 - 1)
             mid = g[(b0 + 1) * d - start: b1 * d - start].view(b1 - b0 - 1, d)
-            for c0 in range(0, len(mid), step):
-                rows = mid[c0: c0 + step]
-                idx = (offsets[1 + c0: 1 + c0 + len(rows)].unsqueeze(1) + self.positions).view(-1)
-                bins.scatter_add_(0, idx, (rows * self.v).view(-1))
-        return self._fold(bins)
+            step = max(1, CHUNK_ROWS // d)
+            total = None
+            for c0 in range(0, len(mid), step):  # a chunk at a time: ~3 chunk-sized float32 temporaries
+                part = _roll_rows(mid[c0: c0 + step] * self.v, r[c0: c0 + step], sign[c0: c0 + step], d)
+                total = part if total is None else total + part
+            out = out + total * self.col_scale
+        return out
 
     def rmatvec_at(self, g, positions):
         flat = positions.reshape(-1).to(self.device, torch.int64)
@@ -182,6 +224,7 @@ class HashingProjection(Projection):
                              f"({self.n_blocks},)")
         super().load_state_tensors(tensors)
         self._saved = (shifts.to(torch.int64), negative.to(torch.int8))
+        self._saved_host = (array("q", shifts.to(torch.int64).tolist()), array("b", negative.to(torch.int8).tolist()))
         self._ranges = {}
 
     def _move(self, device):

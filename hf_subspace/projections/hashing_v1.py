@@ -39,6 +39,7 @@ class HashingProjectionV1(Projection):
         self.col_scale = counts.rsqrt().to(self.device)
 
     supports_row_slices = True
+    entries_sync_free = True  # matvec_at / rmatvec_at: a gather and an index_add (repeated positions accumulate)
 
     # every product is one gather (P c) or one scatter-add (Pᵀ g) over some of the rows' indices
     def _gather(self, c, index):
