@@ -506,7 +506,6 @@ def test_merge_layers_nan(case):
 
 @parametrize_cases
 def test_merge_layers_multi(case):
-    config = case.config()
     model = _wrap(case, nonzero=True).eval()
     with torch.inference_mode():
         logits_adapter_1 = _run(model)[0]
@@ -534,7 +533,6 @@ def test_merge_layers_multi(case):
         assert torch.allclose(merged_2, logits_adapter_2, atol=atol, rtol=rtol)
         merged_1 = _run(copy_2.merge_and_unload(adapter_names=["default"]))[0]
         assert torch.allclose(merged_1, logits_adapter_1, atol=atol, rtol=rtol)
-    assert config.peft_type == "SUBSPACE"
 
 
 @parametrize_cases
@@ -639,19 +637,21 @@ def _check_forward_low_precision(case, dtype, autocast):
     model = from_pretrained(case.model_id, dtype=dtype)
     model.dtype = dtype
     model = get_peft_model(model, case.config()).eval()
+    _nonzero(model, scale=0.1)
     context = torch.autocast("cpu", dtype=dtype) if autocast else torch.no_grad()
-    with context:
-        _run(model)
+    with context, torch.no_grad():  # peft checks that none of this raises; we also compare the outputs
+        outputs = [_run(model)]
         model.merge_adapter(safe_merge=False)
-        _run(model)
+        outputs.append(_run(model))
         model.unmerge_adapter()
-        _run(model)
+        outputs.append(_run(model))
         model.merge_adapter(safe_merge=True)
-        _run(model)
+        outputs.append(_run(model))
         model.unmerge_adapter()
-        _run(model)
-        _run(model.merge_and_unload())
-    assert find_engine(model) is None or True
+        outputs.append(_run(model))
+        outputs.append(_run(model.merge_and_unload()))
+    for out in outputs[1:]:
+        assert torch.allclose(out.float(), outputs[0].float(), atol=0.1, rtol=0.05)
 
 
 @parametrize_cases
