@@ -36,7 +36,8 @@ Run here (peft's test name → what it checks):
   ``set_adapter_non_overlapping_modules_to_save``, ``multiple_adapters_automatic_modules_to_save``,
   ``multiple_adapters_mixed_modules_to_save`` (and ``_order_switched``),
   ``multiple_adapters_no_needless_copy_modules_to_save``, ``mha_gradients_set_correctly``,
-  ``adapter_name_makes_no_difference``, ``weight_bias_attributes``.
+  ``adapter_name_makes_no_difference``, ``existing_model_card``, ``non_existing_model_card``,
+  ``weight_bias_attributes``.
 
 Skipped, with the reason (:data:`SKIPPED`, each one a collected test that reports its reason): the tests of options
 other methods have and a subspace adapter does not (LoRA's ``bias`` / ``lora_bias`` / DoRA / ``target_parameters``
@@ -46,8 +47,8 @@ GLoRA, MonteCLoRA, PVeRA, GraLoRA tests), and the tests peft itself skips for cu
 ``passing_input_embeds_works``: they need a transformers model; ``tests/test_peft_contract.py`` runs them on
 GPT-2 / BERT).
 
-Counts (``pytest tests/test_peft_generic.py -q -rs``, ~15 s of CPU on one core): 756 collected, 737 pass, 19 are
-skipped, each printing its reason (16 from :data:`SKIPPED`, 3 where peft itself skips the modules_to_save case).
+Counts (``pytest tests/test_peft_generic.py -q -rs``, ~15 s of CPU on one core): 757 collected, 739 pass, 18 are
+skipped, each printing its reason (15 from :data:`SKIPPED`, 3 where peft itself skips the modules_to_save case).
 """
 import copy
 import os
@@ -304,6 +305,25 @@ def test_adapter_name(case):
     assert any("test-adapter" in n for n, _ in model.named_parameters())
 
 
+def _check_modelcard(folder, model):
+    """peft's ``check_modelcard``: YAML front matter with ``library_name: peft``, no ``base_model`` for a custom
+    model (no ``config``), and the method's tag (peft checks ``lora`` for LoRA through ``peft_type.value``)."""
+    import yaml
+
+    readme = open(os.path.join(folder, "README.md"), encoding="utf-8").read()
+    meta = yaml.safe_load(re.search(r"---\n(.*?)\n---", readme, re.DOTALL).group(1))
+    assert meta["library_name"] == "peft"
+    assert "base_model" not in meta
+    assert model.active_peft_config.peft_type.value == "SUBSPACE" and "hf-subspace" in meta["tags"]
+
+
+def _check_config_json(folder, model):
+    import json
+
+    config = json.load(open(os.path.join(folder, "adapter_config.json"), encoding="utf-8"))
+    assert config["peft_type"] == "SUBSPACE" and config["base_model_name_or_path"] is None
+
+
 def _check_save_pretrained(case, safe_serialization):
     model = _wrap(case, nonzero=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -319,7 +339,8 @@ def _check_save_pretrained(case, safe_serialization):
         files = os.listdir(tmp)
         assert ("adapter_model.safetensors" if safe_serialization else "adapter_model.bin") in files
         assert "adapter_config.json" in files and "model.safetensors" not in files and "config.json" not in files
-        assert "README.md" in files  # peft's check_modelcard
+        _check_modelcard(tmp, model)
+        _check_config_json(tmp, model)
 
 
 @parametrize_cases
@@ -339,6 +360,8 @@ def test_save_pretrained_selected_adapters(case):
     _nonzero(model, "new_adapter", seed=1)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
+        _check_modelcard(tmp, model)
+        _check_config_json(tmp, model)
         loaded = PeftModel.from_pretrained(from_pretrained(case.model_id), tmp)
         loaded.load_adapter(os.path.join(tmp, "new_adapter"), "new_adapter")
         state, state_loaded = model.state_dict(), loaded.state_dict()
@@ -1166,6 +1189,26 @@ def test_mha_gradients_set_correctly(with_forward_call):
     assert in_proj.requires_grad is True
 
 
+def test_existing_model_card(tmp_path):
+    """peft: an existing model card is not overwritten (ours joins it, and is replaced there on the next save)."""
+    model = get_peft_model(from_pretrained("MLP"), hs.SubspaceConfig(dim=20, target_modules=["lin0"]))
+    (tmp_path / "README.md").write_text("---\nmeta: hello\n---\nThis is a model card\n")
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "library_name: peft" in card and "meta: hello" in card and "This is a model card" in card
+    assert "Subspace adapter" in card
+    model.save_pretrained(tmp_path)
+    again = (tmp_path / "README.md").read_text()
+    assert again == card and again.count("# Subspace adapter") == 1
+
+
+def test_non_existing_model_card(tmp_path):
+    model = get_peft_model(from_pretrained("MLP"), hs.SubspaceConfig(dim=20, target_modules=["lin0"]))
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "library_name: peft" in card and len(card) > 1000
+
+
 def test_weight_bias_attributes():
     model = get_peft_model(from_pretrained("MLP"), hs.SubspaceConfig(dim=20, target_modules=["lin0"]))
     assert hasattr(model.base_model.model.lin0, "weight") and hasattr(model.base_model.model.lin0, "bias")
@@ -1204,8 +1247,6 @@ SKIPPED = {
     "prepare_for_training / training_layer_indexing / training_gradient_checkpointing / passing_input_embeds_works":
         "need a transformers model (peft skips them for custom models too); covered on GPT-2/BERT in "
         "test_peft_contract.py and test_trainer.py",
-    "test_existing_model_card / test_non_existing_model_card": "peft's card format; a subspace adapter writes its "
-                                                              "own card (tests/test_hub.py)",
 }
 
 
