@@ -83,9 +83,9 @@ def expand_all_linear(model: nn.Module, target_modules, task_type=None):
     names = sorted(_maybe_include_all_linear_layers(cfg, model).target_modules)
     quantized = [(n, q) for n, m in model.named_modules() if n and (q := quantized_class(m)) is not None
                  and any(n == t or n.endswith("." + t) for t in names)]
-    if quantized:
-        keep = sorted({t for t in names if any(n == t or n.endswith("." + t) for n, m in model.named_modules()
-                                               if n and quantized_class(m) is None)})
+    if quantized:  # the full names of the other layers: a suffix like "q_proj" would also name the quantized ones
+        keep = sorted(n for n, m in model.named_modules() if n and quantized_class(m) is None
+                      and any(n == t or n.endswith("." + t) for t in names))
         warnings.warn(f"target_modules='all-linear' leaves {len(quantized)} quantized linear layer(s) out of θ "
                       f"({_quantized_names(quantized)}): {QUANTIZED_HELP}. θ is made of the other linear layers "
                       f"({len(keep)} of them); load the base unquantized to include them", stacklevel=2)
