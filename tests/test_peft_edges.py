@@ -455,3 +455,12 @@ def test_all_linear_on_a_partly_quantized_model_takes_exactly_the_unquantized_la
                                                             "model.layers.1.self_attn.q_proj"]
     slots = [s.name for s in find_engine(model).adapters["default"].layout.slots]
     assert slots == ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+
+
+def test_reparameterize_refuses_an_offloaded_base_too():
+    from accelerate import cpu_offload
+
+    base = tiny_gpt2()
+    cpu_offload(base, execution_device=torch.device("cpu"))
+    with pytest.raises(hs.SubspaceConfigError, match="are offloaded by accelerate"):
+        hs.reparameterize(base, dim=50)
