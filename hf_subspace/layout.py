@@ -83,9 +83,9 @@ def expand_all_linear(model: nn.Module, target_modules, task_type=None):
     names = sorted(_maybe_include_all_linear_layers(cfg, model).target_modules)
     quantized = [(n, q) for n, m in model.named_modules() if n and (q := quantized_class(m)) is not None
                  and any(n == t or n.endswith("." + t) for t in names)]
-    if quantized:
-        keep = sorted({t for t in names if any(n == t or n.endswith("." + t) for n, m in model.named_modules()
-                                               if n and quantized_class(m) is None)})
+    if quantized:  # the full names of the other layers: a suffix like "q_proj" would also name the quantized ones
+        keep = sorted(n for n, m in model.named_modules() if n and quantized_class(m) is None
+                      and any(n == t or n.endswith("." + t) for t in names))
         warnings.warn(f"target_modules='all-linear' leaves {len(quantized)} quantized linear layer(s) out of θ "
                       f"({_quantized_names(quantized)}): {QUANTIZED_HELP}. θ is made of the other linear layers "
                       f"({len(keep)} of them); load the base unquantized to include them", stacklevel=2)
@@ -239,6 +239,37 @@ def select_parameters(
             "(all are frozen, integer, or under modules_to_save)"
         )
     return ThetaLayout([slots[k] for k in order])
+
+
+def _offloads(module: nn.Module) -> bool:
+    """Whether accelerate's hooks on ``module`` offload its weights (CPU or disk offload: they sit on the meta device
+    and a hook loads them at each forward)."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = list(getattr(hook, "hooks", ())) or ([hook] if hook is not None else [])
+    return any(getattr(h, "offload", False) or getattr(h, "weights_map", None) is not None for h in hooks)
+
+
+def refuse_offloaded_theta0(model: nn.Module, layout) -> None:
+    """Refuse, naming the tensors, a θ whose θ0 accelerate offloads: the adapter computes θ0 + P c where a module's
+    forward reads the weight and cannot see weights a hook swaps in, so it would fail at the first forward
+    ("Cannot copy out of meta tensor") with c on the meta device."""
+    offloaded = []
+    for slot in layout.slots:
+        for module_name, attr in slot.holders:
+            module = model.get_submodule(module_name)
+            if original_tensor(model, slot).is_meta and _offloads(module):
+                offloaded.append(slot.name)
+                break
+    if offloaded:
+        shown = ", ".join(repr(n) for n in offloaded[:3]) + (f" and {len(offloaded) - 3} more"
+                                                              if len(offloaded) > 3 else "")
+        raise SubspaceConfigError(
+            f"{len(offloaded)} tensors of θ ({shown}) are offloaded by accelerate (CPU or disk offload from "
+            "device_map / max_memory / cpu_offload: their weights sit on the meta device and a hook loads them at "
+            "each forward). A subspace adapter computes θ0 + P c where the module reads its weight and needs θ0 in "
+            "memory: load the base without offload (device_map={'': 'cpu'}, or a device_map / max_memory that keeps "
+            "every layer on a device; bf16 halves θ0), or keep the offloaded modules out of θ (target_modules / "
+            "exclude_modules)")
 
 
 def check_targets(model: nn.Module, target_modules, exclude_modules=None, modules_to_save=(),
