@@ -242,8 +242,8 @@ def test_bad_inputs_name_the_problem():
         hs.reparameterize(tiny_bert_cls(), 5, mode="said")
 
 
-def test_state_dict_with_the_names_before_0_3_loads():
-    """c and λ were ``subspace.coeffs.default`` / ``subspace.scales.default`` (ParameterDicts) up to 0.2; they are
+def test_state_dict_with_the_old_names_of_c_and_lambda_loads():
+    """c and λ were ``subspace.coeffs.default`` / ``subspace.scales.default`` (ParameterDicts) up to 0.2.0; they are
     ``subspace.vectors.default.coeffs`` / ``.scales`` now (the adapter name between dots, as PEFT names things). A
     state dict with the old names loads into the new layout (strict: nothing missing, nothing unexpected)."""
     model = tiny_bert_cls()
