@@ -568,7 +568,7 @@ class _VectorView:
         return [(n, self[n]) for n in self.keys()]
 
 
-#: the engine's state-dict keys up to hf_subspace 0.2: ``coeffs.<adapter>`` / ``scales.<adapter>`` (ParameterDicts)
+#: the engine's state-dict keys up to hf_subspace 0.2.0: ``coeffs.<adapter>`` / ``scales.<adapter>`` (ParameterDicts)
 _LEGACY_VECTOR_KEY = re.compile(r"^(coeffs|scales)\.([^.]+)$")
 
 
@@ -578,7 +578,7 @@ def vector_key(field: str, adapter: str) -> str:
 
 
 def current_vector_key(key: str) -> "str | None":
-    """The current engine key for a key saved by hf_subspace <= 0.2 (``coeffs.<adapter>``), else None. The one place
+    """The current engine key for a key saved by hf_subspace <= 0.2.0 (``coeffs.<adapter>``), else None. The one place
     where old names of c and λ are mapped: the engine's ``load_state_dict`` applies it to every key it is given."""
     m = _LEGACY_VECTOR_KEY.match(key)
     return vector_key(m.group(1), m.group(2)) if m else None

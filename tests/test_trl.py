@@ -177,6 +177,7 @@ def test_grpo_with_trained_peft_model_and_beta_uses_it_as_reference(tmp_path):
 @pytest.mark.parametrize("script,measured", [
     ("sft.py", ["eval_loss_before", "eval_loss_after"]),
     ("dpo.py", ["preference_accuracy_before", "preference_accuracy_after", "dpo_eval_rewards_margin"]),
+    ("grpo.py", ["mean_reward_before", "mean_reward_after"]),
 ])
 def test_trl_example_runs_and_saves_its_adapter(script, measured, tmp_path):
     import json
