@@ -9,7 +9,7 @@ computed by pycocotools), and also, class-agnostic, on the real annotated aerial
 folder (Pascal VOC tree boxes; out of domain for a digit detector: a check that the pipeline reads real data, not a
 result). --dataset_name deepforest trains on tiles of deepforest's two large images and evaluates on its two
 400x400 ones. --model_type yolos | detr builds a small YOLOS / DETR from scratch instead (they barely learn in this
-budget); any Hub detector (--model_name_or_path, e.g. an RT-DETR checkpoint) where the Hub is reachable.
+budget; with --image_size 32 --digit_size 12 22 --max_digits 2 --num_queries 4 as they were tuned); any Hub detector (--model_name_or_path, e.g. an RT-DETR checkpoint) where the Hub is reachable.
 
 --subspace none (the default here) trains the detector's weights in full; --subspace hashing --subspace_dim d a
 random subspace of them; --subspace twa one-run Trainable Weight Averaging.
@@ -118,6 +118,7 @@ def load_data(example, det, seed):
     raise ValueError(f"--dataset_name must be digit_canvases or deepforest here, got {example.dataset_name!r} "
                      "(a Hub detection set needs its own box conversion)")
 
+
 def build_model(example, det, classes):
     """(model, input channels, pixel normalization) for the named Hub detector or the ``--model_type`` default."""
     labels = dict(id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)})
@@ -152,7 +153,13 @@ def hub_normalization(name):
     """The pixel scaling of a Hub detector's image processor (rescale, then mean/std if it normalizes)."""
     from transformers import AutoImageProcessor
 
-    processor = AutoImageProcessor.from_pretrained(name)
+    try:
+        processor = AutoImageProcessor.from_pretrained(name)
+    except OSError as err:  # a local checkpoint saved without its preprocessor_config.json
+        import warnings
+
+        warnings.warn(f"{name} has no image processor ({err}); pixels are scaled to [0, 1] only", stacklevel=2)
+        return lambda pixels: pixels / 255
     factor = getattr(processor, "rescale_factor", 1 / 255) if getattr(processor, "do_rescale", True) else 1.0
     mean = std = None
     if getattr(processor, "do_normalize", False):
