@@ -15,7 +15,7 @@ budget; with --image_size 32 --digit_size 12 22 --max_digits 2 --num_queries 4 a
 random subspace of them; --subspace twa one-run Trainable Weight Averaging.
 
     python examples/object_detection/train.py
-    python examples/object_detection/train.py --subspace hashing --subspace_dim 50000
+    python examples/object_detection/train.py --subspace hashing --subspace_dim 100000
     python examples/object_detection/train.py --subspace twa
     python examples/object_detection/train.py --dataset_name deepforest --image_size 384
 """
@@ -221,9 +221,12 @@ def xyxy(b):
 
 
 def main(argv=None):
+    # learning rates: 2e-3 on the weights (full training); on a random subspace's c 1.2e-2 = 2e-3 * sqrt(D / d) at
+    # d = 100k and D = 3.55M (hashing's columns have D/d entries of size sqrt(d/D): a weight then moves about as
+    # far per step as in full training); scale it so for another --subspace_dim
     example, det, args = ex.parse_args(
-        DetectionArguments, dict(output_dir="outputs/object_detection", subspace="none", subspace_dim=50000,
-                                 learning_rate=1e-2, num_train_epochs=1, per_device_train_batch_size=8,
+        DetectionArguments, dict(output_dir="outputs/object_detection", subspace="none", subspace_dim=100000,
+                                 learning_rate=1.2e-2, num_train_epochs=1, per_device_train_batch_size=8,
                                  prediction_loss_only=True, warmup_steps=50, max_grad_norm=1.0),
         baseline_defaults=dict(learning_rate=2e-3),
         # TWA in the same budget as the others: 0.7 epoch of ordinary training (snapshots every 25 steps from
