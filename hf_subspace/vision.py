@@ -244,7 +244,8 @@ def load_rtdetr_lite0(path: str):
              if k.startswith(prefix)}
     backbone.load_state_dict(saved, strict=True)
     if set(info["unexpected_keys"]) != {prefix + k for k in saved}:
-        raise ValueError(f"{path}: unexpected tensors {sorted(set(info['unexpected_keys']) - {prefix + k for k in saved})}")
+        extra = sorted(set(info["unexpected_keys"]) - {prefix + k for k in saved})
+        raise ValueError(f"{path}: unexpected tensors {extra}")
     model.model.backbone.model = backbone
     return model
 

@@ -9,7 +9,8 @@ computed by pycocotools), and also, class-agnostic, on the real annotated aerial
 folder (Pascal VOC tree boxes; out of domain for a digit detector: a check that the pipeline reads real data, not a
 result). --dataset_name deepforest trains on tiles of deepforest's two large images and evaluates on its two
 400x400 ones. --model_type yolos | detr builds a small YOLOS / DETR from scratch instead (they barely learn in this
-budget; with --image_size 32 --digit_size 12 22 --max_digits 2 --num_queries 4 as they were tuned); any Hub detector (--model_name_or_path, e.g. an RT-DETR checkpoint) where the Hub is reachable.
+budget; use --image_size 32 --digit_size 12 22 --max_digits 2 --num_queries 4, the settings they were tuned for);
+any Hub detector (--model_name_or_path, e.g. an RT-DETR checkpoint) where the Hub is reachable.
 
 --subspace none (the default here) trains the detector's weights in full; --subspace hashing --subspace_dim d a
 random subspace of them; --subspace twa one-run Trainable Weight Averaging.
