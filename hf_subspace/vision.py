@@ -148,7 +148,8 @@ class Lite0Backbone(nn.Module):
     channels) as RT-DETR's backbone does: ``forward(pixel_values).feature_maps``.
 
     ``freeze=True`` (default) freezes its weights (``requires_grad=False``, so they are outside θ, the optimizer and
-    TWA) and turns its BatchNorms into :class:`FrozenBatchNorm2d`; drop-connect is off either way.
+    TWA) and turns its BatchNorms into :class:`FrozenBatchNorm2d`; drop-connect is off either way. ``freeze=False``
+    leaves it trainable, its BatchNorms with momentum 0.01 (TF's 0.99 decay in torch's convention).
     """
 
     def __init__(self, efficientnet=None, freeze: bool = True):
@@ -162,6 +163,10 @@ class Lite0Backbone(nn.Module):
         if freeze:
             freeze_batch_norms(self)
             self.requires_grad_(False)
+        else:  # transformers passes TF's decay 0.99 as torch's momentum (the weight of the new batch): use 0.01
+            for module in self.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.momentum = 0.01
 
     def forward(self, pixel_values: torch.Tensor):
         hidden, maps = self.embeddings(pixel_values), []
