@@ -148,7 +148,8 @@ class Lite0Backbone(nn.Module):
     channels) as RT-DETR's backbone does: ``forward(pixel_values).feature_maps``.
 
     ``freeze=True`` (default) freezes its weights (``requires_grad=False``, so they are outside θ, the optimizer and
-    TWA) and turns its BatchNorms into :class:`FrozenBatchNorm2d`; drop-connect is off either way.
+    TWA) and turns its BatchNorms into :class:`FrozenBatchNorm2d`; drop-connect is off either way. ``freeze=False``
+    leaves it trainable, its BatchNorms with momentum 0.01 (TF's 0.99 decay in torch's convention).
     """
 
     def __init__(self, efficientnet=None, freeze: bool = True):
@@ -162,6 +163,10 @@ class Lite0Backbone(nn.Module):
         if freeze:
             freeze_batch_norms(self)
             self.requires_grad_(False)
+        else:  # transformers passes TF's decay 0.99 as torch's momentum (the weight of the new batch): use 0.01
+            for module in self.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.momentum = 0.01
 
     def forward(self, pixel_values: torch.Tensor):
         hidden, maps = self.embeddings(pixel_values), []
@@ -187,8 +192,9 @@ def rtdetr_lite0(id2label: dict, freeze_backbone: bool = True, pretrained_backbo
     unless overridden). Image sides should be multiples of 32; pixels as :func:`lite0_pixel_values`.
 
     The decoder and encoder are randomly initialized (from the current torch seed); the backbone is frozen by
-    default, so ``requires_grad`` parameters are the detector's 2.5M or so.
-    """
+    default, so the ``requires_grad`` parameters (θ of a subspace, what the optimizer sees) are the detector's own:
+    3,553,384 with :data:`RTDETR_SMALL` and 10 classes. ``pretrained_backbone=False``: a random Lite0 (to load a
+    saved detector into)."""
     from transformers import RTDetrConfig, RTDetrForObjectDetection
 
     settings = dict(RTDETR_SMALL)
@@ -226,7 +232,14 @@ def load_rtdetr_lite0(path: str):
     if not getattr(config, "lite0_backbone", False):
         raise ValueError(f"{path} holds no rtdetr_lite0 detector (its config has no lite0_backbone: true); use "
                          "AutoModelForObjectDetection.from_pretrained")
-    model, info = RTDetrForObjectDetection.from_pretrained(path, output_loading_info=True)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would list the placeholder's and Lite0's keys, checked below
+    try:
+        model, info = RTDetrForObjectDetection.from_pretrained(path, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     prefix = "model.backbone.model."
     missing = [k for k in info["missing_keys"] if not k.startswith(prefix)]  # the placeholder ResNet's are expected
     if missing or info["mismatched_keys"]:
@@ -236,7 +249,8 @@ def load_rtdetr_lite0(path: str):
              if k.startswith(prefix)}
     backbone.load_state_dict(saved, strict=True)
     if set(info["unexpected_keys"]) != {prefix + k for k in saved}:
-        raise ValueError(f"{path}: unexpected tensors {sorted(set(info['unexpected_keys']) - {prefix + k for k in saved})}")
+        extra = sorted(set(info["unexpected_keys"]) - {prefix + k for k in saved})
+        raise ValueError(f"{path}: unexpected tensors {extra}")
     model.model.backbone.model = backbone
     return model
 

@@ -146,9 +146,11 @@ def test_detection_scores_follow_the_model_kind():
     torch.testing.assert_close(s, torch.sigmoid(torch.tensor([3.0, 2.0, 1.0])))
     (b, s, l), = det.detections(rtdetr, logits, boxes, class_agnostic=True)
     assert l.tolist() == [0, 0] and torch.equal(b, boxes[0])
-    detr = SimpleNamespace(config=SimpleNamespace())  # softmax; the last column is "no object"
+    detr = SimpleNamespace(config=SimpleNamespace())  # softmax over classes + "no object" (the last column)
+    logits = torch.tensor([[[0.0, 2.0, 5.0], [3.0, 1.0, -9.0]]])
     (b, s, l), = det.detections(detr, logits, boxes)
-    assert l.tolist() == [1, 1]
+    assert l.tolist() == [1, 0] and torch.equal(b, boxes[0])
+    torch.testing.assert_close(s, torch.stack([logits[0, 0].softmax(-1)[1], logits[0, 1].softmax(-1)[0]]))
 
 
 def test_detection_example_full_training_saves_a_detector_that_loads_back(tmp_path):

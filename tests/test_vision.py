@@ -70,6 +70,10 @@ def test_backbone_maps_are_the_classifier_blocks_with_frozen_batchnorm(lite0):
     assert [tuple(m.shape) for m in maps] == [(1, 40, 12, 12), (1, 112, 6, 6), (1, 320, 3, 3)]
     for got, block in zip(maps, vision.LITE0_FEATURE_BLOCKS):
         torch.testing.assert_close(got, hidden[block + 1], rtol=1e-4, atol=1e-4)
+    trainable = vision.Lite0Backbone(freeze=False)
+    norms = [m for m in trainable.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(p.requires_grad for p in trainable.parameters()) and len(norms) == 1 + 15 * 3 + 2
+    assert {m.momentum for m in norms} == {0.01}  # not transformers' 0.99 (a new batch would replace the statistics)
 
 
 def tiny_detector(**kw):
