@@ -171,7 +171,7 @@ def markdown(results: dict) -> str:
              "## Counts per training step (forward + backward), tiny models from configs", "",
              "aten ops / host-scalar reads (device→host syncs on a GPU) / data-dependent-shape ops; ratio: aten ops "
              "over full fine-tuning's (the plain model's forward + backward).", ""]
-    tiny_counts = results["counts_tiny"]
+    tiny_counts = results["counts_tiny"] or {}
     models = sorted({k.split("/")[0] for k in tiny_counts}, key=["llama", "gpt2", "bert", "vit"].index)
     rows = []
     for method, label in METHODS:
@@ -211,13 +211,14 @@ def main(argv=None) -> None:
     ap.add_argument("--models", nargs="+", default=["llama", "gpt2", "bert", "vit"])
     ap.add_argument("--no-7b", action="store_true", help="skip the Llama-2-7B-shape counts (~2.6 GB of RAM)")
     ap.add_argument("--no-time", action="store_true", help="skip the step-time ratios")
+    ap.add_argument("--no-tiny", action="store_true", help="skip the tiny-model counts")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
     results = {"machine": {**machine_info(), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                            "hf_subspace_source": source_state()}, "rounds": args.rounds}
-    results["counts_tiny"] = counts_tiny(args.models)
+    results["counts_tiny"] = {} if args.no_tiny else counts_tiny(args.models)
     results["counts_7b"] = None if args.no_7b else counts_7b()
     results["times"] = None if args.no_time else step_times(args.rounds)
     results["wall_s"] = time.time() - t0

@@ -219,3 +219,15 @@ def test_nonfinite_guard_reads_no_loss_back_per_micro_batch():
 
     guard.on_pre_optimizer_step(_Args(), _State(), None, model=torch.nn.ParameterList([p]))
     assert p.grad is None and guard.skipped == 1  # the NaN micro-batch still skips the step
+
+
+def test_gpu_check_script_runs_on_the_cpu():
+    """benchmarks/gpu_check.py is meant for a CUDA machine; its --cpu smoke path runs the same three methods at a
+    tiny size and counts the step's host reads instead of the sync debug mode."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_check
+
+    assert gpu_check.main(["--cpu", "--warmup", "1", "--steps", "1"]) == 0
