@@ -33,8 +33,9 @@ from .base import Projection, cpu_generator
 
 _P31 = 2**31 - 1  # a Mersenne prime: products of two residues stay below 2**62, so int64 never overflows
 _MULTS = (1_103_515_245, 2_147_482_951, 1_664_525_397)
-#: rows per index chunk of the backward: 1M rows = 8 MiB of int64 index
-CHUNK_ROWS = 1 << 20
+#: rows per chunk of the backward's one temporary (the gradient times v): 16M rows = 64 MiB of float32; a Llama-2-7B
+#: MLP weight (45M) is 3 chunks (every chunk costs a few more ops: launches on a GPU)
+CHUNK_ROWS = 1 << 24
 
 
 _WINDOW_ADDS: dict = {}
@@ -156,13 +157,14 @@ class HashingProjection(Projection):
         Kept for the same ``c`` object while it is unchanged (host-side check: :mod:`hf_subspace.cache`), so the
         tensors of one forward (and their recomputes) share it: ``4d`` floats.
         """
-        key = values_token([c])
+        compiling = torch.compiler.is_compiling()  # in a graph: computed each time (the compiler merges repeats)
+        key = None if compiling else values_token([c])
         hit = self._z
-        if hit is not None and hit[0]() is c and hit[1] == key:
+        if key is not None and hit is not None and hit[0]() is c and hit[1] == key:
             return hit[2]
         w = c.detach().to(self.device, torch.float32) * self.col_scale
         z = torch.cat([w, w, -w, -w])
-        if not torch.compiler.is_compiling():
+        if key is not None:
             self._z = (weakref.ref(c), key, z)
         return z
 
