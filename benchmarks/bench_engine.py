@@ -226,6 +226,8 @@ def main(argv=None) -> None:
     results["counts_tiny"] = earlier.get("counts_tiny", {}) if args.no_tiny else counts_tiny(args.models)
     results["counts_7b"] = earlier.get("counts_7b") if args.no_7b else counts_7b()
     results["times"] = earlier.get("times") if args.no_time else step_times(args.rounds)
+    if args.no_time:
+        results["rounds"] = earlier.get("rounds", args.rounds)
     results["sections_from"] = {k: (earlier.get("sections_from", {}).get(k) or earlier.get("machine", {}).get(
         "hf_subspace_source", {}).get("commit")) if skipped else results["machine"]["hf_subspace_source"].get("commit")
         for k, skipped in (("counts_tiny", args.no_tiny), ("counts_7b", args.no_7b), ("times", args.no_time))}
