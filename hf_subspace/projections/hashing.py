@@ -13,11 +13,12 @@ rows sit at an independent random offset in each block, with independent signs.
 
 Cost: ``P c`` over a slice is, per block, a contiguous window of ``[w, w, -w, -w]`` (``w = c/√n``) chosen by
 ``r_b`` and ``u_b`` — one gather of whole windows for every block a slice touches (its partial first and last
-blocks whole, then the slice taken) — times ``v``; ``Pᵀ g`` pads the slice to whole blocks, multiplies by ``v``,
-rolls each block's row by ``r_b`` onto the columns (a window of the row written twice: a gather indexed by
-block, never an index of one int64 per row) and sums the rows with their signs ``u_b``, a chunk of blocks at a
-time. Block offsets are hashed on the device and kept per slice: no product reads a value back to the host,
-and a product is a fixed handful of ops whatever the slice. State:
+blocks whole, then the slice taken) — times ``v``; ``Pᵀ g`` pads the slice to whole blocks, multiplies by ``v``
+and adds each block's row into ``4d`` bins at its offset with one ``index_add_`` into the overlapping windows view
+of the bins (indexed by block, never by an int64 index per row; :func:`_window_adds_ok` checks once per device
+that such adds land where they belong, else each row is rolled onto the columns, :func:`_roll_rows`), a chunk of
+blocks at a time. Block offsets are hashed on the device and kept per slice: no product reads a value back to the
+host, and a product is a fixed handful of ops whatever the slice. State:
 ``v``, ``1/√n`` and ``arange(d)`` — ``O(d)``, e.g. 160 KB at d = 10k whatever ``D`` is; nothing of size ``D``
 is built, not even while constructing ``P``. Format 1 (one int32 per row, hf_subspace 0.1.0) is in
 :mod:`hf_subspace.projections.hashing_v1`.
