@@ -118,6 +118,7 @@ class HashingProjection(Projection):
         self.col_scale = counts.rsqrt()
         self.positions = torch.arange(d, device=cpu)
         self.v, self.col_scale, self.positions = (t.to(self.device) for t in (self.v, self.col_scale, self.positions))
+        _window_adds_ok(self.device)  # checked now (it reads one value back), not inside a training step
 
     supports_row_slices = True
 
@@ -265,6 +266,7 @@ class HashingProjection(Projection):
     def _move(self, device):
         self.v, self.col_scale, self.positions = (t.to(device) for t in (self.v, self.col_scale, self.positions))
         self._ranges, self._z = {}, None
+        _window_adds_ok(device)
 
     def state_bytes(self) -> int:
         """Bytes held beside the model for this projection: ``v``, ``1/√n``, ``arange(d)`` and the block ranges
