@@ -167,11 +167,13 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     lines = ["# hf_subspace engine benchmark: counts per training step, step-time ratios", "",
              f"{m['time']} · {m['cpu_model']} · torch {m['torch']} with {m['torch_threads']} thread(s) · "
-             f"transformers {m['transformers']} · hf_subspace at commit {m['hf_subspace_source'].get('commit')}", "",
+             f"transformers {m['transformers']} · hf_subspace at commit {m['hf_subspace_source'].get('commit')}"
+             + (f" · sections measured at commits {results['sections_from']}" if results.get("sections_from") else ""),
+             "",
              "## Counts per training step (forward + backward), tiny models from configs", "",
              "aten ops / host-scalar reads (device→host syncs on a GPU) / data-dependent-shape ops; ratio: aten ops "
              "over full fine-tuning's (the plain model's forward + backward).", ""]
-    tiny_counts = results["counts_tiny"]
+    tiny_counts = results["counts_tiny"] or {}
     models = sorted({k.split("/")[0] for k in tiny_counts}, key=["llama", "gpt2", "bert", "vit"].index)
     rows = []
     for method, label in METHODS:
@@ -211,17 +213,25 @@ def main(argv=None) -> None:
     ap.add_argument("--models", nargs="+", default=["llama", "gpt2", "bert", "vit"])
     ap.add_argument("--no-7b", action="store_true", help="skip the Llama-2-7B-shape counts (~2.6 GB of RAM)")
     ap.add_argument("--no-time", action="store_true", help="skip the step-time ratios")
+    ap.add_argument("--no-tiny", action="store_true", help="skip the tiny-model counts")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
     results = {"machine": {**machine_info(), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                            "hf_subspace_source": source_state()}, "rounds": args.rounds}
-    results["counts_tiny"] = counts_tiny(args.models)
-    results["counts_7b"] = None if args.no_7b else counts_7b()
-    results["times"] = None if args.no_time else step_times(args.rounds)
-    results["wall_s"] = time.time() - t0
     out = Path(args.out)
+    # a section skipped keeps what the last run wrote there (its own machine and commit are noted beside it)
+    earlier = json.loads((out / "engine.json").read_text()) if (out / "engine.json").exists() else {}
+    results["counts_tiny"] = earlier.get("counts_tiny", {}) if args.no_tiny else counts_tiny(args.models)
+    results["counts_7b"] = earlier.get("counts_7b") if args.no_7b else counts_7b()
+    results["times"] = earlier.get("times") if args.no_time else step_times(args.rounds)
+    if args.no_time:
+        results["rounds"] = earlier.get("rounds", args.rounds)
+    results["sections_from"] = {k: (earlier.get("sections_from", {}).get(k) or earlier.get("machine", {}).get(
+        "hf_subspace_source", {}).get("commit")) if skipped else results["machine"]["hf_subspace_source"].get("commit")
+        for k, skipped in (("counts_tiny", args.no_tiny), ("counts_7b", args.no_7b), ("times", args.no_time))}
+    results["wall_s"] = time.time() - t0
     out.mkdir(parents=True, exist_ok=True)
     (out / "engine.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "engine.md").write_text(markdown(results))

@@ -160,20 +160,21 @@ def paper_7b(d: int = 10_000) -> list[dict]:
     P = LLAMA_7B["params"]
     h, L = LLAMA_7B["hidden"], LLAMA_7B["layers"]
     lora = L * 2 * 8 * (h + h)  # r=8 on q and v: A (8 x h) and B (h x 8) per projection
-    from hf_subspace.blocked import BLOCK_ELEMENTS, MIN_ELEMENTS
+    from hf_subspace.blocked import MIN_ELEMENTS
 
-    # every Llama-7B linear has >= MIN_ELEMENTS weights (4096 x 4096 and up), so each runs in row blocks: the
-    # largest weight gradient that exists at once is one block; the embedding takes the row path
-    assert h * h >= MIN_ELEMENTS
-    largest = BLOCK_ELEMENTS
+    # the head (32000 x 4096) is large enough for the row-block path (hf_subspace.blocked: heads only); every other
+    # linear is adapted one tensor at a time: the largest transient is an MLP weight (11008 x 4096), its δ in fp32,
+    # its adapted weight and weight gradient in bf16, and that gradient in fp32 for Pᵀ (4 + 2 + 2 + 4 B each)
+    assert LLAMA_7B["vocab"] * h >= MIN_ELEMENTS
+    largest = 11_008 * h * 12
     rows = [
         {"method": "full fine-tuning (bf16 weights + grads, fp32 master + AdamW)", "bytes": P * (2 + 2 + 4 + 8),
          "how": "16 B per weight"},
         {"method": "LoRA r=8 (q,v)", "bytes": P * 2 + lora * 16, "how": f"2 B per weight + {lora:,} adapter weights "
                                                                          "x 16 B"},
-        {"method": f"global subspace d={d:,} (hf_subspace 0.2)", "bytes": P * 2 + d * 16 + 3 * d * 4 + largest * 4,
-         "how": "2 B per weight + c (16 B x d) + projection state (12 B x d) + one block's fp32 weight gradient "
-                "(4M weights), transiently: every 7B linear is large enough for the row-block path"},
+        {"method": f"global subspace d={d:,} (hf_subspace 0.2)", "bytes": P * 2 + d * 16 + 3 * d * 4 + largest,
+         "how": "2 B per weight + c (16 B x d) + projection state (12 B x d) + one MLP weight's δ, adapted weight and "
+                "gradients (12 B x 45M), transiently; the head runs in row blocks"},
         {"method": f"global subspace d={d:,} as in 0.1.0", "bytes": P * (2 + 4 + 2) + d * 16,
          "how": "+ an int32 index per weight (4 B) + every adapted weight kept for the backward (2 B)"},
     ]

@@ -1,7 +1,8 @@
-"""Huge linear layers in θ (a tied 50k x 768 LM head) in row blocks: their adapted weight never exists whole.
+"""Huge LM heads in θ (a tied 50k x 768 LM head) in row blocks: their adapted weight never exists whole.
 
-A plain ``nn.Linear`` whose weight is in θ, has at least :data:`MIN_ELEMENTS` entries and uses a projection with
-cheap row slices (hashing) gets a forward that computes ``y = x (θ0 + δ)ᵀ`` a block of output rows at a time, and
+A plain ``nn.Linear`` that is the model's output embedding (``get_output_embeddings()``) or shares its weight with
+another module (a tied head), whose weight is in θ, has at least :data:`MIN_ELEMENTS` entries and uses a
+projection with cheap row slices (hashing) gets a forward that computes ``y = x (θ0 + δ)ᵀ`` a block of output rows at a time, and
 a backward that recomputes each block of ``θ0 + δ`` for ``∂L/∂x`` and takes ``Pᵀ`` of that block's weight
 gradient at once. Peak extra memory is one block (``BLOCK_ELEMENTS`` weights) instead of the adapted weight plus
 its whole gradient (for GPT-2's head: two 154 MB tensors in float32). Values and gradients are those of the plain
@@ -26,9 +27,24 @@ MIN_ELEMENTS = 1 << 24
 BLOCK_ELEMENTS = 1 << 22
 
 
-def use_blocked_path_if_huge_linear(module: nn.Module, attr: str, numel: int) -> None:
-    """Give a plain, huge ``nn.Linear``'s parametrized class the blocked forward (this module alone)."""
-    if attr == "weight" and isinstance(module, nn.Linear) and numel >= MIN_ELEMENTS:
+def output_heads(model: nn.Module) -> set[int]:
+    """``id`` of the model's output embedding (a transformers model's LM head), if it has one."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if callable(get) else None
+    except (AttributeError, NotImplementedError, TypeError):
+        head = None
+    return {id(head)} if isinstance(head, nn.Module) else set()
+
+
+def use_blocked_path_if_huge_linear(module: nn.Module, attr: str, numel: int, head: bool = True) -> None:
+    """Give a plain, huge ``nn.Linear``'s parametrized class the blocked forward (this module alone).
+
+    Only heads (``head``: the output embedding, or a weight shared with another module): an ordinary linear's
+    adapted weight exists for a moment anyway, one tensor at a time, and blocking it would multiply its ops by
+    its number of blocks (Llama-2-7B's MLPs: 11 blocks each, ~100 ops a block), which a GPU pays in launches.
+    """
+    if head and attr == "weight" and isinstance(module, nn.Linear) and numel >= MIN_ELEMENTS:
         override_forward(module, nn.Linear, blocked_linear_forward)
 
 

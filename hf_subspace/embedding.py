@@ -7,7 +7,8 @@ summation. Nothing in it depends on the values of the ids (no ``unique``, no ``n
 no data-dependent shape. The padding row's delta is added but gets no gradient, as ``F.embedding`` does.
 
 The whole-table path (the plain layer reading the adapted weight) is kept for subclasses with their own
-``forward`` (scaled embeddings), ``max_norm``, ``sparse``, ``scale_grad_by_freq``, projections whose per-entry
+``forward`` (scaled embeddings), ``max_norm``, ``sparse``, ``scale_grad_by_freq``, batches with at least as many
+tokens as the table has rows (the whole table is then no more work), projections whose per-entry
 products are not sync-free (fastfood: its blocks would have to be deduplicated), and reads without autograd (the
 whole, cached table is read, as the plain layer does).
 """
@@ -39,7 +40,8 @@ def row_path_embedding_forward(self: nn.Embedding, input: torch.Tensor) -> torch
         return nn.Embedding.forward(self, input)
     original = self.parametrizations.weight.original
     slot_name = layer.slot_name
-    if engine.wants_whole_tensor(slot_name, original) or not _rows_are_sync_free(engine, slot_name):
+    if (engine.wants_whole_tensor(slot_name, original) or not _rows_are_sync_free(engine, slot_name)
+            or input.numel() >= self.num_embeddings):  # as many tokens as rows: the whole table costs no more
         return nn.Embedding.forward(self, input)
     out = F.embedding(input, original, self.padding_idx, None, self.norm_type, False, False)
     delta = engine.rows_delta(slot_name, input.reshape(-1))

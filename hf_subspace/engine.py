@@ -128,8 +128,10 @@ class SubspaceEngine(SavedWeightsMixin, InferenceCacheMixin, MergeMixin, nn.Modu
         self.adapters[name] = state
         from peft.utils.integrations import _skip_init_on_device
 
-        from .blocked import use_blocked_path_if_huge_linear
+        from .blocked import output_heads, use_blocked_path_if_huge_linear
         from .embedding import use_row_path_if_embedding
+
+        heads = output_heads(model)
 
         # peft's low_cpu_mem_usage builds adapters under init_empty_weights, which would move every weight that
         # register_parametrization re-registers to the meta device: θ0 stays where it is
@@ -142,7 +144,8 @@ class SubspaceEngine(SavedWeightsMixin, InferenceCacheMixin, MergeMixin, nn.Modu
                         parametrize.register_parametrization(module, attr, SubspaceLayer(self, slot.name),
                                                              unsafe=True)
                         use_row_path_if_embedding(module, attr)
-                        use_blocked_path_if_huge_linear(module, attr, slot.numel)
+                        use_blocked_path_if_huge_linear(module, attr, slot.numel,
+                                                        head=id(module) in heads or len(slot.holders) > 1)
                     if not any(m is module and a == attr for m, a in holders):
                         holders.append((module, attr))
                     track(module.parametrizations[attr].original).requires_grad_(False)

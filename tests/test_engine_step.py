@@ -219,3 +219,41 @@ def test_nonfinite_guard_reads_no_loss_back_per_micro_batch():
 
     guard.on_pre_optimizer_step(_Args(), _State(), None, model=torch.nn.ParameterList([p]))
     assert p.grad is None and guard.skipped == 1  # the NaN micro-batch still skips the step
+
+
+def test_gpu_check_script_runs_on_the_cpu():
+    """benchmarks/gpu_check.py is meant for a CUDA machine; its --cpu smoke path runs the same three methods at a
+    tiny size and counts the step's host reads instead of the sync debug mode."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_check
+
+    assert gpu_check.main(["--cpu", "--warmup", "1", "--steps", "1"]) == 0
+
+
+@pytest.mark.parametrize("window_adds", [True, False])
+@pytest.mark.parametrize("start,stop", [(0, 1000), (37, 963), (250, 251), (0, 2 ** 12 + 5)])
+def test_hashing_adjoint_of_a_slice_both_ways(monkeypatch, window_adds, start, stop):
+    """Pᵀg of a slice adds each block's row into 4d bins through an overlapping windows view (one index_add_); where
+    that is not trusted (a self-check per device, CUDA's deterministic mode) it rolls each row onto the columns
+    instead. Both are the adjoint of P c over the slice (with chunks: CHUNK_ROWS forced small)."""
+    from hf_subspace.projections import hashing
+
+    monkeypatch.setattr(hashing, "CHUNK_ROWS", 200)
+    monkeypatch.setattr(hashing, "_window_adds_ok", lambda device: window_adds)
+    D, d = 5000, 50
+    p = hashing.HashingProjection(D, d, seed=3)
+    M = p.dense_matrix()
+    g = torch.randn(stop - start, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
+    torch.testing.assert_close(p.rmatvec_rows(g, start, stop), M[start:stop].T @ g, rtol=1e-5, atol=1e-5)
+    with OpCounter() as n:
+        p.rmatvec_rows(g, start, stop)
+    assert n.host_reads == 0 and n.data_dependent == 0
+
+
+def test_window_adds_self_check_passes_on_the_cpu():
+    from hf_subspace.projections.hashing import _window_adds_ok
+
+    assert _window_adds_ok(torch.device("cpu"))  # else the CPU would silently take the slower roll

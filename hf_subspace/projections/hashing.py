@@ -13,11 +13,12 @@ rows sit at an independent random offset in each block, with independent signs.
 
 Cost: ``P c`` over a slice is, per block, a contiguous window of ``[w, w, -w, -w]`` (``w = c/√n``) chosen by
 ``r_b`` and ``u_b`` — one gather of whole windows for every block a slice touches (its partial first and last
-blocks whole, then the slice taken) — times ``v``; ``Pᵀ g`` pads the slice to whole blocks, multiplies by ``v``,
-rolls each block's row by ``r_b`` onto the columns (a window of the row written twice: a gather indexed by
-block, never an index of one int64 per row) and sums the rows with their signs ``u_b``, a chunk of blocks at a
-time. Block offsets are hashed on the device and kept per slice: no product reads a value back to the host,
-and a product is a fixed handful of ops whatever the slice. State:
+blocks whole, then the slice taken) — times ``v``; ``Pᵀ g`` pads the slice to whole blocks, multiplies by ``v``
+and adds each block's row into ``4d`` bins at its offset with one ``index_add_`` into the overlapping windows view
+of the bins (indexed by block, never by an int64 index per row; :func:`_window_adds_ok` checks once per device
+that such adds land where they belong, else each row is rolled onto the columns, :func:`_roll_rows`), a chunk of
+blocks at a time. Block offsets are hashed on the device and kept per slice: no product reads a value back to the
+host, and a product is a fixed handful of ops whatever the slice. State:
 ``v``, ``1/√n`` and ``arange(d)`` — ``O(d)``, e.g. 160 KB at d = 10k whatever ``D`` is; nothing of size ``D``
 is built, not even while constructing ``P``. Format 1 (one int32 per row, hf_subspace 0.1.0) is in
 :mod:`hf_subspace.projections.hashing_v1`.
@@ -33,17 +34,50 @@ from .base import Projection, cpu_generator
 
 _P31 = 2**31 - 1  # a Mersenne prime: products of two residues stay below 2**62, so int64 never overflows
 _MULTS = (1_103_515_245, 2_147_482_951, 1_664_525_397)
-#: rows per index chunk of the backward: 1M rows = 8 MiB of int64 index
-CHUNK_ROWS = 1 << 20
+#: rows per chunk of the backward's one temporary (the gradient times v): 16M rows = 64 MiB of float32; a Llama-2-7B
+#: MLP weight (45M) is 3 chunks (every chunk costs a few more ops: launches on a GPU)
+CHUNK_ROWS = 1 << 24
 
 
-def _roll_rows(rows: torch.Tensor, roll_start: torch.Tensor, sign: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+_WINDOW_ADDS: dict = {}
+
+
+def _window_adds_ok(device: torch.device) -> bool:
+    """Whether ``index_add_`` along dim 0 of an overlapping ``unfold`` view adds every row where it belongs on
+    ``device`` (it does on CPU and CUDA: rows are added one after another, or atomically; CUDA's deterministic
+    mode takes another path, so it is not trusted there). Checked once per device type on a small case against
+    plain slices, so a torch that changed its behaviour falls back to the roll instead of being silently wrong."""
+    deterministic = device.type != "cpu" and torch.are_deterministic_algorithms_enabled()
+    key = (device.type, deterministic)
+    if key not in _WINDOW_ADDS:
+        ok = False
+        if not deterministic:
+            try:
+                d = 7
+                gen = torch.Generator().manual_seed(0)
+                rows = torch.randn(5, d, generator=gen, dtype=torch.float32)
+                offs = torch.tensor([0, 3, 3, 20, 9])
+                bins = torch.zeros(4 * d, device=device, dtype=torch.float32)
+                bins.unfold(0, d, 1).index_add_(0, offs.to(device), rows.to(device))
+                ref = torch.zeros(4 * d, dtype=torch.float32)
+                for row, o in zip(rows, offs.tolist()):
+                    ref[o: o + d] += row
+                ok = bool(torch.allclose(bins.cpu(), ref))
+            except RuntimeError:
+                ok = False
+        _WINDOW_ADDS[key] = ok
+    return _WINDOW_ADDS[key]
+
+
+def _roll_rows(rows: torch.Tensor, starts: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """``Σ_b sign_b · roll(rows_b, r_b)`` (``(n, d)`` -> ``(d,)``): row ``b``'s entry ``k`` lands on column
-    ``(k + r_b) mod d``. Each rolled row is the window ``[d - r_b, 2d - r_b)`` (``roll_start``) of the row written
-    twice: one gather indexed by ``n`` block numbers (``index = arange(n)``), never by ``n·d`` positions."""
+    ``(k + r_b) mod d``. Each rolled row is the window ``[d - r_b, 2d - r_b)`` of the row written twice, i.e.
+    the window at ``starts_b = 2d·b + d - r_b`` of the flat ``(n, 2d)`` buffer: one ``index_select`` of whole
+    windows indexed by ``n`` block numbers, never by ``n·d`` positions."""
     d = rows.shape[1]
-    rolled = torch.cat([rows, rows], 1).unfold(1, d, 1)[index, roll_start]
-    return (rolled * sign).sum(0)
+    twice = torch.cat([rows, rows], 1).view(-1)
+    rolled = torch.index_select(twice.unfold(0, d, 1), 0, starts)
+    return rolled.mul_(sign).sum(0)
 
 
 def block_hash(blocks: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
@@ -68,6 +102,7 @@ class HashingProjection(Projection):
         super().__init__(D, d, seed, device)
         self._saved: tuple[torch.Tensor, torch.Tensor] | None = None
         self._z = None  # (weakref to c, its token, [w, w, -w, -w]) of the last c multiplied
+        self._fold_weights = None  # (col_scale, [1, 1, -1, -1]ᵀ · col_scale): see _fold
         self._ranges: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
         g = cpu_generator(self.seed, stream=4)
         cpu = torch.device("cpu")  # explicit: a default-device context (meta, cuda) must not change P
@@ -81,16 +116,17 @@ class HashingProjection(Projection):
         self.col_scale = counts.rsqrt()
         self.positions = torch.arange(d, device=cpu)
         self.v, self.col_scale, self.positions = (t.to(self.device) for t in (self.v, self.col_scale, self.positions))
+        _window_adds_ok(self.device)  # checked now (it reads one value back), not inside a training step
 
     supports_row_slices = True
 
     def _block_range(self, b0: int, b1: int) -> tuple[torch.Tensor, ...]:
         """For blocks ``b0..b1`` (on the device, int64 unless said): ``r_b + 2d·[u_b < 0]``, where the block's
-        window starts in ``[w, w, -w, -w]``; ``u_b`` as a float32 column ``(n, 1)``; ``d - r_b``, where
-        the block's rolled row starts in the row written twice (Pᵀg); and ``arange(n)``. Hashed on the device,
+        window starts in ``[w, w, -w, -w]``; ``u_b`` as a float32 column ``(n, 1)``; and where the block's
+        rolled row starts in the rows written twice (Pᵀg, :func:`_roll_rows`). Hashed on the device,
         no host read.
 
-        Kept per range asked (one per tensor of θ: ``O(D/d)`` numbers in all, 28 B per block, e.g. 350 KB at
+        Kept per range asked (one per tensor of θ: ``O(D/d)`` numbers in all, 20 B per block, e.g. 250 KB at
         D = 124M, d = 10k), so a training step does not hash the same blocks again and again.
         """
         key = (b0, b1)
@@ -98,7 +134,9 @@ class HashingProjection(Projection):
         if hit is None:
             r, neg = self.shifts_signs(torch.arange(b0, b1 + 1, device=self.device))
             sign = (1.0 - 2.0 * neg.to(torch.float32)).unsqueeze(1)
-            hit = (r + neg * (2 * self.d), sign, self.d - r, torch.arange(b1 - b0 + 1, device=self.device))
+            n = b1 - b0 + 1
+            starts = torch.arange(n, device=self.device) * (2 * self.d) + self.d - r  # see _roll_rows
+            hit = (r + neg * (2 * self.d), sign, starts)
             if not torch.compiler.is_compiling():
                 self._ranges[key] = hit
         return hit
@@ -119,13 +157,14 @@ class HashingProjection(Projection):
         Kept for the same ``c`` object while it is unchanged (host-side check: :mod:`hf_subspace.cache`), so the
         tensors of one forward (and their recomputes) share it: ``4d`` floats.
         """
-        key = values_token([c])
+        compiling = torch.compiler.is_compiling()  # in a graph: computed each time (the compiler merges repeats)
+        key = None if compiling else values_token([c])
         hit = self._z
-        if hit is not None and hit[0]() is c and hit[1] == key:
+        if key is not None and hit is not None and hit[0]() is c and hit[1] == key:
             return hit[2]
         w = c.detach().to(self.device, torch.float32) * self.col_scale
         z = torch.cat([w, w, -w, -w])
-        if not torch.compiler.is_compiling():
+        if key is not None:
             self._z = (weakref.ref(c), key, z)
         return z
 
@@ -154,16 +193,22 @@ class HashingProjection(Projection):
 
     # -- Pᵀ g -----------------------------------------------------------------------------------------------
     def _fold(self, bins):
-        """``4d`` bins (row offsets ``r_b + k``, plus ``2d`` where ``u_b = -1``) back onto the ``d`` columns, scaled."""
-        d = self.d
-        return ((bins[:d] + bins[d: 2 * d]) - (bins[2 * d: 3 * d] + bins[3 * d:])) * self.col_scale
+        """``4d`` bins (row offsets ``r_b + k``, plus ``2d`` where ``u_b = -1``) back onto the ``d`` columns, scaled:
+        ``(bins[:d] + bins[d:2d] - bins[2d:3d] - bins[3d:]) / √n`` as one product and one sum."""
+        fold = self._fold_weights
+        if fold is None or fold[0] is not self.col_scale:  # col_scale replaced (a saved P loaded, a move)
+            signs = torch.tensor([1.0, 1.0, -1.0, -1.0], device=self.device, dtype=torch.float32).unsqueeze(1)
+            fold = (self.col_scale, signs * self.col_scale)
+            if not torch.compiler.is_compiling():
+                self._fold_weights = fold
+        return (bins.view(4, self.d) * fold[1]).sum(0)
 
     def rmatvec_rows(self, g, start, stop):
         if stop <= start:
             return torch.zeros(self.d, device=self.device, dtype=torch.float32)
         d = self.d
         b0, b1 = start // d, (stop - 1) // d
-        _, sign, roll_start, rows = self._block_range(b0, b1)
+        offsets, sign, starts = self._block_range(b0, b1)
         g = g.detach().reshape(-1).to(self.device, torch.float32)
         if start != b0 * d or stop != (b1 + 1) * d:  # partial first or last block: zeros around the slice
             padded = torch.zeros((b1 - b0 + 1) * d, device=self.device, dtype=torch.float32)
@@ -171,13 +216,22 @@ class HashingProjection(Projection):
             g = padded
         blocks = g.view(b1 - b0 + 1, d)
         step = max(1, CHUNK_ROWS // d)
-        total = None
-        if len(blocks) <= step:
-            total = _roll_rows(blocks * self.v, roll_start, sign, rows)
-        for c0 in range(0, len(blocks), step) if len(blocks) > step else ():  # a chunk at a time: ~3 chunk-sized
-            c1 = c0 + step                                                     # float32 temporaries
-            part = _roll_rows(blocks[c0: c1] * self.v, roll_start[c0: c1], sign[c0: c1], rows[: len(blocks[c0: c1])])
-            total = part if c0 == 0 else total + part
+        chunks = [(0, len(blocks))] if len(blocks) <= step else [(c0, c0 + step) for c0 in range(0, len(blocks), step)]
+        # (a compiled graph functionalizes in-place ops, which a write into overlapping windows cannot be: the roll)
+        if not torch.compiler.is_compiling() and _window_adds_ok(self.device):
+            # each block's row added into the window of 4d bins at its offset: index_add_ into the overlapping
+            # windows view of the bins, indexed by block (no int64 index per row, no temporary beyond g·v)
+            bins = torch.zeros(4 * d, device=self.device, dtype=torch.float32)
+            windows = bins.unfold(0, d, 1)
+            for c0, c1 in chunks:
+                part = blocks if c1 - c0 == len(blocks) else blocks[c0: c1]
+                windows.index_add_(0, offsets if c1 - c0 == len(blocks) else offsets[c0: c1], part * self.v)
+            return self._fold(bins)
+        total = None  # where adds into overlapping windows are not trusted: roll each row onto the columns
+        for c0, c1 in chunks:
+            part = blocks if c1 - c0 == len(blocks) else blocks[c0: c1]
+            rolled = _roll_rows(part * self.v, starts[c0: c1] - c0 * 2 * d, sign[c0: c1])
+            total = rolled if total is None else total + rolled
         return total * self.col_scale
 
     def rmatvec_at(self, g, positions):
@@ -211,9 +265,10 @@ class HashingProjection(Projection):
     def _move(self, device):
         self.v, self.col_scale, self.positions = (t.to(device) for t in (self.v, self.col_scale, self.positions))
         self._ranges, self._z = {}, None
+        _window_adds_ok(device)
 
     def state_bytes(self) -> int:
         """Bytes held beside the model for this projection: ``v``, ``1/√n``, ``arange(d)`` and the block ranges
-        kept so far (at most 28 B per block of d rows)."""
+        kept so far (at most 20 B per block of d rows)."""
         held = [self.v, self.col_scale, self.positions] + [t for hit in self._ranges.values() for t in hit]  # noqa
         return sum(t.numel() * t.element_size() for t in held)
