@@ -35,6 +35,7 @@ from torch.nn.utils import parametrize
 
 from .cache import token, track, untrack, values_token
 from .delta import AdapterSubspace, Scratch
+from . import quantized
 from .errors import SubspaceConfigError
 from .layout import ThetaLayout, holder_names, original_tensor
 from .projections import Projection
@@ -138,6 +139,11 @@ class SubspaceEngine(nn.Module):
                 holders = self.holders.setdefault(slot.name, [])
                 for module_name, attr in slot.holders:
                     module = model.get_submodule(module_name)
+                    if slot.quantized:  # no parametrization: the layer's forward adds δ (hf_subspace.quantized)
+                        quantized.attach(self, module, slot.name)
+                        if not any(m is module and a == attr for m, a in holders):
+                            holders.append((module, attr))
+                        continue
                     if not is_subspace_parametrized(module, attr):
                         parametrize.register_parametrization(module, attr, SubspaceLayer(self, slot.name),
                                                              unsafe=True)
@@ -154,6 +160,8 @@ class SubspaceEngine(nn.Module):
     def original(self, slot_name: str) -> torch.Tensor:
         """θ0 of one tensor of θ (the parametrization's stored tensor)."""
         module, attr = self.holders[slot_name][0]
+        if quantized.attached_layer(module) is not None and attr == "weight":
+            return module.weight  # a bitsandbytes quantized weight (its layer's forward adds δ)
         return module.parametrizations[attr].original
 
     # -- the forward path -------------------------------------------------------------------------------------
@@ -406,6 +414,7 @@ class SubspaceEngine(nn.Module):
             state = self.adapters[name]
             todo = [(i, s) for i, s in enumerate(state.layout.slots)
                     if (slots is None or s.name in slots) and (name, s.name) not in self.merged_slots]
+            self.refuse_quantized_merge(name, [s for _, s in todo])
             deltas = [(s, self.slot_delta(name, i)) for i, s in todo]
             if safe and not all(torch.isfinite(d).all() for _, d in deltas):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
@@ -414,6 +423,19 @@ class SubspaceEngine(nn.Module):
                 original.add_(delta.to(original.device, original.dtype))
                 self.merged_slots.add((name, slot.name))
         self.invalidate()
+
+    def refuse_quantized_merge(self, name: str, slots) -> None:
+        """Merging δ into a quantized weight would requantize it (lossy: the merged model is not the trained one)."""
+        q = [s.name for s in slots if s.quantized]
+        if q:
+            shown = ", ".join(repr(n) for n in q[:3]) + (f" and {len(q) - 3} more" if len(q) > 3 else "")
+            raise ValueError(
+                f"cannot merge adapter {name!r} into {len(q)} quantized weight(s) ({shown}): adding δ to a 4-bit or "
+                "8-bit weight means requantizing it, which loses most of δ (the merged model would not be the one "
+                "trained). To ship a merged model, dequantize the base first and merge into floats: "
+                "`base.dequantize()` (transformers; or load the base in bf16/fp32), then "
+                "`PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()`; or keep the quantized base and "
+                "the adapter (a few KB) unmerged")
 
     @torch.no_grad()
     def unmerge(self, slots: set[str] | None = None) -> None:
@@ -431,6 +453,9 @@ class SubspaceEngine(nn.Module):
     def remove_parametrizations(self, model: nn.Module) -> None:
         """Take every subspace parametrization off ``model``, leaving the (possibly merged) θ0 in place."""
         for module in list(model.modules()):
+            layer = quantized.attached_layer(module)
+            if layer is not None and getattr(layer, "_engine", None) is self:
+                quantized.detach(module)
             if not parametrize.is_parametrized(module):
                 continue
             for attr in list(module.parametrizations.keys()):
