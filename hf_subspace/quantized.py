@@ -323,14 +323,17 @@ def check_quantized_base(config, layout, tensors) -> bool:
     * Trained unquantized (or quantized another way), loaded onto a quantized base: the fingerprint cannot tell the
       checkpoint from its quantization error, so the load is refused with what to do.
     """
-    from ..errors import AdapterMismatchError
-    from ..layout import fingerprints_match
+    from .errors import AdapterMismatchError
+    from .layout import fingerprints_match
 
     saved = _schemes(config)
     current = {i: scheme(t) for i, t in enumerate(tensors) if is_quantized_weight(t)}
     if saved == current:
         return False
+    if saved and not current and fingerprints_match(config.base_fingerprint, tensors):
+        return True  # the dequantized weights trained on, in floats (``base.dequantize()``): the trained model
     if saved and not current and all(i < len(tensors) for i in saved):
+        tensors = [t.detach() for t in tensors]
         compared = [round_trip(t, saved[i]) if i in saved else t for i, t in enumerate(tensors)]
         if fingerprints_match(config.base_fingerprint, compared):
             num = sum(float((tensors[i].double() - compared[i].double()).pow(2).sum()) for i in saved)
