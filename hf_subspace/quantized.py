@@ -362,3 +362,47 @@ def check_quantized_base(config, layout, tensors) -> bool:
         "was trained (same quantization, or unquantized), or, if it is the same checkpoint, opt out with "
         "`PeftModel.from_pretrained(base, path, check_base_fingerprint=False)` — outputs will then differ from the "
         "trained model's by the quantization error")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# quantizing a model already in memory (the examples: a GGUF base dequantized by transformers, a tiny model)
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def quantize_linear_layers(model: nn.Module, bits: int = 4, quant_type: str = "nf4",
+                           compute_dtype: torch.dtype | None = None, skip_output_layer: bool = True) -> nn.Module:
+    """Replace every plain ``nn.Linear`` of ``model`` (in place) by a bitsandbytes ``Linear4bit`` (``bits=4``,
+    ``quant_type`` ``"nf4"`` / ``"fp4"``) or ``Linear8bitLt`` (``bits=8``) holding the same weights quantized on
+    their device, as ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`` would (its defaults:
+    blocksize 64, no double quantization, LLM.int8 threshold 6.0; the output layer — ``get_output_embeddings()`` —
+    stays in floating point). For a model that is already in memory; returns ``model``."""
+    import bitsandbytes as bnb
+
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    keep = set()
+    if skip_output_layer and hasattr(model, "get_output_embeddings"):
+        out = model.get_output_embeddings()
+        if out is not None:
+            keep.add(id(out))
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or id(child) in keep:
+                continue
+            w = child.weight
+            if bits == 4:
+                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                        compute_dtype=compute_dtype or w.dtype, quant_type=quant_type,
+                                        device="meta")
+                new.weight = bnb.nn.Params4bit(w.data.detach().clone().cpu(), requires_grad=False,
+                                               quant_type=quant_type, module=new)
+            else:
+                new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                          has_fp16_weights=False, threshold=6.0, device="meta")
+                new.weight = bnb.nn.Int8Params(w.data.detach().clone().cpu(), requires_grad=False,
+                                               has_fp16_weights=False)
+            if child.bias is not None:
+                new.bias = nn.Parameter(child.bias.data.detach().clone().cpu(), requires_grad=child.bias.requires_grad)
+            new = new.to(w.device)  # bitsandbytes quantizes when the layer is moved to its device
+            new.train(child.training)
+            setattr(parent, name, new)
+    return model
