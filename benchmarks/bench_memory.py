@@ -11,6 +11,8 @@ median over all timed steps of all rounds (peaks: the median of the rounds' peak
 PEFT LoRA r=8 (attention q,v), hf_subspace hashing d=10k on q,v, and hf_subspace over all weights (global) at
 d = 1k / 10k / 100k — plus, for comparison in the same run, the global d=10k configuration as hf_subspace 0.1.0
 ran it (hashing format 1: an int32 index per weight; adapted weights kept from forward to backward).
+``--models llama4bit``: QLoRA (PEFT LoRA r=8 on q,v) against hf_subspace global hashing d=10k over every weight of
+the same 4-bit (NF4, bitsandbytes) Llama, both after peft's ``prepare_model_for_kbit_training``.
 
 The report also carries the same bytes per parameter to a 7B model (bf16 weights) on paper.
 """
@@ -33,6 +35,13 @@ MODELS = {
              "qv": ["c_attn"], "task": "CAUSAL_LM"},
     "minilm": {"title": "MiniLM-L6 (22.7M), sequence classification, batch 16 x 64", "batch": 16, "seq": 64,
                "qv": ["query", "value"], "task": "SEQ_CLS"},
+    # QLoRA against the subspace on the same 4-bit base (issue 23): both after peft's prepare_model_for_kbit_training
+    "llama4bit": {"title": "Llama (hidden 1024, 4 layers: 45.1M weights in linear layers, NF4 by bitsandbytes; "
+                           "embeddings and untied head 32k x 1024 float32), causal LM, batch 4 x 128", "batch": 4,
+                  "seq": 128, "qv": ["q_proj", "v_proj"], "task": "CAUSAL_LM", "quantized": True,
+                  "methods": ["lora", "global10k"],
+                  "labels": {"lora": "QLoRA: PEFT LoRA r=8 (q,v) on the 4-bit base",
+                             "global10k": "hf_subspace global hashing d=10k on the 4-bit base (every weight)"}},
 }
 
 METHODS = [
@@ -49,6 +58,18 @@ WARMUP, STEPS = 1, 3
 
 
 def build_model(name: str):
+    if MODELS[name].get("quantized"):
+        from peft import prepare_model_for_kbit_training
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from hf_subspace.quantized import quantize_linear_layers
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=32_000, hidden_size=1024, intermediate_size=2816,
+                                             num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
+                                             max_position_embeddings=2048))
+        quantize_linear_layers(model, bits=4, quant_type="nf4")
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if name == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -207,14 +228,16 @@ def markdown_report(results: dict) -> str:
     for model_name, rows in results["models"].items():
         out += [f"## {MODELS[model_name]['title']}", ""]
         table = []
+        labels = MODELS[model_name].get("labels", {})
         for method in METHODS:
             row = rows.get(method["id"])
             if row is None:
                 continue
+            label = labels.get(method["id"], method["label"])
             if row.get("status") != "measured":
-                table.append([method["label"], "—", "—", "—", "—", "—", "—", "—", row.get("reason", "failed")])
+                table.append([label, "—", "—", "—", "—", "—", "—", "—", row.get("reason", "failed")])
                 continue
-            table.append([method["label"], fmt_int(row["trainable"]), fmt_mb(row["peak_mem_mb"]),
+            table.append([label, fmt_int(row["trainable"]), fmt_mb(row["peak_mem_mb"]),
                           fmt_ratio(row.get("mem_vs_lora")), fmt_ratio(row.get("mem_vs_full")), fmt_s(row["step_s"]),
                           fmt_ratio(row.get("time_vs_full")), fmt_ratio(row.get("time_vs_lora")),
                           fmt_bytes(row.get("projection_state_bytes"))])
@@ -229,7 +252,8 @@ def markdown_report(results: dict) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="*", default=["gpt2", "minilm"], choices=list(MODELS),
+                   help="llama4bit: QLoRA against the global subspace on the same 4-bit base")
     p.add_argument("--only", nargs="*", help="method ids to run (default: all)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1: fair on a shared "
@@ -273,7 +297,11 @@ def main(argv=None) -> None:
                "time_rounds": args.time_rounds,
                "paper_7b": paper_7b()}
     methods = [m["id"] for m in METHODS if not args.only or m["id"] in args.only]
-    jobs = {(mn, mid): ["--worker", mn, mid] for mn in args.models for mid in methods}
+
+    def methods_of(model_name):
+        return [m for m in methods if m in MODELS[model_name].get("methods", methods)]
+
+    jobs = {(mn, mid): ["--worker", mn, mid] for mn in args.models for mid in methods_of(mn)}
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(jobs) * args.rounds + len(args.models), desc="memory benchmark")
@@ -290,7 +318,7 @@ def main(argv=None) -> None:
         results["models"].setdefault(model_name, {})[method_id] = row
     # step times: all methods of a model interleaved in one process (see time_interleaved)
     for model_name in args.models:
-        timing = run_worker(__file__, ["--timing-worker", f"{model_name}:{','.join(methods)}",
+        timing = run_worker(__file__, ["--timing-worker", f"{model_name}:{','.join(methods_of(model_name))}",
                                        "--time-rounds", str(args.time_rounds)], args.timeout, args.threads)
         bar.update(1)
         bar.set_postfix_str(f"{model_name} interleaved timing: {timing.get('status')}")
