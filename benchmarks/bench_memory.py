@@ -198,6 +198,36 @@ def paper_7b(d: int = 10_000) -> list[dict]:
         {"method": f"global subspace d={d:,} as in 0.1.0", "bytes": P * (2 + 4 + 2) + d * 16,
          "how": "+ an int32 index per weight (4 B) + every adapted weight kept for the backward (2 B)"},
     ]
+    return rows + paper_4bit(d)
+
+
+#: Llama-2-70B: 80 layers, hidden 8192, MLP 28672, grouped-query attention (k, v 1024 wide), vocab 32k
+LLAMA_70B = {"params": 68_976_648_192, "hidden": 8192, "layers": 80, "vocab": 32_000, "kv": 1024, "mlp": 28_672}
+#: bitsandbytes NF4 as from_pretrained stores it by default: 4 bits + one float32 absmax per 64 weights
+NF4_BYTES = 0.5 + 4 / 64
+
+
+def paper_4bit(d: int = 10_000) -> list[dict]:
+    """QLoRA against the subspace on a 4-bit (NF4) base: linear layers NF4, embeddings and head bf16."""
+    rows = []
+    shapes = [("7B", {**LLAMA_7B, "kv": LLAMA_7B["hidden"], "mlp": 11_008}), ("70B", LLAMA_70B)]
+    for name, m in shapes:
+        h, L, V = m["hidden"], m["layers"], m["vocab"]
+        dense = 2 * V * h  # embeddings and the untied head stay bf16
+        linear = m["params"] - dense - (2 * L + 1) * h  # norms aside
+        base = linear * NF4_BYTES + dense * 2 + (2 * L + 1) * h * 4  # norms float32 (prepare_model_for_kbit_training)
+        lora = L * 8 * ((h + h) + (h + m["kv"]))  # r=8 on q (h -> h) and v (h -> kv)
+        largest = m["mlp"] * h
+        rows += [
+            {"method": f"{name}, 4-bit NF4 base: QLoRA r=8 (q,v)", "bytes": base + lora * 16,
+             "how": f"NF4 linears ({NF4_BYTES} B per weight) + bf16 embeddings and head + {lora:,} adapter weights "
+                    "x 16 B"},
+            {"method": f"{name}, 4-bit NF4 base: global subspace d={d:,}", "bytes": base + d * 28 + largest * 8,
+             "how": f"the same base + c and projection state (28 B x d) + transiently, for the largest linear "
+                    f"({m['mlp']:,} x {h:,}), 8 B per weight: its fp32 δ and dequantized and adapted bf16 weights "
+                    "in the forward; the bf16 recompute, then the fp32 weight gradient in the backward — one layer "
+                    "at a time, nothing kept from forward to backward"},
+        ]
     return rows
 
 
@@ -244,7 +274,8 @@ def markdown_report(results: dict) -> str:
         out += markdown_table(["method", "trainable", "peak mem", "mem ×LoRA", "mem ×full", "step (s)", "time ×full",
                                "time ×LoRA", "P state"], table)
         out.append("")
-    out += ["## On paper: a 7B model (Llama-2-7B shapes, bf16 weights), one GPU, activations left out", ""]
+    out += ["## On paper: a 7B model (Llama-2-7B shapes, bf16 weights; and 7B / 70B on a 4-bit base), one GPU, "
+            "activations left out", ""]
     out += markdown_table(["method", "bytes per GPU", "what"],
                           [[r["method"], fmt_bytes(r["bytes"]), r["how"]] for r in results["paper_7b"]], "lrl")
     return "\n".join(out) + "\n"
