@@ -375,13 +375,22 @@ def fingerprint_tensors(tensors: Sequence[torch.Tensor]) -> str | None:
         dtypes.add(t.dtype)
         step = max(1, flat.numel() // 64)
         parts.append(flat[::step][:64].double().cpu())
-        parts.append(flat.double().abs().mean().reshape(1).cpu())
+        parts.append(_abs_mean(flat).reshape(1).cpu())
     s = torch.cat(parts)
     g = torch.Generator().manual_seed(20_260_101)
     signs = torch.randint(0, 2, (FINGERPRINT_SKETCHES, s.numel()), generator=g, dtype=torch.int8).double() * 2 - 1
     sketch = signs @ (s / s.norm().clamp_min(1e-300))
     coarsest = max(dtypes, key=lambda d: _HALF_ULP.get(d, 0.0))
     return f"fp2:{str(coarsest).removeprefix('torch.')}:" + ",".join(f"{v:.9g}" for v in sketch.tolist())
+
+
+def _abs_mean(flat: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """``flat.double().abs().mean()`` a chunk at a time (float64 sums): no float64 copy of a whole tensor (an LM
+    head's would be 8 B per weight), and the same value to float64 rounding."""
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), chunk):
+        total += flat[start:start + chunk].double().abs().sum()
+    return total / max(flat.numel(), 1)
 
 
 def fingerprints_match(saved: str, tensors: Sequence[torch.Tensor]) -> bool:
