@@ -39,9 +39,11 @@ MODELS = {
     "llama4bit": {"title": "Llama (hidden 1024, 4 layers: 45.1M weights in linear layers, NF4 by bitsandbytes; "
                            "embeddings and untied head 32k x 1024 float32), causal LM, batch 4 x 128", "batch": 4,
                   "seq": 128, "qv": ["q_proj", "v_proj"], "task": "CAUSAL_LM", "quantized": True,
-                  "methods": ["lora", "global10k"],
+                  "methods": ["lora", "global10k", "global10k_linears"],
                   "labels": {"lora": "QLoRA: PEFT LoRA r=8 (q,v) on the 4-bit base",
-                             "global10k": "hf_subspace global hashing d=10k on the 4-bit base (every weight)"}},
+                             "global10k": "hf_subspace global hashing d=10k on the 4-bit base (every weight)",
+                             "global10k_linears": "hf_subspace global hashing d=10k on the 4-bit base (every weight "
+                                                  "but embeddings and head)"}},
 }
 
 METHODS = [
@@ -51,6 +53,8 @@ METHODS = [
     {"id": "global1k", "label": "hf_subspace global hashing d=1k", "dim": 1_000},
     {"id": "global10k", "label": "hf_subspace global hashing d=10k", "dim": 10_000},
     {"id": "global100k", "label": "hf_subspace global hashing d=100k", "dim": 100_000},
+    {"id": "global10k_linears", "label": "hf_subspace global hashing d=10k, embeddings and head left out",
+     "dim": 10_000, "exclude": ["embed_tokens", "lm_head"]},
     {"id": "global10k_0.1.0", "label": "global hashing d=10k as in 0.1.0 (format 1, weights kept)", "dim": 10_000,
      "format": 1, "keep_weights": True},
 ]
@@ -94,7 +98,8 @@ def build_method(model, model_name: str, method: dict):
         return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=spec["qv"],
                                                 task_type=spec["task"], fan_in_fan_out=model_name == "gpt2"))
     config = hf_subspace.SubspaceConfig(dim=method["dim"], target_modules=spec["qv"] if method.get("qv") else None,
-                                        projection_format=method.get("format"), task_type=spec["task"])
+                                        projection_format=method.get("format"), task_type=spec["task"],
+                                        exclude_modules=method.get("exclude"))
     peft_model = get_peft_model(model, config)
     if method.get("keep_weights"):
         hf_subspace.find_engine(peft_model).recompute_saved_weights = False
