@@ -304,3 +304,16 @@ def test_an_unsupported_quantizer_is_refused_naming_itself(kind):
     # left out by name, the rest trains
     assert len(find_engine(get_peft_model(model, hs.SubspaceConfig(dim=4, exclude_modules=["1"]))
                            ).adapters["default"].layout.slots) == 2
+
+
+def test_subspace_trainer_trains_a_base_loaded_with_a_bitsandbytes_config(folder, tmp_path):
+    base = _load(folder, "nf4")
+    assert base.is_quantized  # transformers' Trainer refuses a quantized model unless it carries an adapter
+    data = [{"input_ids": IDS[0], "labels": IDS[0]}] * 8
+    args = hs.SubspaceTrainingArguments(output_dir=str(tmp_path), subspace_dim=100, max_steps=3, report_to="none",
+                                        per_device_train_batch_size=2, learning_rate=0.05, save_strategy="no")
+    trainer = hs.SubspaceTrainer(model=base, args=args, train_dataset=data)
+    trainer.train()
+    engine = find_engine(trainer.model)
+    assert sum(s.quantized for s in engine.adapters["default"].layout.slots) == N_QUANTIZED
+    assert engine.coeffs["default"].abs().sum() > 0
