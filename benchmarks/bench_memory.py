@@ -54,7 +54,7 @@ METHODS = [
     {"id": "global10k", "label": "hf_subspace global hashing d=10k", "dim": 10_000},
     {"id": "global100k", "label": "hf_subspace global hashing d=100k", "dim": 100_000},
     {"id": "global10k_linears", "label": "hf_subspace global hashing d=10k, embeddings and head left out",
-     "dim": 10_000, "exclude": ["embed_tokens", "lm_head"]},
+     "dim": 10_000, "exclude": ["embed_tokens", "lm_head"], "models": ["llama4bit"]},
     {"id": "global10k_0.1.0", "label": "global hashing d=10k as in 0.1.0 (format 1, weights kept)", "dim": 10_000,
      "format": 1, "keep_weights": True},
 ]
@@ -335,7 +335,9 @@ def main(argv=None) -> None:
     methods = [m["id"] for m in METHODS if not args.only or m["id"] in args.only]
 
     def methods_of(model_name):
-        return [m for m in methods if m in MODELS[model_name].get("methods", methods)]
+        listed = MODELS[model_name].get("methods")  # a model may list its methods; a method may list its models
+        models = {x["id"]: x.get("models") for x in METHODS}
+        return [m for m in methods if (m in listed if listed else model_name in (models[m] or [model_name]))]
 
     jobs = {(mn, mid): ["--worker", mn, mid] for mn in args.models for mid in methods_of(mn)}
     from tqdm.auto import tqdm

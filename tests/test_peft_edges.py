@@ -1,8 +1,8 @@
 """PEFT's verbs at the edges of the stack (issue 20): each test failed on main before its fix.
 
 Merging and disabling, per-layer state, peft's messages and warnings, base-model state dicts, ``peft_type.value``,
-transformers' ``tie_weights`` / ``resize_token_embeddings``, offloaded bases, quantized layers (in θ), and that what the
-library changes in peft changes nothing for LoRA.
+transformers' ``tie_weights`` / ``resize_token_embeddings``, offloaded bases, quantized layers (in θ), and that
+what the library changes in peft changes nothing for LoRA.
 """
 import json
 import os
@@ -362,7 +362,7 @@ def test_disk_offloaded_layers_are_refused_and_the_rest_can_be_theta(tmp_path):
         assert not torch.allclose(_gpt2_logits(model), out)
 
 
-# -- 15. quantized layers: in θ (issue 23; the rest of their behaviour is in tests/test_quantized.py) -------------------
+# -- 15. quantized layers: in θ (issue 23; the rest of their behaviour: tests/test_quantized.py) ---------------
 @pytest.fixture(scope="module")
 def llama_4bit(tmp_path_factory):
     pytest.importorskip("bitsandbytes")

@@ -38,8 +38,8 @@ class LMArguments:
     prompts: Optional[list[str]] = field(default=None, metadata={"help": "prompts to sample from at the end"})
     max_new_tokens: int = 40
     load_in_4bit: bool = field(default=False, metadata={"help": "quantize the base's linear layers to 4-bit "
-                                                               "(bitsandbytes NF4; --bnb_4bit_quant_type fp4) and train "
-                                                               "the subspace over their dequantized weights"})
+                                                               "(bitsandbytes NF4; --bnb_4bit_quant_type fp4) and "
+                                                               "train the subspace over their dequantized weights"})
     load_in_8bit: bool = field(default=False, metadata={"help": "quantize the base's linear layers to 8-bit "
                                                                "(bitsandbytes LLM.int8)"})
     bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 | fp4"})
@@ -174,8 +174,8 @@ def main(argv=None):
                  "`AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)`), or pass "
                  "`check_base_fingerprint=False` to apply it to the Hub weights (with that shift). " + words)
     return ex.run_example(trainer, example, task=f"causal language modeling ({what})", metric="perplexity",
-                          training_data=words, training_data_ids=ids, base_model_id=hub_id or base_dir, evaluate=evaluate,
-                          after_training=generate, save_base=save_base)
+                          training_data=words, training_data_ids=ids, base_model_id=hub_id or base_dir,
+                          evaluate=evaluate, after_training=generate, save_base=save_base)
 
 
 if __name__ == "__main__":
