@@ -317,3 +317,19 @@ def test_subspace_trainer_trains_a_base_loaded_with_a_bitsandbytes_config(folder
     engine = find_engine(trainer.model)
     assert sum(s.quantized for s in engine.adapters["default"].layout.slots) == N_QUANTIZED
     assert engine.coeffs["default"].abs().sum() > 0
+
+
+def test_deepcopy_is_an_independent_adapted_model(folder):
+    import copy
+
+    model = _wrap(_load(folder, "nf4"))
+    _perturb(model)
+    expected = _logits(model)
+    clone = copy.deepcopy(model)  # TRL reference models, EMA copies
+    torch.testing.assert_close(_logits(clone), expected, rtol=0, atol=0)
+    q = _qlayer(clone)
+    assert q.forward.__self__ is q and q.subspace_layer.engine is find_engine(clone)
+    with torch.no_grad():
+        find_engine(clone).coeffs["default"].zero_()
+    assert not torch.allclose(_logits(clone), expected)
+    torch.testing.assert_close(_logits(model), expected, rtol=0, atol=0)
