@@ -152,6 +152,8 @@ class SubspaceEngine(nn.Module):
                     if not any(m is module and a == attr for m, a in holders):
                         holders.append((module, attr))
                     track(module.parametrizations[attr].original).requires_grad_(False)
+        if any(slot.quantized for slot in layout.slots) or any(quantized.bnb_kind(m) for m in model.modules()):
+            quantized.keep_layers_differentiable(model)
         if not self.active:
             self.active = [name]
         self.hook_into(model)

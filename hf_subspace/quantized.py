@@ -406,3 +406,26 @@ def quantize_linear_layers(model: nn.Module, bits: int = 4, quant_type: str = "n
             new.train(child.training)
             setattr(parent, name, new)
     return model
+
+
+def keep_layers_differentiable(model: nn.Module) -> None:
+    """Stop bitsandbytes' CPU inference packing on every 4-bit layer of ``model`` (and undo it where done).
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` in eval mode with an input that needs no gradient repacks its
+    weight in place for a faster kernel that autograd cannot differentiate, and keeps it packed: after one
+    evaluation, every later training step would get no gradient through such a layer — zero gradients for c,
+    silently, whether or not the layer is in θ (through ``o_proj`` every attention weight is cut off)."""
+    from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+    for module in model.modules():
+        if bnb_kind(module) != "4bit":
+            continue
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            with torch.no_grad():
+                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                    module.weight.data, state)
+            if getattr(module, "quant_state", None) is not None:
+                module.quant_state = module.weight.quant_state

@@ -141,6 +141,10 @@ def test_language_modeling_example_on_a_quantized_base(tmp_path, flag):
     config = hs.SubspaceConfig.from_pretrained(tmp_path / "final")
     bits = 4 if "4bit" in flag else 8
     assert [(g["bits"], len(g["slots"])) for g in config.base_quantization] == [(bits, 14)]
+    from safetensors.torch import load_file
+
+    c = load_file(str(tmp_path / "final" / "adapter_model.safetensors"))["base_model.subspace.coeffs"]
+    assert c.abs().sum() > 0  # it trained (after the evaluation before training, too)
     base = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -27,9 +27,9 @@ QUANT = {
 N_TENSORS, N_QUANTIZED = 21, 14  # a 2-layer Llama: 7 linear layers a block; embeddings, norms, untied head
 
 
-def _save_llama(folder, seed=0):
+def _save_llama(folder, seed=0, hidden=32):
     torch.manual_seed(seed)
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                                  num_attention_heads=2, num_key_value_heads=2,
                                  max_position_embeddings=32)).save_pretrained(folder)
     return folder
@@ -333,3 +333,19 @@ def test_deepcopy_is_an_independent_adapted_model(folder):
         find_engine(clone).coeffs["default"].zero_()
     assert not torch.allclose(_logits(clone), expected)
     torch.testing.assert_close(_logits(model), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("evaluate_before_wrapping", [True, False])
+def test_evaluation_does_not_cut_the_gradient_of_later_training(tmp_path, evaluate_before_wrapping):
+    """bitsandbytes repacks a 4-bit weight in eval mode on AVX512-BF16 CPUs (this one included) for a kernel that
+    autograd cannot differentiate; every gradient through o_proj was zero after one evaluation. (Hidden size 64:
+    bitsandbytes' packing fails on 32-wide layers.)"""
+    base = _load(_save_llama(tmp_path, hidden=64), "nf4")
+    if evaluate_before_wrapping:
+        _logits(base)
+    model = _wrap(base, target_modules=["q_proj", "v_proj"])
+    model.eval()
+    _logits(model)
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    assert find_engine(model).coeffs["default"].grad.abs().sum() > 0
