@@ -81,9 +81,63 @@ def token(t: torch.Tensor | None) -> tuple:
     """What must not change for a value computed from ``t`` to stay valid (host-side only: no sync)."""
     if t is None:
         return ()
-    return (id(t), t.data_ptr(), t.dtype, t.device, t._version, t.__dict__.get("_data_epoch", 0))
+    # an inference tensor (made under torch.inference_mode, e.g. c loaded there) has no version counter; it cannot
+    # be written in place outside inference mode, so its identity and storage stand for its value
+    version = -1 if t.is_inference() else t._version
+    return (id(t), t.data_ptr(), t.dtype, t.device, version, t.__dict__.get("_data_epoch", 0))
 
 
 def values_token(tensors) -> tuple:
     """:func:`token` of several tensors, plus the optimizer steps taken (fused optimizers bump no version)."""
     return (OPTIMIZER_STEPS[0],) + tuple(token(t) for t in tensors)
+
+
+def theta0_token(t: torch.Tensor) -> tuple:
+    """What must not change for a materialized θ0 + δ to stay valid: the tensor, its storage (``.data =`` and
+    ``Module._apply`` swap it without a version bump), dtype, device, version (in-place updates) and ``.data``
+    accesses (an alias written in place moves no version). A θ0 that a whole-module move replaced by a new plain
+    Parameter is tracked again here."""
+    return token(track(t))
+
+
+class InferenceCacheMixin:
+    """The inference cache of :class:`~hf_subspace.engine.SubspaceEngine`: materialized ``θ0 + δ`` kept while
+    nothing needs their gradient, validated on the host (no sync per forward)."""
+
+    def wants_whole_tensor(self, slot_name: str, original: torch.Tensor) -> bool:
+        """True when ``slot_name`` is best read whole (its materialized value may be cached): no autograd."""
+        live = self._live(slot_name)
+        return bool(live) and self._inference_cache(live, original) is not None
+
+    def _inference_cache(self, live, original: torch.Tensor) -> dict | None:
+        """The cache of materialized tensors when it applies (no autograd through the delta), else None.
+
+        It is emptied whenever the values of an active ``c`` / ``λ``, the active adapters, the merged pairs or the
+        inference mode change, and dropped as soon as a forward needs gradients again.
+        """
+        s = self.scratch
+        # a forward of a model in training mode never caches: reentrant activation checkpointing runs the layers
+        # under no_grad, and keeping their weights would hold a copy of θ through the step
+        if (not self.inference_cache or torch.compiler.is_compiling() or getattr(s, "training_forward", False)
+                or self.needs_grad(live, original)):
+            if getattr(s, "cache", None):
+                self._drop_cache()
+            return None
+        if getattr(s, "checked_in_forward", False):
+            return s.cache  # already checked in this forward of the model: c cannot change during it
+        values = [t for n in self.active for t in (self.coeffs[n], self.scales[n] if n in self.scales else None)]
+        # host-side only (versions, storage, .data accesses, optimizer steps: hf_subspace.cache): no sync
+        key = (tuple(self.active), frozenset(self.merged_slots), torch.is_inference_mode_enabled(),
+               values_token(values))
+        if getattr(s, "cache_key", None) != key:
+            s.cache, s.cache_key = {}, key
+        s.checked_in_forward = getattr(s, "in_forward", False)
+        return s.cache
+
+
+    def _drop_cache(self) -> None:
+        """Forget the materialized tensors and what they were checked against, but not the state of the forward
+        in progress (``in_forward``, ``training_forward``): dropping mid-forward must not end it."""
+        for key in ("cache", "cache_key", "checked_in_forward"):
+            self.scratch.__dict__.pop(key, None)
+

@@ -1,7 +1,8 @@
 """One adapter's delta ``P c``: whole (cached for the step), per tensor of θ, or for some rows of one tensor.
 
-Projections with cheap row slices (hashing, fastfood) compute each tensor's delta on the fly (one gather forward, one scatter
-backward); the others cache the flat ``P c`` until ``c`` changes and run ``Pᵀ g`` once per backward.
+Projections with cheap row slices (hashing, fastfood) compute each tensor's delta on the fly (hashing: one gather
+forward, one roll-and-sum backward); the others cache the flat ``P c`` until ``c`` changes (checked on the host:
+:mod:`hf_subspace.cache`) and run ``Pᵀ g`` once per backward.
 """
 from __future__ import annotations
 

@@ -336,7 +336,60 @@ def _subspace_names(model, names=None) -> list[str]:
 def _write(path: str, text: str) -> str:
     from .atomic import write_text
 
-    return write_text(path, text)
+    return write_text(path, _keep_existing_card(path, text))
+
+
+#: our card's body sits between these when it joins a card someone else wrote (kept, as PEFT keeps one)
+CARD_BEGIN = "<!-- hf_subspace adapter card (rewritten on each save_pretrained) -->"
+CARD_END = "<!-- end of the hf_subspace adapter card -->"
+
+
+def _split_front_matter(text: str) -> tuple[dict, str]:
+    import yaml
+
+    match = re.match(r"---\n(.*?)\n---\n?", text, re.DOTALL)
+    if not match:
+        return {}, text
+    try:
+        meta = yaml.safe_load(match.group(1)) or {}
+    except yaml.YAMLError:
+        return {}, text
+    return (meta if isinstance(meta, dict) else {}), text[match.end():]
+
+
+def _keep_existing_card(path: str, text: str) -> str:
+    """The README to write at ``path``: our card ``text`` as it is, unless ``path`` holds a card someone else wrote.
+
+    As PEFT does, an existing card is not overwritten: its metadata and text stay, our metadata is merged into it
+    (``library_name``, tags added, keys it lacks) and our card's body is added at its end between
+    :data:`CARD_BEGIN` / :data:`CARD_END` (replaced there on the next save). A card we wrote earlier (its tags
+    hold ``hf-subspace``) is replaced whole.
+    """
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = f.read()
+    except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError):
+        return text
+    old_meta, old_body = _split_front_matter(old)
+    if CARD_BEGIN not in old_body and "hf-subspace" in (old_meta.get("tags") or []):
+        return text  # our own card from an earlier save
+    meta, body = _split_front_matter(text)
+    section = f"{CARD_BEGIN}\n{body.strip()}\n{CARD_END}\n"
+    if CARD_BEGIN in old_body:
+        before, _, rest = old_body.partition(CARD_BEGIN)
+        after = rest.partition(CARD_END)[2]
+        old_body = before + section + after.lstrip("\n")
+    else:
+        old_body = old_body.rstrip("\n") + ("\n\n" if old_body.strip() else "") + section
+    merged = dict(old_meta)
+    for key, value in meta.items():
+        if key == "tags":
+            merged["tags"] = list(dict.fromkeys(list(old_meta.get("tags") or []) + list(value or [])))
+        elif key == "library_name" or key not in merged:
+            merged[key] = value
+    return "---\n" + yaml.safe_dump(merged, sort_keys=False, allow_unicode=True) + "---\n" + old_body
 
 
 def write_adapter_card(model, output_dir: str, repo_id: str | None = None, adapter_name: str | None = None,

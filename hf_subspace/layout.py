@@ -237,6 +237,37 @@ def select_parameters(
     return ThetaLayout([slots[k] for k in order])
 
 
+def _offloads(module: nn.Module) -> bool:
+    """Whether accelerate's hooks on ``module`` offload its weights (CPU or disk offload: they sit on the meta device
+    and a hook loads them at each forward)."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = list(getattr(hook, "hooks", ())) or ([hook] if hook is not None else [])
+    return any(getattr(h, "offload", False) or getattr(h, "weights_map", None) is not None for h in hooks)
+
+
+def refuse_offloaded_theta0(model: nn.Module, layout) -> None:
+    """Refuse, naming the tensors, a θ whose θ0 accelerate offloads: the adapter computes θ0 + P c where a module's
+    forward reads the weight and cannot see weights a hook swaps in, so it would fail at the first forward
+    ("Cannot copy out of meta tensor") with c on the meta device."""
+    offloaded = []
+    for slot in layout.slots:
+        for module_name, attr in slot.holders:
+            module = model.get_submodule(module_name)
+            if original_tensor(model, slot).is_meta and _offloads(module):
+                offloaded.append(slot.name)
+                break
+    if offloaded:
+        shown = ", ".join(repr(n) for n in offloaded[:3]) + (f" and {len(offloaded) - 3} more"
+                                                              if len(offloaded) > 3 else "")
+        raise SubspaceConfigError(
+            f"{len(offloaded)} tensors of θ ({shown}) are offloaded by accelerate (CPU or disk offload from "
+            "device_map / max_memory / cpu_offload: their weights sit on the meta device and a hook loads them at "
+            "each forward). A subspace adapter computes θ0 + P c where the module reads its weight and needs θ0 in "
+            "memory: load the base without offload (device_map={'': 'cpu'}, or a device_map / max_memory that keeps "
+            "every layer on a device; bf16 halves θ0), or keep the offloaded modules out of θ (target_modules / "
+            "exclude_modules)")
+
+
 def check_targets(model: nn.Module, target_modules, exclude_modules=None, modules_to_save=(),
                   task_type=None) -> None:
     """Refuse, with a :class:`~hf_subspace.errors.SubspaceConfigError` naming the pattern, a ``target_modules``

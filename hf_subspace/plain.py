@@ -140,7 +140,8 @@ def _resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None,
 
     embeddings = self.get_input_embeddings()
     if new_num_tokens is not None or pad_to_multiple_of is not None:
-        current = embeddings.weight.shape[0]
+        current = embeddings.num_embeddings if hasattr(embeddings, "num_embeddings") else \
+            embeddings.parametrizations.weight.original.shape[0]
         wanted = current if new_num_tokens is None else int(new_num_tokens)
         if pad_to_multiple_of is not None:
             wanted = -(-wanted // int(pad_to_multiple_of)) * int(pad_to_multiple_of)

@@ -36,7 +36,7 @@ def _product(c: torch.Tensor, projection, op: str, adjoint: str, *args) -> torch
     """``projection.<op>(c, *args)``, differentiable in ``c`` when autograd needs it."""
     if torch.is_grad_enabled() and c.requires_grad:
         return LinearProduct.apply(c, projection, op, adjoint, args)
-    return run(projection, op, c.detach(), *args)
+    return run(projection, op, c, *args)  # products read c.detach() themselves: c itself lets them key caches on it
 
 
 def run(projection, op: str, *args) -> torch.Tensor:

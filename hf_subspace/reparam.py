@@ -11,7 +11,8 @@ from typing import Sequence
 from torch import nn
 
 from .engine import SubspaceEngine, find_engine
-from .layout import ThetaLayout, check_targets, layout_from_names, select_parameters, under_modules_to_save
+from .layout import (ThetaLayout, check_targets, layout_from_names, refuse_offloaded_theta0, select_parameters,
+                     under_modules_to_save)
 from .plain import install_plain_save, plain_state_dict
 from .projections import Projection
 from .tuner.config import MODES, validate_dim_fits, validate_subspace_args
@@ -35,6 +36,7 @@ def reparameterize(model: nn.Module, dim: int, projection: "str | Projection" = 
         raise ValueError("this model is already reparameterized (it has a `subspace` engine)")
     check_targets(model, target_modules, exclude_modules, modules_to_save)
     layout = select_parameters(model, target_modules, exclude_modules, modules_to_save)
+    refuse_offloaded_theta0(model, layout)
     validate_dim_fits(dim, mode, layout, target_modules)
     engine = SubspaceEngine()
     engine.add_adapter(model, "default", layout, dim, projection, mode, seed, projection_options=projection_options)

@@ -12,8 +12,9 @@ SMOKE = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--subspace_d
 EXAMPLES = {
     "text_classification": ["--max_train_samples", "8", "--max_eval_samples", "8", "--max_length", "16"],
     "image_classification": ["--max_train_samples", "16", "--max_eval_samples", "16"],
-    "object_detection": ["--train_canvases", "8", "--eval_canvases", "4", "--image_size", "16",
-                         "--eval_deepforest", "false", "--digit_size", "8", "12"],
+    "object_detection": ["--subspace", "hashing", "--train_canvases", "8", "--eval_canvases", "4", "--image_size",
+                         "64", "--eval_deepforest", "false", "--digit_size", "12", "20", "--num_queries", "8",
+                         "--detector_layers", "1", "1"],
     "language_modeling": ["--tiny", "--max_train_samples", "40", "--eval_verses", "20", "--block_size", "32",
                           "--max_new_tokens", "4"],
 }
@@ -150,3 +151,55 @@ def test_language_modeling_example_on_a_quantized_base(tmp_path, flag):
         warnings.simplefilter("always")
         PeftModel.from_pretrained(base, tmp_path / "final")
     assert any("trained on a quantized base" in str(w.message) for w in caught)
+
+
+def _detection_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("detection_example",
+                                                  os.path.join(ROOT, "examples", "object_detection", "train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_detection_scores_follow_the_model_kind():
+    """RT-DETR scores each (query, class) by a sigmoid and has no "no object" class: its best pairs are kept (a
+    softmax that drops the last column, right for DETR/YOLOS, would silently lose the last digit class)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    det = _detection_module()
+    boxes = torch.tensor([[[.5, .5, .2, .2], [.2, .2, .1, .1]]])
+    logits = torch.tensor([[[-9.0, -9.0, 3.0], [1.0, 2.0, -9.0]]])  # query 0: class 2 (the last one); query 1: 1, 0
+    rtdetr = SimpleNamespace(config=SimpleNamespace(use_focal_loss=True))
+    (b, s, l), = det.detections(rtdetr, logits, boxes, max_detections=3)
+    assert l.tolist() == [2, 1, 0] and torch.equal(b, boxes[0][[0, 1, 1]])
+    torch.testing.assert_close(s, torch.sigmoid(torch.tensor([3.0, 2.0, 1.0])))
+    (b, s, l), = det.detections(rtdetr, logits, boxes, class_agnostic=True)
+    assert l.tolist() == [0, 0] and torch.equal(b, boxes[0])
+    detr = SimpleNamespace(config=SimpleNamespace())  # softmax; the last column is "no object"
+    (b, s, l), = det.detections(detr, logits, boxes)
+    assert l.tolist() == [1, 1]
+
+
+def test_detection_example_full_training_saves_a_detector_that_loads_back(tmp_path):
+    """--subspace none on the default RT-DETR + Lite0: the saved model is read back by load_rtdetr_lite0 (the
+    backbone frozen and unchanged, the pretrained Lite0 weights)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from hf_subspace import vision
+
+    run_example("object_detection", tmp_path, "--subspace", "none")
+    final = tmp_path / "final"
+    model = vision.load_rtdetr_lite0(str(final))
+    saved = load_file(str(final / "model.safetensors"))
+    reference = vision.Lite0Backbone().state_dict()
+    backbone = model.model.backbone.model.state_dict()
+    assert set(backbone) == set(reference)
+    for k in reference:
+        assert torch.equal(backbone[k], reference[k]) and torch.equal(saved[f"model.backbone.model.{k}"], reference[k])
+    results = json.loads((tmp_path / "all_results.json").read_text())
+    assert 0 <= results["eval_map_50"] <= 1 and "every weight trained" in (final / "README.md").read_text()

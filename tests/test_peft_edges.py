@@ -374,9 +374,9 @@ def llama_4bit(tmp_path_factory):
                                  num_attention_heads=2, num_key_value_heads=2,
                                  max_position_embeddings=32)).save_pretrained(folder)
 
-    def load():
-        return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu",
-                                                    quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    def load(skip=None):
+        quantization = BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=skip)
+        return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", quantization_config=quantization)
     return load
 
 
@@ -421,3 +421,23 @@ def test_safe_merge_of_a_broken_adapter_raises_peft_message_and_changes_nothing(
     for key, value in get_base_model_state_dict(model).items():
         assert torch.equal(value, before[key])
     assert not find_engine(model).merged_slots
+
+
+def test_all_linear_on_a_partly_quantized_model_takes_exactly_the_unquantized_layers(llama_4bit):
+    base = llama_4bit(skip=["q_proj", "lm_head"])  # q_proj kept in float by bitsandbytes, k_proj etc. quantized
+    assert type(base.model.layers[0].self_attn.q_proj) is nn.Linear
+    with pytest.warns(UserWarning, match=r"'all-linear' leaves 12 quantized linear layer\(s\) out of θ"):
+        model = get_peft_model(base, hs.SubspaceConfig(dim=20, target_modules="all-linear"))
+    assert model.peft_config["default"].target_modules == ["model.layers.0.self_attn.q_proj",
+                                                            "model.layers.1.self_attn.q_proj"]
+    slots = [s.name for s in find_engine(model).adapters["default"].layout.slots]
+    assert slots == ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+
+
+def test_reparameterize_refuses_an_offloaded_base_too():
+    from accelerate import cpu_offload
+
+    base = tiny_gpt2()
+    cpu_offload(base, execution_device=torch.device("cpu"))
+    with pytest.raises(hs.SubspaceConfigError, match="are offloaded by accelerate"):
+        hs.reparameterize(base, dim=50)

@@ -242,6 +242,28 @@ def test_bad_inputs_name_the_problem():
         hs.reparameterize(tiny_bert_cls(), 5, mode="said")
 
 
+def test_state_dict_with_the_old_names_of_c_and_lambda_loads():
+    """c and λ were ``subspace.coeffs.default`` / ``subspace.scales.default`` (ParameterDicts) up to 0.2.0; they are
+    ``subspace.vectors.default.coeffs`` / ``.scales`` now (the adapter name between dots, as PEFT names things). A
+    state dict with the old names loads into the new layout (strict: nothing missing, nothing unexpected)."""
+    model = tiny_bert_cls()
+    engine = hs.reparameterize(model, 80, mode="said")
+    with torch.no_grad():
+        engine.coeffs["default"].normal_()
+        engine.scales["default"].uniform_(0.5, 1.5)
+    renames = {"subspace.vectors.default.coeffs": "subspace.coeffs.default",
+               "subspace.vectors.default.scales": "subspace.scales.default"}
+    old = {renames.get(k, k): v for k, v in model.state_dict().items()}
+    assert "subspace.coeffs.default" in old and "subspace.vectors.default.coeffs" not in old
+    fresh = tiny_bert_cls()
+    fresh_engine = hs.reparameterize(fresh, 80, mode="said")
+    fresh.load_state_dict(old, strict=True)
+    assert torch.equal(fresh_engine.coeffs["default"], engine.coeffs["default"])
+    assert torch.equal(fresh_engine.scales["default"], engine.scales["default"])
+    batch = bert_batch()
+    torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
 def test_modules_to_save_are_trained_in_full_and_left_out_of_theta():
     model = tiny_bert_cls()
     engine = hs.reparameterize(model, 64, modules_to_save=["classifier"])

@@ -12,21 +12,23 @@ analytically; with ``n_col`` that count the columns are exactly orthonormal (``P
 rows sit at an independent random offset in each block, with independent signs.
 
 Cost: ``P c`` over a slice is, per block, a contiguous window of ``[w, w, -w, -w]`` (``w = c/√n``) chosen by
-``r_b`` and ``u_b`` — one gather of whole windows — times ``v``; ``Pᵀ g`` multiplies by ``v``, rolls each whole
-block's row by ``r_b`` onto the columns (a window of the row written twice: a gather indexed by block, never an
-index of one int64 per row) and sums the rows with their signs ``u_b``, a chunk of blocks at a time. The first
-and last (partial) block of a slice are plain slices at offsets hashed on the host (:meth:`window_start`), so
-no product reads a value back from the device. State:
+``r_b`` and ``u_b`` — one gather of whole windows for every block a slice touches (its partial first and last
+blocks whole, then the slice taken) — times ``v``; ``Pᵀ g`` pads the slice to whole blocks, multiplies by ``v``,
+rolls each block's row by ``r_b`` onto the columns (a window of the row written twice: a gather indexed by
+block, never an index of one int64 per row) and sums the rows with their signs ``u_b``, a chunk of blocks at a
+time. Block offsets are hashed on the device and kept per slice: no product reads a value back to the host,
+and a product is a fixed handful of ops whatever the slice. State:
 ``v``, ``1/√n`` and ``arange(d)`` — ``O(d)``, e.g. 160 KB at d = 10k whatever ``D`` is; nothing of size ``D``
 is built, not even while constructing ``P``. Format 1 (one int32 per row, hf_subspace 0.1.0) is in
 :mod:`hf_subspace.projections.hashing_v1`.
 """
 from __future__ import annotations
 
-from array import array
+import weakref
 
 import torch
 
+from ..cache import values_token
 from .base import Projection, cpu_generator
 
 _P31 = 2**31 - 1  # a Mersenne prime: products of two residues stay below 2**62, so int64 never overflows
@@ -35,23 +37,13 @@ _MULTS = (1_103_515_245, 2_147_482_951, 1_664_525_397)
 CHUNK_ROWS = 1 << 20
 
 
-def _roll_rows(rows: torch.Tensor, shifts: torch.Tensor, sign: torch.Tensor, d: int) -> torch.Tensor:
-    """``Σ_b sign_b · roll(rows_b, shifts_b)`` (``(n, d)`` -> ``(d,)``): row ``b`` entry ``k`` lands on column
-    ``(k + shifts_b) mod d``. Each rolled row is the window ``[d - shifts_b, 2d - shifts_b)`` of the row written
-    twice: one gather indexed by ``n`` block numbers, not by ``n·d`` positions."""
-    n = rows.shape[0]
-    twice = torch.cat([rows, rows], 1)
-    rolled = twice.unfold(1, d, 1)[torch.arange(n, device=rows.device), d - shifts]
-    return (rolled * sign.unsqueeze(1)).sum(0)
-
-
-def block_hash_int(block: int, seed: int, stream: int) -> int:
-    """:func:`block_hash` of one block number, in Python integers on the host (the same value, no device read)."""
-    x = (int(block) + (int(seed) * 7_919 + int(stream) * 104_729 + 12_345) % _P31) % _P31
-    for m in _MULTS:
-        x = (x * m + 40_503) % _P31
-        x = x ^ (x >> 13)
-    return x
+def _roll_rows(rows: torch.Tensor, roll_start: torch.Tensor, sign: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``Σ_b sign_b · roll(rows_b, r_b)`` (``(n, d)`` -> ``(d,)``): row ``b``'s entry ``k`` lands on column
+    ``(k + r_b) mod d``. Each rolled row is the window ``[d - r_b, 2d - r_b)`` (``roll_start``) of the row written
+    twice: one gather indexed by ``n`` block numbers (``index = arange(n)``), never by ``n·d`` positions."""
+    d = rows.shape[1]
+    rolled = torch.cat([rows, rows], 1).unfold(1, d, 1)[index, roll_start]
+    return (rolled * sign).sum(0)
 
 
 def block_hash(blocks: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
@@ -75,8 +67,8 @@ class HashingProjection(Projection):
     def __init__(self, D, d, seed=0, device=None):
         super().__init__(D, d, seed, device)
         self._saved: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._saved_host = None  # a saved P's block offsets as host integers (array('q'))
-        self._ranges: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._z = None  # (weakref to c, its token, [w, w, -w, -w]) of the last c multiplied
+        self._ranges: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
         g = cpu_generator(self.seed, stream=4)
         cpu = torch.device("cpu")  # explicit: a default-device context (meta, cuda) must not change P
         self.v = torch.randint(0, 2, (d,), generator=g, dtype=torch.int8, device=cpu).float().mul_(2).sub_(1)
@@ -92,29 +84,24 @@ class HashingProjection(Projection):
 
     supports_row_slices = True
 
-    def _block_range(self, b0: int, b1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(r_b, r_b + 2d·[u_b < 0])`` for blocks ``b0..b1`` (int64 on the device): the column offset, and where
-        the block's window starts in ``[w, w, -w, -w]``. Hashed on the device (no host read).
+    def _block_range(self, b0: int, b1: int) -> tuple[torch.Tensor, ...]:
+        """For blocks ``b0..b1`` (on the device, int64 unless said): ``r_b + 2d·[u_b < 0]``, where the block's
+        window starts in ``[w, w, -w, -w]``; ``u_b`` as a float32 column ``(n, 1)``; ``d - r_b``, where
+        the block's rolled row starts in the row written twice (Pᵀg); and ``arange(n)``. Hashed on the device,
+        no host read.
 
-        Kept per range asked (one per tensor of θ: ``O(D/d)`` numbers in all, 16 B per block, e.g. 200 KB at
+        Kept per range asked (one per tensor of θ: ``O(D/d)`` numbers in all, 28 B per block, e.g. 350 KB at
         D = 124M, d = 10k), so a training step does not hash the same blocks again and again.
         """
         key = (b0, b1)
         hit = self._ranges.get(key)
         if hit is None:
             r, neg = self.shifts_signs(torch.arange(b0, b1 + 1, device=self.device))
-            hit = (r, r + neg * (2 * self.d))
+            sign = (1.0 - 2.0 * neg.to(torch.float32)).unsqueeze(1)
+            hit = (r + neg * (2 * self.d), sign, self.d - r, torch.arange(b1 - b0 + 1, device=self.device))
             if not torch.compiler.is_compiling():
                 self._ranges[key] = hit
         return hit
-
-    def window_start(self, b: int) -> int:
-        """Where block ``b``'s window starts in ``[w, w, -w, -w]`` (``r_b + 2d·[u_b < 0]``), as a host integer:
-        the first and last block of a slice are plain slices at this offset, with no read from the device."""
-        if self._saved_host is not None:
-            shifts, negative = self._saved_host
-            return shifts[b] + (2 * self.d if negative[b] else 0)
-        return block_hash_int(b, self.seed, 5) % self.d + (2 * self.d if block_hash_int(b, self.seed, 6) & 1 else 0)
 
     def shifts_signs(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(r_b, u_b < 0)`` for block numbers ``blocks``: the column offset and whether the block's sign is -1."""
@@ -127,28 +114,30 @@ class HashingProjection(Projection):
 
     # -- P c ------------------------------------------------------------------------------------------------
     def _windows(self, c):
-        """``[w, w, -w, -w]`` (``w = c/√n``): block ``b`` reads window ``r_b`` (``u_b = 1``) or ``2d + r_b``."""
+        """``[w, w, -w, -w]`` (``w = c/√n``): block ``b`` reads window ``r_b`` (``u_b = 1``) or ``2d + r_b``.
+
+        Kept for the same ``c`` object while it is unchanged (host-side check: :mod:`hf_subspace.cache`), so the
+        tensors of one forward (and their recomputes) share it: ``4d`` floats.
+        """
+        key = values_token([c])
+        hit = self._z
+        if hit is not None and hit[0]() is c and hit[1] == key:
+            return hit[2]
         w = c.detach().to(self.device, torch.float32) * self.col_scale
-        return torch.cat([w, w, -w, -w])
+        z = torch.cat([w, w, -w, -w])
+        if not torch.compiler.is_compiling():
+            self._z = (weakref.ref(c), key, z)
+        return z
 
     def matvec_rows(self, c, start, stop):
         if stop <= start:  # an empty slice (a zero-element tensor of θ)
             return torch.zeros(0, device=self.device, dtype=torch.float32)
         d = self.d
-        z = self._windows(c)
-        out = torch.empty(stop - start, device=self.device, dtype=torch.float32)
         b0, b1 = start // d, (stop - 1) // d  # first and last block touched
-        for b in (b0, b1)[: 1 if b1 == b0 else 2]:  # first and last block: plain slices at host offsets
-            lo, hi = max(start, b * d) - b * d, min(stop, (b + 1) * d) - b * d
-            o = self.window_start(b)
-            at = b * d + lo - start
-            torch.mul(z[o + lo: o + hi], self.v[lo:hi], out=out[at: at + hi - lo])
-        if b1 - b0 >= 2:  # whole blocks in between: one gather of windows at offsets kept on the device
-            _, offsets = self._block_range(b0 + 1, b1 - 1)
-            mid = out[(b0 + 1) * d - start: b1 * d - start].view(b1 - b0 - 1, d)
-            torch.index_select(z.unfold(0, d, 1), 0, offsets, out=mid)
-            mid.mul_(self.v)
-        return out
+        offsets = self._block_range(b0, b1)[0]
+        # every block touched, the partial first and last ones whole: one gather of windows, then the slice
+        blocks = torch.index_select(self._windows(c).unfold(0, d, 1), 0, offsets).mul_(self.v)
+        return blocks.view(-1)[start - b0 * d: stop - b0 * d]
 
     def matvec_at(self, c, positions):
         flat = positions.reshape(-1).to(self.device, torch.int64)
@@ -164,11 +153,6 @@ class HashingProjection(Projection):
     entries_sync_free = True  # matvec_at / rmatvec_at: elementwise hashes and an index_add (repeats accumulate)
 
     # -- Pᵀ g -----------------------------------------------------------------------------------------------
-    def _block_signs(self, b0: int, b1: int) -> torch.Tensor:
-        """``u_b`` (±1.0, float32 on the device) of blocks ``b0..b1``."""
-        _, offsets = self._block_range(b0, b1)
-        return 1.0 - 2.0 * (offsets >= 2 * self.d).to(torch.float32)
-
     def _fold(self, bins):
         """``4d`` bins (row offsets ``r_b + k``, plus ``2d`` where ``u_b = -1``) back onto the ``d`` columns, scaled."""
         d = self.d
@@ -178,25 +162,23 @@ class HashingProjection(Projection):
         if stop <= start:
             return torch.zeros(self.d, device=self.device, dtype=torch.float32)
         d = self.d
-        g = g.detach().reshape(-1).to(self.device, torch.float32)
-        bins = torch.zeros(4 * d, device=self.device, dtype=torch.float32)
         b0, b1 = start // d, (stop - 1) // d
-        for b in (b0, b1)[: 1 if b1 == b0 else 2]:  # first and last block: slice adds at host offsets
-            lo, hi = max(start, b * d) - b * d, min(stop, (b + 1) * d) - b * d
-            o, at = self.window_start(b), b * d + lo - start
-            bins[o + lo: o + hi].addcmul_(g[at: at + hi - lo], self.v[lo:hi])
-        out = self._fold(bins)
-        if b1 - b0 >= 2:  # whole blocks in between: each block's row rolled onto the columns, summed with its sign
-            r, _ = self._block_range(b0 + 1, b1 - 1)
-            sign = self._block_signs(b0 + 1, b1 - 1)
-            mid = g[(b0 + 1) * d - start: b1 * d - start].view(b1 - b0 - 1, d)
-            step = max(1, CHUNK_ROWS // d)
-            total = None
-            for c0 in range(0, len(mid), step):  # a chunk at a time: ~3 chunk-sized float32 temporaries
-                part = _roll_rows(mid[c0: c0 + step] * self.v, r[c0: c0 + step], sign[c0: c0 + step], d)
-                total = part if total is None else total + part
-            out = out + total * self.col_scale
-        return out
+        _, sign, roll_start, rows = self._block_range(b0, b1)
+        g = g.detach().reshape(-1).to(self.device, torch.float32)
+        if start != b0 * d or stop != (b1 + 1) * d:  # partial first or last block: zeros around the slice
+            padded = torch.zeros((b1 - b0 + 1) * d, device=self.device, dtype=torch.float32)
+            padded[start - b0 * d: stop - b0 * d] = g
+            g = padded
+        blocks = g.view(b1 - b0 + 1, d)
+        step = max(1, CHUNK_ROWS // d)
+        total = None
+        if len(blocks) <= step:
+            total = _roll_rows(blocks * self.v, roll_start, sign, rows)
+        for c0 in range(0, len(blocks), step) if len(blocks) > step else ():  # a chunk at a time: ~3 chunk-sized
+            c1 = c0 + step                                                     # float32 temporaries
+            part = _roll_rows(blocks[c0: c1] * self.v, roll_start[c0: c1], sign[c0: c1], rows[: len(blocks[c0: c1])])
+            total = part if c0 == 0 else total + part
+        return total * self.col_scale
 
     def rmatvec_at(self, g, positions):
         flat = positions.reshape(-1).to(self.device, torch.int64)
@@ -224,15 +206,14 @@ class HashingProjection(Projection):
                              f"({self.n_blocks},)")
         super().load_state_tensors(tensors)
         self._saved = (shifts.to(torch.int64), negative.to(torch.int8))
-        self._saved_host = (array("q", shifts.to(torch.int64).tolist()), array("b", negative.to(torch.int8).tolist()))
-        self._ranges = {}
+        self._ranges, self._z = {}, None
 
     def _move(self, device):
         self.v, self.col_scale, self.positions = (t.to(device) for t in (self.v, self.col_scale, self.positions))
-        self._ranges = {}
+        self._ranges, self._z = {}, None
 
     def state_bytes(self) -> int:
         """Bytes held beside the model for this projection: ``v``, ``1/√n``, ``arange(d)`` and the block ranges
-        kept so far (at most 16 B per block of d rows)."""
-        held = [self.v, self.col_scale, self.positions] + [t for hit in self._ranges.values() for t in hit]
+        kept so far (at most 28 B per block of d rows)."""
+        held = [self.v, self.col_scale, self.positions] + [t for hit in self._ranges.values() for t in hit]  # noqa
         return sum(t.numel() * t.element_size() for t in held)

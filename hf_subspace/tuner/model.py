@@ -21,10 +21,10 @@ from peft.utils import other as peft_other
 
 from .. import __version__
 from ..engine import SubspaceEngine, find_engine, vector_key
-from ..errors import AdapterMismatchError, CorruptAdapterError, SubspaceConfigError
+from ..errors import AdapterMismatchError, CorruptAdapterError
 from ..hub import auto_class_for
 from ..layout import (check_targets, expand_all_linear, fingerprint_tensors, fingerprints_match, original_tensor,
-                      select_parameters)
+                      refuse_offloaded_theta0, select_parameters)
 from ..quantized import check_quantized_base, quantization_record
 from ..plain import install_plain_save, uninstall_plain_save
 from ..projections import PROJECTION_KINDS, STORED_KINDS, latest_format
@@ -66,7 +66,7 @@ class SubspaceModel(BaseTuner):
         config.target_modules = expand_all_linear(model, config.target_modules, config.task_type)
         layout = select_parameters(model, config.target_modules, config.exclude_modules, config.modules_to_save,
                                    trainable=engine.was_trainable)
-        _refuse_offloaded_theta0(model, layout)
+        refuse_offloaded_theta0(model, layout)
         self._check_or_record_base(model, config, layout)
         validate_dim_fits(config.dim, config.mode, layout, targets)
         options = dict(config.projection_options)
@@ -191,8 +191,8 @@ class SubspaceModel(BaseTuner):
         self._check_merge_allowed()
         names = list(adapter_names or self.active_adapters)
         if self.subspace.merged_slots:  # peft's warnings (check_adapters_to_merge), once for the model
-            merged = self.subspace.merged_adapters
-            todo = [n for n in names if n not in merged]
+            merged = sorted({a for a, _ in self.subspace.merged_slots})  # (in some tensors, by per-layer merges)
+            todo = [n for n in names if n not in self.subspace.merged_adapters]
             if todo:
                 warnings.warn(f"Already following adapters were merged {','.join(merged)}. "
                               f"You are now additionally merging {','.join(todo)}.")
@@ -310,37 +310,6 @@ class SubspaceModel(BaseTuner):
             )
         engine.adapters[adapter_name].invalidate()
         return out
-
-
-def _offloads(module: nn.Module) -> bool:
-    """Whether accelerate's hooks on ``module`` offload its weights (CPU or disk offload: they sit on the meta device
-    and a hook loads them at each forward)."""
-    hook = getattr(module, "_hf_hook", None)
-    hooks = list(getattr(hook, "hooks", ())) or ([hook] if hook is not None else [])
-    return any(getattr(h, "offload", False) or getattr(h, "weights_map", None) is not None for h in hooks)
-
-
-def _refuse_offloaded_theta0(model: nn.Module, layout) -> None:
-    """Refuse, naming the tensors, a θ whose θ0 accelerate offloads: the adapter computes θ0 + P c where a module's
-    forward reads the weight and cannot see weights a hook swaps in, so it would fail at the first forward
-    ("Cannot copy out of meta tensor") with c on the meta device."""
-    offloaded = []
-    for slot in layout.slots:
-        for module_name, attr in slot.holders:
-            module = model.get_submodule(module_name)
-            if original_tensor(model, slot).is_meta and _offloads(module):
-                offloaded.append(slot.name)
-                break
-    if offloaded:
-        shown = ", ".join(repr(n) for n in offloaded[:3]) + (f" and {len(offloaded) - 3} more"
-                                                              if len(offloaded) > 3 else "")
-        raise SubspaceConfigError(
-            f"{len(offloaded)} tensors of θ ({shown}) are offloaded by accelerate (CPU or disk offload from "
-            "device_map / max_memory / cpu_offload: their weights sit on the meta device and a hook loads them at "
-            "each forward). A subspace adapter computes θ0 + P c where the module reads its weight and needs θ0 in "
-            "memory: load the base without offload (device_map={'': 'cpu'}, or a device_map / max_memory that keeps "
-            "every layer on a device; bf16 halves θ0), or keep the offloaded modules out of θ (target_modules / "
-            "exclude_modules)")
 
 
 def _short(value, n: int = 4) -> str:
