@@ -349,3 +349,14 @@ def test_evaluation_does_not_cut_the_gradient_of_later_training(tmp_path, evalua
     model.train()
     model(input_ids=IDS, labels=IDS).loss.backward()
     assert find_engine(model).coeffs["default"].grad.abs().sum() > 0
+
+
+def test_real_torchao_weights_are_refused_naming_torchao():
+    """With torchao installed (0.18 checked; not in the dev extra): its int8 weight-only tensors are refused."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8))
+    quantize_(model, Int8WeightOnlyConfig())
+    with pytest.raises(hs.SubspaceConfigError, match=r"'0': Linear \(torchao \w+ weight\), '1': Linear \(torchao"):
+        get_peft_model(model, hs.SubspaceConfig(dim=4))
