@@ -221,14 +221,20 @@ def _forward(self: nn.Module, x: torch.Tensor, *args, **kwargs):
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in pieces)):
         y = _DequantLinear.apply(x, self, engine, slot_name, _terms(engine, live), dtype, *pieces)
     else:
-        w = dequantize(self.weight).to(dtype)
-        for p in pieces:
-            w = w + p.to(w.device, dtype)
-        y = F.linear(x, w)
+        y = F.linear(x, _adapted(self, dtype, pieces))
     bias = self.bias
     if bias is not None:
         y = y + bias.to(dtype)
     return y.to(inp_dtype)
+
+
+def _adapted(module: nn.Module, dtype: torch.dtype, pieces) -> torch.Tensor:
+    """``dequant(W)`` in ``dtype`` plus each piece cast to ``dtype``, added in place (one weight-sized tensor)."""
+    w = dequantize(module.weight)
+    w = w.to(dtype) if w.dtype != dtype else w  # dequantize returns a new tensor: ours to add into
+    for p in pieces:
+        w.add_(p.detach().to(w.device, dtype))
+    return w
 
 
 def _terms(engine, live) -> tuple:
@@ -257,9 +263,7 @@ class _DequantLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, module, engine, slot_name, terms, dtype, *pieces):
-        w = dequantize(module.weight).to(dtype)
-        for p in pieces:
-            w = w + p.to(w.device, dtype)
+        w = _adapted(module, dtype, pieces)
         ctx.module, ctx.engine, ctx.slot_name, ctx.terms, ctx.dtype = module, engine, slot_name, terms, dtype
         ctx.save_for_backward(x)
         return F.linear(x, w)
@@ -272,10 +276,12 @@ class _DequantLinear(torch.autograd.Function):
         grad_x = grad_w = None
         with torch.no_grad():
             if needs_x:
-                w0 = dequantize(ctx.module.weight).to(ctx.dtype)
-                w = ctx.engine._recompute(ctx.slot_name, w0, ctx.terms)
+                pieces = [state.piece(c, i, lam) if view is None else (view if lam is None else view * lam)
+                          for _, state, i, c, lam, view in ctx.terms]  # as the forward computed them
+                w = _adapted(ctx.module, ctx.dtype, pieces)
+                del pieces
                 grad_x = grad.to(ctx.dtype) @ w
-                del w, w0
+                del w
             if needs_w:
                 g2 = grad.reshape(-1, grad.shape[-1])
                 x2 = x.reshape(-1, x.shape[-1])
