@@ -11,6 +11,8 @@ median over all timed steps of all rounds (peaks: the median of the rounds' peak
 PEFT LoRA r=8 (attention q,v), hf_subspace hashing d=10k on q,v, and hf_subspace over all weights (global) at
 d = 1k / 10k / 100k — plus, for comparison in the same run, the global d=10k configuration as hf_subspace 0.1.0
 ran it (hashing format 1: an int32 index per weight; adapted weights kept from forward to backward).
+``--models llama4bit``: QLoRA (PEFT LoRA r=8 on q,v) against hf_subspace global hashing d=10k over every weight of
+the same 4-bit (NF4, bitsandbytes) Llama, both after peft's ``prepare_model_for_kbit_training``.
 
 The report also carries the same bytes per parameter to a 7B model (bf16 weights) on paper.
 """
@@ -33,6 +35,15 @@ MODELS = {
              "qv": ["c_attn"], "task": "CAUSAL_LM"},
     "minilm": {"title": "MiniLM-L6 (22.7M), sequence classification, batch 16 x 64", "batch": 16, "seq": 64,
                "qv": ["query", "value"], "task": "SEQ_CLS"},
+    # QLoRA against the subspace on the same 4-bit base (issue 23): both after peft's prepare_model_for_kbit_training
+    "llama4bit": {"title": "Llama (hidden 1024, 4 layers: 45.1M weights in linear layers, NF4 by bitsandbytes; "
+                           "embeddings and untied head 32k x 1024 float32), causal LM, batch 4 x 128", "batch": 4,
+                  "seq": 128, "qv": ["q_proj", "v_proj"], "task": "CAUSAL_LM", "quantized": True,
+                  "methods": ["lora", "global10k", "global10k_linears"],
+                  "labels": {"lora": "QLoRA: PEFT LoRA r=8 (q,v) on the 4-bit base",
+                             "global10k": "hf_subspace global hashing d=10k on the 4-bit base (every weight)",
+                             "global10k_linears": "hf_subspace global hashing d=10k on the 4-bit base (every weight "
+                                                  "but embeddings and head)"}},
 }
 
 METHODS = [
@@ -42,6 +53,8 @@ METHODS = [
     {"id": "global1k", "label": "hf_subspace global hashing d=1k", "dim": 1_000},
     {"id": "global10k", "label": "hf_subspace global hashing d=10k", "dim": 10_000},
     {"id": "global100k", "label": "hf_subspace global hashing d=100k", "dim": 100_000},
+    {"id": "global10k_linears", "label": "hf_subspace global hashing d=10k, embeddings and head left out",
+     "dim": 10_000, "exclude": ["embed_tokens", "lm_head"], "models": ["llama4bit"]},
     {"id": "global10k_0.1.0", "label": "global hashing d=10k as in 0.1.0 (format 1, weights kept)", "dim": 10_000,
      "format": 1, "keep_weights": True},
 ]
@@ -49,6 +62,18 @@ WARMUP, STEPS = 1, 3
 
 
 def build_model(name: str):
+    if MODELS[name].get("quantized"):
+        from peft import prepare_model_for_kbit_training
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from hf_subspace.quantized import quantize_linear_layers
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=32_000, hidden_size=1024, intermediate_size=2816,
+                                             num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
+                                             max_position_embeddings=2048))
+        quantize_linear_layers(model, bits=4, quant_type="nf4")
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if name == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -73,7 +98,8 @@ def build_method(model, model_name: str, method: dict):
         return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=spec["qv"],
                                                 task_type=spec["task"], fan_in_fan_out=model_name == "gpt2"))
     config = hf_subspace.SubspaceConfig(dim=method["dim"], target_modules=spec["qv"] if method.get("qv") else None,
-                                        projection_format=method.get("format"), task_type=spec["task"])
+                                        projection_format=method.get("format"), task_type=spec["task"],
+                                        exclude_modules=method.get("exclude"))
     peft_model = get_peft_model(model, config)
     if method.get("keep_weights"):
         hf_subspace.find_engine(peft_model).recompute_saved_weights = False
@@ -178,6 +204,36 @@ def paper_7b(d: int = 10_000) -> list[dict]:
         {"method": f"global subspace d={d:,} as in 0.1.0", "bytes": P * (2 + 4 + 2) + d * 16,
          "how": "+ an int32 index per weight (4 B) + every adapted weight kept for the backward (2 B)"},
     ]
+    return rows + paper_4bit(d)
+
+
+#: Llama-2-70B: 80 layers, hidden 8192, MLP 28672, grouped-query attention (k, v 1024 wide), vocab 32k
+LLAMA_70B = {"params": 68_976_648_192, "hidden": 8192, "layers": 80, "vocab": 32_000, "kv": 1024, "mlp": 28_672}
+#: bitsandbytes NF4 as from_pretrained stores it by default: 4 bits + one float32 absmax per 64 weights
+NF4_BYTES = 0.5 + 4 / 64
+
+
+def paper_4bit(d: int = 10_000) -> list[dict]:
+    """QLoRA against the subspace on a 4-bit (NF4) base: linear layers NF4, embeddings and head bf16."""
+    rows = []
+    shapes = [("7B", {**LLAMA_7B, "kv": LLAMA_7B["hidden"], "mlp": 11_008}), ("70B", LLAMA_70B)]
+    for name, m in shapes:
+        h, L, V = m["hidden"], m["layers"], m["vocab"]
+        dense = 2 * V * h  # embeddings and the untied head stay bf16
+        linear = m["params"] - dense - (2 * L + 1) * h  # norms aside
+        base = linear * NF4_BYTES + dense * 2 + (2 * L + 1) * h * 4  # norms float32 (prepare_model_for_kbit_training)
+        lora = L * 8 * ((h + h) + (h + m["kv"]))  # r=8 on q (h -> h) and v (h -> kv)
+        largest = m["mlp"] * h
+        rows += [
+            {"method": f"{name}, 4-bit NF4 base: QLoRA r=8 (q,v)", "bytes": base + lora * 16,
+             "how": f"NF4 linears ({NF4_BYTES} B per weight) + bf16 embeddings and head + {lora:,} adapter weights "
+                    "x 16 B"},
+            {"method": f"{name}, 4-bit NF4 base: global subspace d={d:,}", "bytes": base + d * 28 + largest * 8,
+             "how": f"the same base + c and projection state (28 B x d) + transiently, for the largest linear "
+                    f"({m['mlp']:,} x {h:,}), 8 B per weight: its fp32 δ and dequantized and adapted bf16 weights "
+                    "in the forward; the bf16 recompute, then the fp32 weight gradient in the backward — one layer "
+                    "at a time, nothing kept from forward to backward"},
+        ]
     return rows
 
 
@@ -208,21 +264,24 @@ def markdown_report(results: dict) -> str:
     for model_name, rows in results["models"].items():
         out += [f"## {MODELS[model_name]['title']}", ""]
         table = []
+        labels = MODELS[model_name].get("labels", {})
         for method in METHODS:
             row = rows.get(method["id"])
             if row is None:
                 continue
+            label = labels.get(method["id"], method["label"])
             if row.get("status") != "measured":
-                table.append([method["label"], "—", "—", "—", "—", "—", "—", "—", row.get("reason", "failed")])
+                table.append([label, "—", "—", "—", "—", "—", "—", "—", row.get("reason", "failed")])
                 continue
-            table.append([method["label"], fmt_int(row["trainable"]), fmt_mb(row["peak_mem_mb"]),
+            table.append([label, fmt_int(row["trainable"]), fmt_mb(row["peak_mem_mb"]),
                           fmt_ratio(row.get("mem_vs_lora")), fmt_ratio(row.get("mem_vs_full")), fmt_s(row["step_s"]),
                           fmt_ratio(row.get("time_vs_full")), fmt_ratio(row.get("time_vs_lora")),
                           fmt_bytes(row.get("projection_state_bytes"))])
         out += markdown_table(["method", "trainable", "peak mem", "mem ×LoRA", "mem ×full", "step (s)", "time ×full",
                                "time ×LoRA", "P state"], table)
         out.append("")
-    out += ["## On paper: a 7B model (Llama-2-7B shapes, bf16 weights), one GPU, activations left out", ""]
+    out += ["## On paper: a 7B model (Llama-2-7B shapes, bf16 weights; and 7B / 70B on a 4-bit base), one GPU, "
+            "activations left out", ""]
     out += markdown_table(["method", "bytes per GPU", "what"],
                           [[r["method"], fmt_bytes(r["bytes"]), r["how"]] for r in results["paper_7b"]], "lrl")
     return "\n".join(out) + "\n"
@@ -230,7 +289,8 @@ def markdown_report(results: dict) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="*", default=["gpt2", "minilm"], choices=list(MODELS),
+                   help="llama4bit: QLoRA against the global subspace on the same 4-bit base")
     p.add_argument("--only", nargs="*", help="method ids to run (default: all)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1: fair on a shared "
@@ -274,7 +334,13 @@ def main(argv=None) -> None:
                "time_rounds": args.time_rounds,
                "paper_7b": paper_7b()}
     methods = [m["id"] for m in METHODS if not args.only or m["id"] in args.only]
-    jobs = {(mn, mid): ["--worker", mn, mid] for mn in args.models for mid in methods}
+
+    def methods_of(model_name):
+        listed = MODELS[model_name].get("methods")  # a model may list its methods; a method may list its models
+        models = {x["id"]: x.get("models") for x in METHODS}
+        return [m for m in methods if (m in listed if listed else model_name in (models[m] or [model_name]))]
+
+    jobs = {(mn, mid): ["--worker", mn, mid] for mn in args.models for mid in methods_of(mn)}
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(jobs) * args.rounds + len(args.models), desc="memory benchmark")
@@ -291,7 +357,7 @@ def main(argv=None) -> None:
         results["models"].setdefault(model_name, {})[method_id] = row
     # step times: all methods of a model interleaved in one process (see time_interleaved)
     for model_name in args.models:
-        timing = run_worker(__file__, ["--timing-worker", f"{model_name}:{','.join(methods)}",
+        timing = run_worker(__file__, ["--timing-worker", f"{model_name}:{','.join(methods_of(model_name))}",
                                        "--time-rounds", str(args.time_rounds)], args.timeout, args.threads)
         bar.update(1)
         bar.set_postfix_str(f"{model_name} interleaved timing: {timing.get('status')}")

@@ -33,6 +33,7 @@ from torch.nn.utils import parametrize
 
 from .cache import InferenceCacheMixin, theta0_token, track
 from .delta import AdapterSubspace, Scratch
+from . import quantized
 from .errors import SubspaceConfigError
 from .layout import ThetaLayout, holder_names, original_tensor
 from .merging import MergeMixin, is_subspace_parametrized  # noqa: F401  (importable from here as before)
@@ -140,6 +141,11 @@ class SubspaceEngine(SavedWeightsMixin, InferenceCacheMixin, MergeMixin, nn.Modu
                 holders = self.holders.setdefault(slot.name, [])
                 for module_name, attr in slot.holders:
                     module = model.get_submodule(module_name)
+                    if slot.quantized:  # no parametrization: the layer's forward adds δ (hf_subspace.quantized)
+                        quantized.attach(self, module, slot.name)
+                        if not any(m is module and a == attr for m, a in holders):
+                            holders.append((module, attr))
+                        continue
                     if not is_subspace_parametrized(module, attr):
                         parametrize.register_parametrization(module, attr, SubspaceLayer(self, slot.name),
                                                              unsafe=True)
@@ -149,6 +155,8 @@ class SubspaceEngine(SavedWeightsMixin, InferenceCacheMixin, MergeMixin, nn.Modu
                     if not any(m is module and a == attr for m, a in holders):
                         holders.append((module, attr))
                     track(module.parametrizations[attr].original).requires_grad_(False)
+        if any(slot.quantized for slot in layout.slots) or any(quantized.bnb_kind(m) for m in model.modules()):
+            quantized.keep_layers_differentiable(model)
         if not self.active:
             self.active = [name]
         self.hook_into(model)
@@ -157,6 +165,8 @@ class SubspaceEngine(SavedWeightsMixin, InferenceCacheMixin, MergeMixin, nn.Modu
     def original(self, slot_name: str) -> torch.Tensor:
         """θ0 of one tensor of θ (the parametrization's stored tensor)."""
         module, attr = self.holders[slot_name][0]
+        if quantized.attached_layer(module) is not None and attr == "weight":
+            return module.weight  # a bitsandbytes quantized weight (its layer's forward adds δ)
         return module.parametrizations[attr].original
 
     # -- the forward path -------------------------------------------------------------------------------------

@@ -35,6 +35,9 @@ class ParamSlot:
     holders: list[tuple[str, str]]  # every (module path, attribute) that holds this tensor (tied weights)
     shape: tuple[int, ...]
     offset: int = 0
+    #: a bitsandbytes quantized weight: θ0 is its dequantized value and the layer's forward adds δ
+    #: (:mod:`hf_subspace.quantized`); ``shape`` is the dequantized ``(out_features, in_features)``
+    quantized: bool = False
 
     @property
     def numel(self) -> int:
@@ -81,15 +84,6 @@ def expand_all_linear(model: nn.Module, target_modules, task_type=None):
     cfg = _match_config(target_modules, None, None)
     cfg.task_type = task_type
     names = sorted(_maybe_include_all_linear_layers(cfg, model).target_modules)
-    quantized = [(n, q) for n, m in model.named_modules() if n and (q := quantized_class(m)) is not None
-                 and any(n == t or n.endswith("." + t) for t in names)]
-    if quantized:  # the full names of the other layers: a suffix like "q_proj" would also name the quantized ones
-        keep = sorted(n for n, m in model.named_modules() if n and quantized_class(m) is None
-                      and any(n == t or n.endswith("." + t) for t in names))
-        warnings.warn(f"target_modules='all-linear' leaves {len(quantized)} quantized linear layer(s) out of θ "
-                      f"({_quantized_names(quantized)}): {QUANTIZED_HELP}. θ is made of the other linear layers "
-                      f"({len(keep)} of them); load the base unquantized to include them", stacklevel=2)
-        names = keep
     return names
 
 
@@ -111,33 +105,29 @@ def under_modules_to_save(module_name: str, modules_to_save) -> bool:
     return any(re.match(rf"(^|.*\.){m}($|\..*)", module_name) for m in (modules_to_save or ()))
 
 
-_BNB_QUANTIZED = {"Linear4bit", "Linear8bitLt", "Params4bit", "Int8Params"}
-
-
-def quantized_class(module: nn.Module) -> str | None:
-    """``"Linear4bit (bitsandbytes)"`` when ``module`` holds a quantized weight — a bitsandbytes ``Linear4bit`` /
-    ``Linear8bitLt`` (or subclass), a bitsandbytes ``Params4bit`` / ``Int8Params`` parameter, or a torchao tensor
-    subclass as a parameter — else None.
-
-    A subspace adapter cannot adapt a quantized weight yet (θ0 + P c needs θ0 in floating point), so such modules
-    are left out of θ whole (their float bias too: adapting it alone is not what naming the layer asks for)."""
-    classes = list(type(module).__mro__)
-    for _, p in module.named_parameters(recurse=False):
-        classes += [type(p), type(p.data)]
-    for cls in classes:
-        root = cls.__module__.split(".")[0]
-        if (root == "bitsandbytes" and cls.__name__ in _BNB_QUANTIZED) or root == "torchao":
-            return f"{type(module).__name__} ({root})"
-    return None
-
-
 def _quantized_names(pairs: Sequence[tuple[str, str]], n: int = 3) -> str:
     shown = ", ".join(f"{name!r}: {cls}" for name, cls in pairs[:n])
     return shown + (f" and {len(pairs) - n} more" if len(pairs) > n else "")
 
 
-QUANTIZED_HELP = ("a subspace adapter cannot adapt quantized weights yet (θ0 + P c needs θ0 in floating point; "
-                  "bitsandbytes Linear4bit / Linear8bitLt and torchao weights are not supported)")
+def _refuse_unsupported_quantization(pairs: Sequence[tuple[str, str]], what: str) -> None:
+    from .quantized import UNSUPPORTED_HELP
+
+    if pairs:
+        raise SubspaceConfigError(f"{what} {len(pairs)} layer(s) with quantized weights of an unsupported kind "
+                                  f"({_quantized_names(pairs)}): {UNSUPPORTED_HELP}")
+
+
+def _kbit_frozen(model: nn.Module, trainable) -> bool:
+    """Whether ``model`` holds bitsandbytes quantized layers and no trainable floating-point parameter: what
+    peft's ``prepare_model_for_kbit_training`` leaves (it freezes every parameter). θ is then chosen as on the
+    model before that call (every floating-point parameter), so both orders give the same θ."""
+    from .quantized import bnb_kind, is_quantized_weight
+
+    if not any(bnb_kind(m) is not None for m in model.modules()):
+        return False
+    return not any(trainable(name, p) for name, (_, _, p) in holder_names(model).items()
+                   if p.is_floating_point() and not is_quantized_weight(p))
 
 
 def _wrapper_prefixes(model: nn.Module) -> list[str]:
@@ -184,6 +174,10 @@ def select_parameters(
                                   "parameter")
     target_modules = expand_all_linear(model, target_modules)
     trainable = trainable or (lambda name, p: p.requires_grad)
+    if _kbit_frozen(model, trainable):
+        trainable = lambda name, p: True  # noqa: E731 (see _kbit_frozen)
+    from .quantized import bnb_kind, logical_shape, unsupported_quantization
+
     skip = _wrapper_prefixes(model)
     slots: dict[int, ParamSlot] = {}
     order: list[int] = []
@@ -193,12 +187,23 @@ def select_parameters(
         if _is_under(module_name, skip) or not module_matches(module_name, target_modules, exclude_modules,
                                                                modules_to_save):
             continue
-        kind = quantized_class(module)
-        if kind is not None:
-            quantized.append((module_name, kind))
+        bad = unsupported_quantization(module)
+        if bad is not None:
+            quantized.append((module_name, bad))
             continue
+        quantized_weight = bnb_kind(module) is not None
+        if quantized_weight:  # θ0 is the dequantized weight (hf_subspace.quantized); always a candidate
+            p = module.weight
+            matched_module = True
+            if id(p) not in slots:
+                slots[id(p)] = ParamSlot(name=f"{module_name}.weight" if module_name else "weight", holders=[],
+                                         shape=logical_shape(module), quantized=True)
+                order.append(id(p))
+            slots[id(p)].holders.append((module_name, "weight"))
         for attr, p in own_tensors(module):
             name = f"{module_name}.{attr}" if module_name else attr
+            if quantized_weight and attr == "weight":
+                continue
             if not p.is_floating_point():
                 continue
             matched_module = True
@@ -217,17 +222,8 @@ def select_parameters(
         for attr, p in own_tensors(module):
             if id(p) in chosen and (module_name, attr) not in slots[id(p)].holders:
                 slots[id(p)].holders.append((module_name, attr))
-    if quantized and target_modules is not None:
-        raise SubspaceConfigError(
-            f"target_modules={target_modules!r} matches {len(quantized)} quantized layer(s) "
-            f"({_quantized_names(quantized)}): {QUANTIZED_HELP}. Load the base unquantized, or leave them out "
-            "(exclude_modules, or name other layers)")
-    if quantized:
-        D = sum(math.prod(slots[k].shape) for k in order)
-        warnings.warn(
-            f"{len(quantized)} quantized layer(s) left out of θ ({_quantized_names(quantized)}), weights and "
-            f"biases: {QUANTIZED_HELP}. θ is the model's other trainable floating-point tensors ({len(order)} "
-            f"tensors, D={D}); load the base unquantized to include them", stacklevel=2)
+    _refuse_unsupported_quantization(quantized, "θ would include" if target_modules is None else
+                                     f"target_modules={target_modules!r} matches")
     if not order:
         if target_modules is not None and not matched_module:
             raise SubspaceConfigError(
@@ -290,7 +286,10 @@ def check_targets(model: nn.Module, target_modules, exclude_modules=None, module
     modules = list(model.named_modules())
     owners = {name for name, module in modules
               if any(p.is_floating_point() for _, p in own_tensors(module))}
-    quantized = {name: kind for name, module in modules if (kind := quantized_class(module)) is not None}
+    from .quantized import bnb_kind, unsupported_quantization
+
+    owners |= {name for name, module in modules if bnb_kind(module) is not None}
+    quantized = {name: kind for name, module in modules if (kind := unsupported_quantization(module)) is not None}
     for entry in entries:
         in_theta, in_full, empty, in_quantized = [], [], [], []
         for name, _ in modules:
@@ -307,10 +306,7 @@ def check_targets(model: nn.Module, target_modules, exclude_modules=None, module
                 empty.append(name)
         what = f"target_modules={entry!r}" if isinstance(target_modules, str) else \
             f"the target_modules entry {entry!r}"
-        if in_quantized:
-            raise SubspaceConfigError(
-                f"{what} matches {len(in_quantized)} quantized layer(s) ({_quantized_names(in_quantized)}): "
-                f"{QUANTIZED_HELP}. Load the base unquantized, or name other layers")
+        _refuse_unsupported_quantization(in_quantized, f"{what} matches")
         if in_full:
             head = ("; peft adds 'classifier' and 'score' to it for task_type='SEQ_CLS'" if task_type == "SEQ_CLS"
                     else "")
@@ -396,23 +392,36 @@ def fingerprint_tensors(tensors: Sequence[torch.Tensor]) -> str | None:
     the fingerprint is 16 fixed random ±1 sketches of ``s / ‖s‖``. Rounding every weight to a dtype of relative
     precision ``ε`` moves each sketch by about ``ε/√3`` (at most ``ε``), while another checkpoint moves them by
     its relative distance — O(1) for an unrelated one. :func:`fingerprints_match` compares within ``4ε`` of the
-    coarser of the two dtypes.
+    coarser of the two dtypes. A bitsandbytes quantized weight is fingerprinted by its dequantized values (what the
+    layer computes with, and what ``model.dequantize()`` gives).
     """
     if any(t.is_meta for t in tensors):
         return None
+    from .quantized import float_values
+
+    tensors = [float_values(t) for t in tensors]  # a quantized weight: its dequantized values (what θ0 is)
     parts, dtypes = [], set()
     for t in tensors:
         flat = t.detach().reshape(-1)
         dtypes.add(t.dtype)
         step = max(1, flat.numel() // 64)
         parts.append(flat[::step][:64].double().cpu())
-        parts.append(flat.double().abs().mean().reshape(1).cpu())
+        parts.append(_abs_mean(flat).reshape(1).cpu())
     s = torch.cat(parts)
     g = torch.Generator().manual_seed(20_260_101)
     signs = torch.randint(0, 2, (FINGERPRINT_SKETCHES, s.numel()), generator=g, dtype=torch.int8).double() * 2 - 1
     sketch = signs @ (s / s.norm().clamp_min(1e-300))
     coarsest = max(dtypes, key=lambda d: _HALF_ULP.get(d, 0.0))
     return f"fp2:{str(coarsest).removeprefix('torch.')}:" + ",".join(f"{v:.9g}" for v in sketch.tolist())
+
+
+def _abs_mean(flat: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """``flat.double().abs().mean()`` a chunk at a time (float64 sums): no float64 copy of a whole tensor (an LM
+    head's would be 8 B per weight), and the same value to float64 rounding."""
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), chunk):
+        total += flat[start:start + chunk].double().abs().sum()
+    return total / max(flat.numel(), 1)
 
 
 def fingerprints_match(saved: str, tensors: Sequence[torch.Tensor]) -> bool:

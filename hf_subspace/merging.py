@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import quantized
 from .cache import untrack
 from .layout import holder_names
 
@@ -42,6 +43,7 @@ class MergeMixin:
             state = self.adapters[name]
             todo = [(i, s) for i, s in enumerate(state.layout.slots)
                     if (slots is None or s.name in slots) and (name, s.name) not in self.merged_slots]
+            self.refuse_quantized_merge(name, [s for _, s in todo])
             deltas = [(s, self.slot_delta(name, i)) for i, s in todo]
             if safe and not all(torch.isfinite(d).all() for _, d in deltas):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
@@ -50,6 +52,19 @@ class MergeMixin:
                 original.add_(delta.to(original.device, original.dtype))
                 self.merged_slots.add((name, slot.name))
         self.invalidate()
+
+    def refuse_quantized_merge(self, name: str, slots) -> None:
+        """Merging δ into a quantized weight would requantize it (lossy: the merged model is not the trained one)."""
+        q = [s.name for s in slots if s.quantized]
+        if q:
+            shown = ", ".join(repr(n) for n in q[:3]) + (f" and {len(q) - 3} more" if len(q) > 3 else "")
+            raise ValueError(
+                f"cannot merge adapter {name!r} into {len(q)} quantized weight(s) ({shown}): adding δ to a 4-bit or "
+                "8-bit weight means requantizing it, which loses most of δ (the merged model would not be the one "
+                "trained). To ship a merged model, dequantize the base first and merge into floats: "
+                "`base.dequantize()` (transformers; or load the base in bf16/fp32), then "
+                "`PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()`; or keep the quantized base and "
+                "the adapter (a few KB) unmerged")
 
     @torch.no_grad()
     def unmerge(self, slots: set[str] | None = None) -> None:
@@ -67,6 +82,9 @@ class MergeMixin:
     def remove_parametrizations(self, model: nn.Module) -> None:
         """Take every subspace parametrization off ``model``, leaving the (possibly merged) θ0 in place."""
         for module in list(model.modules()):
+            layer = quantized.attached_layer(module)
+            if layer is not None and getattr(layer, "_engine", None) is self:
+                quantized.detach(module)  # bitsandbytes' own forward again
             if not parametrize.is_parametrized(module):
                 continue
             for attr in list(module.parametrizations.keys()):

@@ -22,6 +22,15 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     from peft.utils.other import ModulesToSaveWrapper
 
+    from .quantized import attached_layer
+
+    quantized = [name for name, m in model.named_modules() if attached_layer(m) is not None]
+    if quantized:
+        raise ValueError(
+            f"cannot write the adapted weights of {len(quantized)} quantized layer(s) ({quantized[0]!r}, ...) as a "
+            "plain checkpoint: θ0 + δ of a 4-bit / 8-bit weight is not a quantized weight. Save the adapter "
+            "(`peft_model.save_pretrained(dir)`: c, the seed, the config), or dequantize the base and merge "
+            "(`base.dequantize()`, `PeftModel.from_pretrained(base, dir).merge_and_unload().save_pretrained(...)`)")
     wrappers = {name: m for name, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
     engine_prefixes = [name for name, m in model.named_modules() if isinstance(m, SubspaceEngine)]
     values: dict[int, torch.Tensor] = {}

@@ -24,6 +24,8 @@ def run_example(task, out, *extra, env=None):
     cmd = [sys.executable, os.path.join(ROOT, "examples", task, "train.py"), *SMOKE, "--output_dir", str(out),
            *EXAMPLES[task], *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    # this checkout's hf_subspace, not whichever one is installed (an editable install of another worktree)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
@@ -118,6 +120,37 @@ def test_two_process_example_is_data_parallel(tmp_path):
     # batch at initialization, ~ln 2 for a fresh 2-class head (doubled, 1.39, with the loss scaled by 2 processes)
     losses = [float(v) for v in __import__("re").findall(r"'loss': '?([0-9.]+)", proc.stdout)]
     assert losses and all(0.4 < v < 1.0 for v in losses), proc.stdout[-3000:]
+
+
+@pytest.mark.parametrize("flag", ["--load_in_4bit", "--load_in_8bit"])
+def test_language_modeling_example_on_a_quantized_base(tmp_path, flag):
+    """--load_in_4bit / --load_in_8bit: the tiny Llama's linear layers quantized by bitsandbytes, every weight in θ;
+    the adapter points at the unquantized base saved before quantizing and loads onto it with the warning."""
+    pytest.importorskip("bitsandbytes")
+    import warnings
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import hf_subspace as hs
+
+    proc = run_example("language_modeling", tmp_path, flag, "--target_modules", "q_proj", "k_proj", "v_proj",
+                       "o_proj", "gate_proj", "up_proj", "down_proj")
+    results = json.loads((tmp_path / "all_results.json").read_text())
+    assert "before_perplexity" in results and "eval_perplexity" in results
+    assert "by bitsandbytes" in proc.stdout
+    config = hs.SubspaceConfig.from_pretrained(tmp_path / "final")
+    bits = 4 if "4bit" in flag else 8
+    assert [(g["bits"], len(g["slots"])) for g in config.base_quantization] == [(bits, 14)]
+    from safetensors.torch import load_file
+
+    c = load_file(str(tmp_path / "final" / "adapter_model.safetensors"))["base_model.subspace.coeffs"]
+    assert c.abs().sum() > 0  # it trained (after the evaluation before training, too)
+    base = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(base, tmp_path / "final")
+    assert any("trained on a quantized base" in str(w.message) for w in caught)
 
 
 def _detection_module():

@@ -1,8 +1,8 @@
 """PEFT's verbs at the edges of the stack (issue 20): each test failed on main before its fix.
 
 Merging and disabling, per-layer state, peft's messages and warnings, base-model state dicts, ``peft_type.value``,
-transformers' ``tie_weights`` / ``resize_token_embeddings``, offloaded bases, quantized layers, and that what the
-library changes in peft changes nothing for LoRA.
+transformers' ``tie_weights`` / ``resize_token_embeddings``, offloaded bases, quantized layers (in θ), and that
+what the library changes in peft changes nothing for LoRA.
 """
 import json
 import os
@@ -362,7 +362,7 @@ def test_disk_offloaded_layers_are_refused_and_the_rest_can_be_theta(tmp_path):
         assert not torch.allclose(_gpt2_logits(model), out)
 
 
-# -- 15. quantized layers: said what is skipped and why -------------------------------------------------------------
+# -- 15. quantized layers: in θ (issue 23; the rest of their behaviour: tests/test_quantized.py) ---------------
 @pytest.fixture(scope="module")
 def llama_4bit(tmp_path_factory):
     pytest.importorskip("bitsandbytes")
@@ -380,48 +380,25 @@ def llama_4bit(tmp_path_factory):
     return load
 
 
-def test_quantized_layers_left_out_of_theta_are_named_in_a_warning(llama_4bit):
+def test_quantized_layers_are_in_theta_with_no_warning(llama_4bit):
     base = llama_4bit()
     assert type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
-    with pytest.warns(UserWarning, match=r"14 quantized layer\(s\) left out of θ \('model.layers.0.self_attn.q_proj': "
-                                         r"Linear4bit \(bitsandbytes\).*cannot adapt quantized weights.*θ is the "
-                                         r"model's other trainable floating-point tensors \(7 tensors, D="):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*quantized.*")
         model = get_peft_model(base, hs.SubspaceConfig(dim=50))
-    slots = [s.name for s in find_engine(model).adapters["default"].layout.slots]
-    assert "model.embed_tokens.weight" in slots and not any("proj" in s for s in slots)
+    slots = find_engine(model).adapters["default"].layout.slots
+    assert len(slots) == 21 and [s.name for s in slots if s.quantized][0] == "model.layers.0.self_attn.q_proj.weight"
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
-    model(input_ids=ids, labels=ids).loss.backward()  # the rest trains
+    model(input_ids=ids, labels=ids).loss.backward()
     assert find_engine(model).coeffs["default"].grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("targets", [["q_proj"], "model.*proj", ["q_proj", "lm_head"]])
-def test_targeting_quantized_layers_is_refused_naming_their_class(llama_4bit, targets):
-    with pytest.raises(hs.SubspaceConfigError, match=r"matches \d+ quantized layer\(s\) \('model.layers.0.self_attn"
-                                                     r".q_proj': Linear4bit \(bitsandbytes\).*cannot adapt quantized"):
-        get_peft_model(llama_4bit(), hs.SubspaceConfig(dim=20, target_modules=targets))
-
-
-def test_all_linear_leaves_8bit_layers_out_with_a_warning():
-    bnb = pytest.importorskip("bitsandbytes")
-
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin0 = bnb.nn.Linear8bitLt(10, 20, has_fp16_weights=False, bias=True).to("cpu")
-            self.lin1, self.out = nn.Linear(20, 20), nn.Linear(20, 2)
-
-        def forward(self, X):
-            return self.out(self.lin1(self.lin0(X)))
-
-    with pytest.warns(UserWarning, match=r"'all-linear' leaves 1 quantized linear layer\(s\) out of θ \('lin0': "
-                                         r"Linear8bitLt \(bitsandbytes\)"):
-        model = get_peft_model(Model(), hs.SubspaceConfig(dim=20, target_modules="all-linear"))
-    assert model.peft_config["default"].target_modules == ["lin1", "out"]
-    assert [s.name for s in find_engine(model).adapters["default"].layout.slots] == ["lin1.weight", "lin1.bias",
-                                                                                     "out.weight", "out.bias"]
-    with pytest.warns(UserWarning, match=r"1 quantized layer\(s\) left out of θ \('lin0': Linear8bitLt"):
-        model = get_peft_model(Model(), hs.SubspaceConfig(dim=20))  # its float bias is not in θ either
-    assert "lin0.bias" not in [s.name for s in find_engine(model).adapters["default"].layout.slots]
+@pytest.mark.parametrize("targets,n", [(["q_proj"], 2), ("model.*proj", 14), (["q_proj", "lm_head"], 3)])
+def test_targeting_quantized_layers_puts_their_dequantized_weights_in_theta(llama_4bit, targets, n):
+    model = get_peft_model(llama_4bit(), hs.SubspaceConfig(dim=20, target_modules=targets))
+    slots = find_engine(model).adapters["default"].layout.slots
+    assert len(slots) == n and all(s.quantized == (s.name != "lm_head.weight") for s in slots)
+    assert slots[0].shape == (32, 32)  # the dequantized (out_features, in_features), not the packed storage
 
 
 # -- mixed adapter batches and safe merging: refused, in peft's words where peft has them ---------------------------
@@ -446,15 +423,16 @@ def test_safe_merge_of_a_broken_adapter_raises_peft_message_and_changes_nothing(
     assert not find_engine(model).merged_slots
 
 
-def test_all_linear_on_a_partly_quantized_model_takes_exactly_the_unquantized_layers(llama_4bit):
+def test_all_linear_on_a_partly_quantized_model_takes_every_linear_layer(llama_4bit):
     base = llama_4bit(skip=["q_proj", "lm_head"])  # q_proj kept in float by bitsandbytes, k_proj etc. quantized
     assert type(base.model.layers[0].self_attn.q_proj) is nn.Linear
-    with pytest.warns(UserWarning, match=r"'all-linear' leaves 12 quantized linear layer\(s\) out of θ"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*quantized.*")
         model = get_peft_model(base, hs.SubspaceConfig(dim=20, target_modules="all-linear"))
-    assert model.peft_config["default"].target_modules == ["model.layers.0.self_attn.q_proj",
-                                                            "model.layers.1.self_attn.q_proj"]
-    slots = [s.name for s in find_engine(model).adapters["default"].layout.slots]
-    assert slots == ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    slots = find_engine(model).adapters["default"].layout.slots
+    assert len(slots) == 14 and sum(s.quantized for s in slots) == 12
+    assert [s.name for s in slots if not s.quantized] == ["model.layers.0.self_attn.q_proj.weight",
+                                                          "model.layers.1.self_attn.q_proj.weight"]
 
 
 def test_reparameterize_refuses_an_offloaded_base_too():

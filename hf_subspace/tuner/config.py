@@ -109,7 +109,9 @@ class SubspaceConfig(PeftConfig):
 
     Filled in when the adapter is created (they let a load refuse a wrong base): ``num_weights`` (D),
     ``layout_hash`` (names and shapes of θ), ``base_fingerprint`` (a sketch of a sample of θ0, dtype-tolerant),
-    ``base_model_class``, ``hf_subspace_version``.
+    ``base_model_class``, ``hf_subspace_version``, and ``base_quantization`` for a quantized base: one entry per
+    quantization scheme (``{"method": "bitsandbytes", "bits": 4, "quant_type": "nf4", ..., "slots": [indices in
+    θ]}``). The fingerprint of a quantized tensor is taken on its dequantized values.
     """
 
     dim: int = field(default=1000, metadata={"help": "total trainable numbers d"})
@@ -126,6 +128,8 @@ class SubspaceConfig(PeftConfig):
     num_weights: Optional[int] = field(default=None)
     layout_hash: Optional[str] = field(default=None)
     base_fingerprint: Optional[str] = field(default=None)
+    base_quantization: Optional[list] = field(default=None, metadata={"help": "how the tensors of θ were quantized "
+                                                                              "in the base trained on (filled in)"})
     hf_subspace_version: Optional[str] = field(default=None)
     training_metrics: Optional[dict] = field(default=None, metadata={"help": "shown on the model card"})
     training_data: Optional[str] = field(default=None, metadata={"help": "what the adapter was trained on, in words "

@@ -25,6 +25,7 @@ from ..errors import AdapterMismatchError, CorruptAdapterError
 from ..hub import auto_class_for
 from ..layout import (check_targets, expand_all_linear, fingerprint_tensors, fingerprints_match, original_tensor,
                       refuse_offloaded_theta0, select_parameters)
+from ..quantized import check_quantized_base, quantization_record
 from ..plain import install_plain_save, uninstall_plain_save
 from ..projections import PROJECTION_KINDS, STORED_KINDS, latest_format
 from .config import SubspaceConfig, validate_dim_fits
@@ -96,6 +97,7 @@ class SubspaceModel(BaseTuner):
             config.num_weights = layout.D
             config.layout_hash = layout_hash
             config.base_fingerprint = fingerprint_tensors(tensors)
+            config.base_quantization = quantization_record(layout, tensors)
             config.base_model_class = type(model).__name__
             config.hf_subspace_version = __version__
             return
@@ -124,6 +126,8 @@ class SubspaceModel(BaseTuner):
                 f"{auto_class_for(trained_on)}.from_pretrained(...) to get the model that was trained.",
                 stacklevel=2)
         if config.check_base_fingerprint and config.base_fingerprint is not None:
+            if check_quantized_base(config, layout, tensors):
+                return
             if not fingerprints_match(config.base_fingerprint, tensors):
                 expected = (f" ({config.base_model_name_or_path!r} expected)" if config.base_model_name_or_path
                             else "")
