@@ -203,6 +203,7 @@ def shard_model(model: nn.Module, *, mesh=None, reshard_after_forward: bool | in
                          "torch.distributed.init_process_group)")
     if isinstance(model, FSDPModule):
         return model
+    _record_fingerprints(model, engine)
     vectors = subspace_vectors(model)
     ignored = set(vectors) | set(ignored_params)
     kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy(),
@@ -227,6 +228,20 @@ def shard_model(model: nn.Module, *, mesh=None, reshard_after_forward: bool | in
         if is_dtensor(p):  # pragma: no cover - a torch that shards ignored params would break the replica
             raise RuntimeError("fully_shard sharded c despite ignored_params; this torch version is not supported")
     return model
+
+
+def _record_fingerprints(model: nn.Module, engine) -> None:
+    """An adapter created on the meta device has no base fingerprint yet: record it while θ0 is whole (after
+    sharding it is a collective, and saving happens on rank 0 alone)."""
+    from .layout import fingerprint_tensors
+
+    cfgs = getattr(model, "peft_config", None)
+    for name, cfg in (cfgs.items() if isinstance(cfgs, dict) else ()):
+        if name in engine.adapters and getattr(cfg, "layout_hash", None) is not None \
+                and getattr(cfg, "base_fingerprint", "") is None:
+            tensors = [engine.unmerged_original(s.name, engine.original(s.name))
+                       for s in engine.adapters[name].layout.slots]
+            cfg.base_fingerprint = fingerprint_tensors(tensors)
 
 
 def refuse_unsupported(model: nn.Module) -> None:
@@ -290,6 +305,39 @@ def shard_stats(t, samples: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     dist.all_reduce(buf, group=group)
     buf = buf.cpu()
     return buf[:-1], (buf[-1] / numel).reshape(1)
+
+
+def adapted_shard(engine, slot_name: str, original, live) -> torch.Tensor:
+    """θ0 + Σ λ P c of one tensor of θ on this rank's shard only, as a DTensor like ``original`` (FSDP2's sharded
+    θ0 read outside its module's forward: ``plain_state_dict``, a user reading ``model.lm_head.weight``). Kinds
+    with row slices (hashing, fastfood) compute only the shard's rows; the others slice their flat ``P c``."""
+    from torch.distributed.tensor import DTensor
+
+    from .products import project_rows
+
+    rows = sharded_rows(original)
+    if rows is None:
+        raise ValueError(f"{slot_name}: θ0 is a DTensor with placements {original.placements}; only FSDP2's "
+                         "dim-0 sharding over one mesh dimension is supported")
+    a, b = rows
+    local = original.to_local()
+    out = local
+    for name, state, i in live:
+        slot = state.layout.slots[i]
+        width = slot.numel // slot.shape[0] if slot.shape else 1
+        c, lam = engine.coeffs[name], engine._scale(name, i)
+        if b <= a:
+            part = local.new_zeros(local.shape)
+        elif state.projection.supports_row_slices:
+            state.follow_device(c)
+            src = c if lam is None else c * lam
+            part = project_rows(src, state.projection, slot.offset + a * width, slot.offset + b * width)
+            part = part.view(b - a, *slot.shape[1:])
+        else:
+            part = state.piece(c, i, lam)[a:b]
+        out = out + part.to(local.device, local.dtype)
+    return DTensor.from_local(out, original.device_mesh, original.placements, run_check=False,
+                              shape=original.shape, stride=original.stride())
 
 
 # ------------------------------------------------------------------------------------------------------------
