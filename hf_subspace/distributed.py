@@ -310,7 +310,7 @@ def refuse_sharded_training(model: nn.Module | None = None, accelerator=None, wh
     """
     kind = sharding_kind(model, accelerator)
     if kind == "FSDP2" and what == "TWA":
-        raise ValueError(f"TWA is refused under FSDP: {TWA_SHARDED_HELP}")
+        raise ValueError(f"TWA is refused under FSDP2: {TWA_SHARDED_HELP}")
     if kind == "FSDP2":
         if model is not None and any(_is_fsdp_module(m) for m in model.modules()):
             check_fsdp2_model(model)
@@ -338,7 +338,8 @@ def refuse_sharded_merge(model: nn.Module) -> None:
             kind = None
     if kind is not None:
         raise ValueError(f"merging a subspace adapter under {kind} is unsupported (θ0 is sharded), as in PEFT: save "
-                         "the adapter (model.save_pretrained(path)), then load it onto the whole base on one process "
+                         "the adapter (model.save_pretrained(path); under FSDP2 on the main process alone: it writes "
+                         "only c and the config), then load it onto the whole base on one process "
                          "(PeftModel.from_pretrained(base, path).merge_and_unload())")
 
 

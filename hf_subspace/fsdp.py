@@ -251,13 +251,11 @@ def refuse_unsupported(model: nn.Module) -> None:
     engine = find_engine(model)
     if engine is None:
         return
+    from .distributed import TWA_SHARDED_HELP
+
     for name, state in engine.adapters.items():
-        if state.projection.kind in ("twa", "trajectory") or "Trajectory" in type(state.projection).__name__:
-            raise ValueError(
-                f"adapter {name!r} is a TWA (trajectory) basis: TWA under FSDP is not supported (its snapshots and "
-                "basis are whole tensors of θ on every rank). Use DDP for TWA (accelerate launch --config_file "
-                "examples/accelerate/multi_gpu.yaml; its basis is sharded by coordinates over the ranks with "
-                "twa_shard_basis=True), or a random projection (hashing, fastfood) under FSDP2")
+        if state.projection.kind == "trajectory":
+            raise ValueError(f"adapter {name!r} is a TWA (trajectory) basis, refused under FSDP2: {TWA_SHARDED_HELP}")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -492,6 +492,19 @@ class SubspaceTrainer(NonFiniteMixin, Trainer):
             write_json(os.path.join(folder, TWA_MANIFEST_FILE), self._snapshot_manifest(), indent=1)
         return super()._save_checkpoint(model, trial)
 
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """Under FSDP2 the Trainer would gather the whole model (FULL_STATE_DICT) or save nothing here
+        (SHARDED_STATE_DICT); a subspace adapter is c and its config: the main process writes them, nothing of
+        size D is gathered (``PeftModel.save_pretrained`` reads only c from the sharded model)."""
+        from .distributed import sharding_kind
+
+        if (getattr(self, "is_fsdp_enabled", False) and find_engine(self.model) is not None
+                and sharding_kind(self.model) == "FSDP2" and is_subspace_model(self.model)):
+            if self.args.should_save:
+                self._save(output_dir or self.args.output_dir)
+            return
+        return super().save_model(output_dir, _internal_call)
+
     def _snapshot_manifest(self) -> dict:
         """The snapshots so far, made durable in ``<output_dir>/twa_snapshots`` and listed (relative to output_dir)."""
         manifest = self.snapshot_callback.store.persist(os.path.join(self.args.output_dir, TWA_SNAPSHOT_DIR))
