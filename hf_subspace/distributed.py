@@ -431,11 +431,13 @@ class CommCounter:
             def wrapper(*args, _fn=fn, _name=name, **kwargs):
                 if self._in_hook:
                     return _fn(*args, **kwargs)
+                tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, (torch.Tensor, list, tuple))]
                 if _name == "_broadcast_coalesced":  # (group, tensors, bucket size, source)
                     size = _nbytes(args[1])
                 elif _name in ("all_gather_into_tensor", "all_gather_single", "reduce_scatter_tensor",
                                "reduce_scatter_single"):  # (output, input): the whole buffer, not one rank's part
-                    size = max(_nbytes(args[0]), _nbytes(args[1])) if len(args) > 1 else _nbytes(args[0])
+                    # (FSDP2 passes them by keyword: output=..., input=...)
+                    size = max((_nbytes(t) for t in tensors[:2]), default=0)
                 else:
                     size = _nbytes(args[0] if args else next(iter(kwargs.values()), None))
                 self.outside.setdefault(_name, []).append(size)

@@ -217,9 +217,11 @@ def shard_model(model: nn.Module, *, mesh=None, reshard_after_forward: bool | in
         # one θ0 read by both: one unit, kept gathered from the embedding's forward to the head's backward
         fully_shard([emb, head], reshard_after_forward=False, **kwargs)
     else:
+        # kept gathered from forward to backward (reshard_after_forward=False): the embedding's backward needs no
+        # θ0 (its δ rows depend on c and the token ids only), so a re-gather there would be D_emb bytes for nothing
         for m in (emb, head):
             if m is not None and not isinstance(m, FSDPModule) and any(True for _ in m.parameters()):
-                fully_shard(m, reshard_after_forward=reshard_after_forward if m is emb else False, **kwargs)
+                fully_shard(m, reshard_after_forward=False, **kwargs)
     fully_shard(model, **kwargs)  # the root: reshard_after_forward left to torch's default for the root
     engine.inference_cache = False  # a materialized θ0 + δ per tensor would be a whole θ on every rank
     engine.invalidate()
