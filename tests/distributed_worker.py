@@ -291,20 +291,25 @@ def scenario_trainer_seed(out, rank, world):
 # FSDP2: θ0 sharded, c replicated
 # ------------------------------------------------------------------------------------------------------------
 FSDP_DIM = 80
-FSDP_CASES = [("hashing", "global", True), ("hashing", "said", True), ("fastfood", "global", True),
-              ("fastfood", "said", False)]  # (projection, mode, reshard_after_forward)
+#: (projection, mode, reshard_after_forward, tied embedding and head)
+FSDP_CASES = [("hashing", "global", True, True), ("hashing", "said", True, True), ("fastfood", "global", True, True),
+              ("fastfood", "said", False, True), ("hashing", "global", True, False)]
+
+
+def fsdp_case_name(kind, mode, reshard, tied):
+    return f"{kind}-{mode}" + ("" if tied else "-untied")
 FSDP_CLIP = 0.01  # below every step's gradient norm: clipping acts, so averaging after it would give another c
 FSDP_IDS = [[3, 9, 27, 17, 51, 1, 40, 33, 8, 60, 12, 5]]  # a fixed prompt for comparing logits
 
 
-def tiny_llama(seed=0):
-    """A tiny Llama with tied embeddings (one θ0 read by the embedding and the head)."""
+def tiny_llama(seed=0, tied=True):
+    """A tiny Llama with tied embeddings (one θ0 read by the embedding and the head), or untied (as Llama-2)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                        tie_word_embeddings=True))
+                                        tie_word_embeddings=tied))
 
 
 def llama_batches(steps=STEPS):
@@ -319,12 +324,12 @@ def llama_dataset():
     return Dataset.from_dict({"input_ids": ids, "labels": ids}).with_format("torch")
 
 
-def subspace_llama(kind="hashing", mode="global", seed=0):
+def subspace_llama(kind="hashing", mode="global", seed=0, tied=True):
     from peft import get_peft_model
 
     import hf_subspace as hs
 
-    return get_peft_model(tiny_llama(), hs.SubspaceConfig(dim=FSDP_DIM, projection=kind, mode=mode, seed=seed))
+    return get_peft_model(tiny_llama(tied=tied), hs.SubspaceConfig(dim=FSDP_DIM, projection=kind, mode=mode, seed=seed))
 
 
 def vectors(model) -> dict:
@@ -337,12 +342,12 @@ def vectors(model) -> dict:
     return out
 
 
-def fsdp_loop(kind, mode, world_size, rank=0, reshard=True):
+def fsdp_loop(kind, mode, world_size, rank=0, reshard=True, tied=True):
     """AdamW on c (and λ) with gradient clipping, STEPS steps of GLOBAL_BATCH sequences; sharded with
     ``hf_subspace.shard_model`` on several processes, plain on one. Returns ``(model, vectors)``."""
     import hf_subspace as hs
 
-    model = subspace_llama(kind, mode)
+    model = subspace_llama(kind, mode, tied=tied)
     if world_size > 1:
         hs.shard_model(model, reshard_after_forward=reshard)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -362,13 +367,15 @@ def scenario_fsdp_train(out, rank, world):
     import hf_subspace as hs
 
     got, saved = {}, {}
-    for kind, mode, reshard in FSDP_CASES:
-        model, vec = fsdp_loop(kind, mode, world, rank, reshard)
+    for kind, mode, reshard, tied in FSDP_CASES:
+        model, vec = fsdp_loop(kind, mode, world, rank, reshard, tied)
         engine = hs.find_engine(model)
         theta0 = [engine.original(s.name) for s in engine.adapters["default"].layout.slots]
-        saved[f"{kind}-{mode}"] = vec
-        got[f"{kind}-{mode}"] = {
+        name = fsdp_case_name(kind, mode, reshard, tied)
+        saved[name] = vec
+        got[name] = {
             "units": sorted(type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)),
+            "groups": len({id(m._get_fsdp_state()) for m in model.modules() if isinstance(m, FSDPModule)}),
             "vectors": [(type(p).__name__, str(p.dtype)) for p in engine.vectors.parameters()],
             "theta0_local": sum(t.to_local().numel() for t in theta0),
             "theta0_whole": sum(t.numel() for t in theta0),

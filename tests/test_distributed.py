@@ -148,22 +148,23 @@ def test_the_trainer_stops_at_the_start_when_seeds_differ(launched):
         assert "seed=1 where rank 0 has seed=0" in got["message"]
 
 
-@pytest.mark.parametrize("case", [f"{k}-{m}" for k, m, _ in worker.FSDP_CASES])
+@pytest.mark.parametrize("case", worker.FSDP_CASES, ids=lambda case: worker.fsdp_case_name(*case))
 def test_fsdp2_training_equals_one_process(launched, case):
-    """hf_subspace.shard_model on 2 processes (θ0 sharded, tied embedding + head one unit) = 1 process on the same
-    global batches, with gradient clipping that acts every step (c's gradient is averaged before it)."""
-    kind, mode = case.split("-")
-    reshard = dict(((k, m), r) for k, m, r in worker.FSDP_CASES)[(kind, mode)]
-    _, one = worker.fsdp_loop(kind, mode, 1, reshard=reshard)
-    two = torch.load(os.path.join(launched.out, "fsdp_train.pt"))[case]
+    """hf_subspace.shard_model on 2 processes (θ0 sharded; a tied embedding and head one unit) = 1 process on the
+    same global batches, with gradient clipping that acts every step (c's gradient is averaged before it)."""
+    kind, mode, reshard, tied = case
+    name = worker.fsdp_case_name(*case)
+    _, one = worker.fsdp_loop(kind, mode, 1, reshard=reshard, tied=tied)
+    two = torch.load(os.path.join(launched.out, "fsdp_train.pt"))[name]
     assert one["c"].abs().max() > 1e-3 and set(two) == set(one) == ({"c", "scales"} if mode == "said" else {"c"})
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
-    r0, r1 = launched.ranks[0]["fsdp_train"][case], launched.ranks[1]["fsdp_train"][case]
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5)
+    r0, r1 = launched.ranks[0]["fsdp_train"][name], launched.ranks[1]["fsdp_train"][name]
     assert r0["c"] == r1["c"]  # replicas, bit for bit
-    # each decoder layer its own unit, the tied embedding and head one unit (two modules), the root
+    # each decoder layer its own unit, the embedding and the head (one unit of two modules when tied), the root
     assert r0["units"] == ["FSDPLlamaDecoderLayer"] * 2 + ["FSDPParametrizedEmbedding", "FSDPParametrizedLinear",
                                                            "FSDPPeftModel"]
+    assert r0["groups"] == (4 if tied else 5)  # 2 layers, embedding + head (one group when tied), the root
     assert r0["vectors"] == [["TrackedParameter", "torch.float32"]] * (2 if mode == "said" else 1)  # not DTensors
     assert r0["theta0_local"] * 2 == r0["theta0_whole"] and r0["cache"] is False
 
