@@ -279,6 +279,33 @@ def paper_rows(gpus=(8, 64), link_gbit=LINK_GBIT, k_twa=20) -> list[list]:
     return rows
 
 
+#: vocabulary of Llama-2 (untied embedding and head)
+PAPER_VOCAB = 32_000
+
+
+def fsdp_paper_rows(gpus=(8, 64), link_gbit=LINK_GBIT, d=10_000, dtype_bytes=2) -> list[list]:
+    """FSDP2 on paper, θ0 in bf16, ``hf_subspace.shard_model``'s grouping with ``reshard_after_forward=True``: per
+    rank the parameter memory (θ0's shard; two decoder layers gathered at a time, the one computing and the one
+    prefetched; the embedding and the head kept gathered from forward to backward; c and AdamW's two moments,
+    float32) and the bytes each GPU receives per step (every unit gathered in the forward, the decoder layers again
+    in the backward; c's all-reduce), with the time of that at ``link_gbit`` (bandwidth term; FSDP overlaps it with
+    compute). Rows: ``[model, N, shard, gathered, c + Adam, total, all-gather bytes, c bytes, time]``."""
+    rows = []
+    for name, D, layers, hidden, _ in PAPER_MODELS:
+        emb = PAPER_VOCAB * hidden
+        layer = (D - 2 * emb - hidden) // layers
+        for n in gpus:
+            shard = dtype_bytes * D / n
+            gathered = dtype_bytes * (2 * layer + 2 * emb)
+            c_adam = 3 * 4 * d
+            gather_payload = dtype_bytes * (D + D - 2 * emb - hidden)  # forward: all; backward: the layers again
+            wire = (n - 1) / n * gather_payload + 2 * (n - 1) / n * 4 * d
+            rows.append([name, str(n), fmt_bytes(shard), fmt_bytes(gathered), fmt_bytes(c_adam),
+                         fmt_bytes(shard + gathered + c_adam), fmt_bytes(gather_payload), fmt_bytes(4 * d),
+                         fmt_time(wire / (link_gbit * 1e9 / 8))])
+    return rows
+
+
 def fmt_bytes(b) -> str:
     if b is None:
         return "—"
@@ -394,6 +421,18 @@ def llama_report(results: dict) -> list[str]:
     lines += markdown_table(["method", "processes", "D", "trained", "DDP buckets", "all-gathers (calls)",
                              "reduce-scatters (calls)", "all-reduces (calls)", "total / step", "θ0 held / rank",
                              "trained held / rank"], rows)
+    lines += ["", f"## FSDP2 on paper: Llama-2, θ0 in bf16, d = 10k, {LINK_GBIT} Gb/s per GPU", "",
+              "Per rank: θ0's shard (2·D/N), what is gathered at once (two decoder layers, the computing one and the "
+              "prefetched one, plus the untied embedding and head, kept from forward to backward), c with AdamW's "
+              "two moments (float32). Per step: the all-gathers' payload (every unit in the forward, the decoder "
+              "layers again in the backward with reshard_after_forward: true; each GPU receives (N-1)/N of it) and "
+              "c's all-reduce (4·d). Activations and the transient P c of the tensor being computed (one weight's "
+              "size in float32) come on top. LoRA under FSDP2 gathers the same θ0 (and its adapters), then "
+              "reduce-scatters its gradients; DDP gathers nothing but holds all of θ0 on every rank (13.5 GB / "
+              "138 GB).", ""]
+    lines += markdown_table(["model", "GPUs", "θ0 shard / rank", "gathered at once", "c + AdamW", "parameters / rank",
+                             "all-gathers / step", "c all-reduce / step", "time of the gathers"], fsdp_paper_rows(),
+                            align="lrrrrrrrr")
     return lines
 
 
