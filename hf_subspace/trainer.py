@@ -303,7 +303,8 @@ class _LearningRateCheckCallback(TrainerCallback):
 
 
 class _DistributedChecksCallback(TrainerCallback):
-    """On several processes, when training starts (the model wrapped): refuse a sharded θ0, and compare every
+    """On several processes, when training starts (the model wrapped): refuse FSDP1 / ZeRO-3 (under FSDP2: check
+    that c is not sharded, hook its gradient average), and compare every
     rank's projection with rank 0's (:func:`hf_subspace.check_projections_match`)."""
 
     def __init__(self, trainer: "SubspaceTrainer"):

@@ -291,13 +291,15 @@ def scenario_trainer_seed(out, rank, world):
 # FSDP2: θ0 sharded, c replicated
 # ------------------------------------------------------------------------------------------------------------
 FSDP_DIM = 80
-#: (projection, mode, reshard_after_forward, tied embedding and head)
-FSDP_CASES = [("hashing", "global", True, True), ("hashing", "said", True, True), ("fastfood", "global", True, True),
-              ("fastfood", "said", False, True), ("hashing", "global", True, False)]
+#: (projection, mode, reshard_after_forward, tied embedding and head, non-reentrant activation checkpointing)
+FSDP_CASES = [("hashing", "global", True, True, False), ("hashing", "said", True, True, False),
+              ("fastfood", "global", True, True, False), ("fastfood", "said", False, True, False),
+              ("hashing", "global", True, False, False), ("fastfood", "said", True, True, True)]
 
 
-def fsdp_case_name(kind, mode, reshard, tied):
-    return f"{kind}-{mode}" + ("" if tied else "-untied")
+def fsdp_case_name(kind, mode, reshard, tied, checkpointing):
+    return f"{kind}-{mode}" + ("" if reshard else "-kept") + ("" if tied else "-untied") + \
+        ("-checkpointed" if checkpointing else "")
 FSDP_CLIP = 0.01  # below every step's gradient norm: clipping acts, so averaging after it would give another c
 FSDP_IDS = [[3, 9, 27, 17, 51, 1, 40, 33, 8, 60, 12, 5]]  # a fixed prompt for comparing logits
 
@@ -342,12 +344,15 @@ def vectors(model) -> dict:
     return out
 
 
-def fsdp_loop(kind, mode, world_size, rank=0, reshard=True, tied=True):
+def fsdp_loop(kind, mode, world_size, rank=0, reshard=True, tied=True, checkpointing=False):
     """AdamW on c (and λ) with gradient clipping, STEPS steps of GLOBAL_BATCH sequences; sharded with
     ``hf_subspace.shard_model`` on several processes, plain on one. Returns ``(model, vectors)``."""
     import hf_subspace as hs
 
     model = subspace_llama(kind, mode, tied=tied)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
     if world_size > 1:
         hs.shard_model(model, reshard_after_forward=reshard)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -367,11 +372,11 @@ def scenario_fsdp_train(out, rank, world):
     import hf_subspace as hs
 
     got, saved = {}, {}
-    for kind, mode, reshard, tied in FSDP_CASES:
-        model, vec = fsdp_loop(kind, mode, world, rank, reshard, tied)
+    for case in FSDP_CASES:
+        model, vec = fsdp_loop(case[0], case[1], world, rank, *case[2:])
         engine = hs.find_engine(model)
         theta0 = [engine.original(s.name) for s in engine.adapters["default"].layout.slots]
-        name = fsdp_case_name(kind, mode, reshard, tied)
+        name = fsdp_case_name(*case)
         saved[name] = vec
         got[name] = {
             "units": sorted(type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)),
