@@ -223,12 +223,17 @@ def shard_model(model: nn.Module, *, mesh=None, reshard_after_forward: bool | in
             if m is not None and not isinstance(m, FSDPModule) and any(True for _ in m.parameters()):
                 fully_shard(m, reshard_after_forward=False, **kwargs)
     fully_shard(model, **kwargs)  # the root: reshard_after_forward left to torch's default for the root
+    for p in vectors:
+        if is_dtensor(p):  # pragma: no cover - a torch that shards ignored params would break the replica
+            raise RuntimeError("fully_shard sharded c despite ignored_params; this torch version is not supported")
+    # fully_shard moves the parameters it manages to the mesh's device (a GPU under torchrun) and leaves ignored
+    # ones where they are: c and λ go where θ0 is computed (FSDP's compute device, also with CPU offload)
+    device = getattr(model._get_fsdp_state(), "_device", None)
+    if device is not None and any(p.device != device for p in vectors):
+        engine.to(device)  # the engine's _apply keeps c and λ float32; P follows c on first use
     engine.inference_cache = False  # a materialized θ0 + δ per tensor would be a whole θ on every rank
     engine.invalidate()
     sync_subspace_gradients(model, group)
-    for p in vectors:  # fully_shard moves ignored parameters nowhere: keep them with θ0's device
-        if is_dtensor(p):  # pragma: no cover - a torch that shards ignored params would break the replica
-            raise RuntimeError("fully_shard sharded c despite ignored_params; this torch version is not supported")
     return model
 
 
@@ -305,6 +310,27 @@ def shard_stats(t, samples: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     dist.all_reduce(buf, group=group)
     buf = buf.cpu()
     return buf[:-1], (buf[-1] / numel).reshape(1)
+
+
+def sum_of_squares(tensors: Sequence[torch.Tensor]) -> float:
+    """Σ t² over whole tensors, also when some are FSDP2 shards (their local sums are all-reduced once: a
+    collective when any is a DTensor). ``float()`` of a DTensor's sum would give this rank's part alone."""
+    import torch.distributed as dist
+
+    plain, sharded, group = 0.0, None, None
+    for t in tensors:
+        if is_dtensor(t):
+            part = t.to_local().detach().double().pow(2).sum().cpu()
+            sharded = part if sharded is None else sharded + part
+            group = t.device_mesh.get_group()
+        else:
+            plain += float(t.detach().double().pow(2).sum())
+    if sharded is not None:
+        if dist.get_backend(group) == "nccl":  # pragma: no cover - GPUs only
+            sharded = sharded.cuda()
+        dist.all_reduce(sharded, group=group)
+        plain += float(sharded)
+    return plain
 
 
 def adapted_shard(engine, slot_name: str, original, live) -> torch.Tensor:

@@ -279,7 +279,9 @@ class _LearningRateCheckCallback(TrainerCallback):
             return
         adapter = engine.active[0]
         slots = engine.adapters[adapter].layout.slots
-        norm = math.sqrt(sum(float(engine.original(s.name).detach().double().pow(2).sum()) for s in slots))
+        from .fsdp import sum_of_squares
+
+        norm = math.sqrt(sum_of_squares([engine.original(s.name) for s in slots]))  # FSDP2 shards: all-reduced
         self.start = (adapter, engine.coeffs[adapter].detach().clone(), norm, state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):

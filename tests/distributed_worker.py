@@ -479,6 +479,9 @@ def scenario_fsdp_accelerate(out, rank, world):
     got["fingerprint_matches"] = fingerprints_match(model.peft_config["default"].base_fingerprint,
                                                     [engine.original(s.name) for s in slots])
     got["fingerprint"] = fp
+    from hf_subspace.fsdp import sum_of_squares
+
+    got["theta0_sum_of_squares"] = sum_of_squares([engine.original(s.name) for s in slots])  # all-reduced
     if rank == 0:
         torch.save({"vectors": vectors(model), "logits": logits, "plain": whole}, os.path.join(out, "fsdp_acc.pt"))
     _, bf16 = fsdp_accelerate_loop(world, rank, mixed_precision="bf16")  # c stays a float32 replica under bf16

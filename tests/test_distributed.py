@@ -203,6 +203,10 @@ def test_fsdp2_through_accelerate_trains_saves_on_rank0_and_loads_on_one_process
     whole = [engine.original(s.name) for s in engine.adapters["default"].layout.slots]
     assert fingerprints_match(r0["fingerprint"], whole)
     assert fingerprint_tensors(whole).split(":")[:2] == r0["fingerprint"].split(":")[:2]
+    # ‖θ0‖² from the shards (the Trainer's learning-rate check reads it): the whole model's, on every rank
+    from hf_subspace.fsdp import sum_of_squares
+
+    assert r0["theta0_sum_of_squares"] == r1["theta0_sum_of_squares"] == pytest.approx(sum_of_squares(whole), rel=1e-12)
 
 
 def test_fsdp2_bf16_policy_keeps_c_a_float32_replica(launched):
