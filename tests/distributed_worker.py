@@ -502,26 +502,33 @@ def llama_trainer_args(out, world_size, **kw):
     return SubspaceTrainingArguments(**base)
 
 
-def train_llama(out, world_size, fsdp=False):
+def train_llama(out, world_size, fsdp=False, resume=None, **kw):
     """SubspaceTrainer on the tiny Llama (fastfood, SAID), with FSDP2 (fsdp + fsdp_config version 2) or not."""
     from hf_subspace import SubspaceTrainer
 
-    kw = {"fsdp": "full_shard", "fsdp_config": {"version": 2}} if fsdp else {}
+    if fsdp:
+        kw.update(fsdp="full_shard", fsdp_config={"version": 2})
     trainer = SubspaceTrainer(model=tiny_llama(), args=llama_trainer_args(out, world_size, **kw),
                               train_dataset=llama_dataset())
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
 def scenario_fsdp_trainer(out, rank, world):
     from torch.distributed.fsdp import FSDPModule
 
-    with fsdp_on_cpu():
-        trainer = train_llama(os.path.join(out, "fsdp_trainer"), world, fsdp=True)
+    run = os.path.join(out, "fsdp_trainer")
+    with fsdp_on_cpu():  # a checkpoint half-way: the adapter and c's optimizer state, nothing of size D
+        trainer = train_llama(run, world, fsdp=True, save_strategy="steps", save_steps=STEPS // 2)
         trainer.save_model(os.path.join(out, "fsdp_trainer_adapter"))
         model = trainer.model
         got = {"units": sorted(type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)),
-               "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], "c": vectors(model)["c"].tolist()}
+               "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], "c": vectors(model)["c"].tolist(),
+               "checkpoint": sorted(os.listdir(os.path.join(run, f"checkpoint-{STEPS // 2}")))}
+    with fsdp_on_cpu():
+        resumed = train_llama(os.path.join(out, "fsdp_trainer"), world, fsdp=True,
+                              resume=os.path.join(run, f"checkpoint-{STEPS // 2}"))
+        got["resumed_c"] = vectors(resumed.model)["c"].tolist()
     if rank == 0:
         torch.save(vectors(model), os.path.join(out, "fsdp_trainer.pt"))
     return got

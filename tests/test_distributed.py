@@ -218,7 +218,8 @@ def test_fsdp2_bf16_policy_keeps_c_a_float32_replica(launched):
 
 def test_fsdp2_through_the_subspace_trainer_equals_one_process(launched, tmp_path):
     """SubspaceTrainer with fsdp='full_shard', fsdp_config={'version': 2} (PEFT's wrap policy is replaced by
-    decoder-layer units); gradient clipping (max_grad_norm) acts; save_model on rank 0 writes the adapter."""
+    decoder-layer units); gradient clipping (max_grad_norm) acts; save_model on rank 0 writes the adapter; a
+    checkpoint is the adapter and c's optimizer state, and resuming from it gives the same c."""
     one = worker.train_llama(str(tmp_path), 1)
     ref = worker.vectors(one.model)
     two = torch.load(os.path.join(launched.out, "fsdp_trainer.pt"))
@@ -234,6 +235,10 @@ def test_fsdp2_through_the_subspace_trainer_equals_one_process(launched, tmp_pat
     assert {k: v.numel() for k, v in saved.items()} == {"base_model.subspace.coeffs": ref["c"].numel(),
                                                         "base_model.subspace.scales": ref["scales"].numel()}
     torch.testing.assert_close(saved["base_model.subspace.coeffs"], ref["c"], rtol=0, atol=1e-5)
+    # the half-way checkpoint holds the adapter and c's optimizer state, not θ0; resuming from it ends at the same c
+    assert "adapter_model.safetensors" in r0["checkpoint"] and "optimizer.pt" in r0["checkpoint"]
+    assert not any("fsdp" in name for name in r0["checkpoint"])
+    assert r0["resumed_c"] == r0["c"] and launched.ranks[1]["fsdp_trainer"]["resumed_c"] == r0["c"]
 
 
 def test_what_fsdp_still_refuses(launched):
