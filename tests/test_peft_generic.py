@@ -29,6 +29,10 @@ Run here (peft's test name → what it checks):
 * ``get_base_model_state_dict`` (and ``set_base_model_state_dict``).
 * ``mixed_adapter_batches``: refused with a ValueError (a subspace adapter adds one δ per weight for the whole batch;
   LoRA and RoAd alone support it in peft, and peft skips the test for every other method).
+* peft's ``TestRequiresGrad`` (LoRA there): ``requires_grad_modules_to_save_default`` / ``_disabling`` /
+  ``_multiple_adapters``, ``requires_grad_follows_inference_mode_modules_to_save``,
+  ``requires_grad_<method>_different_targets`` / ``_same_targets``, ``loading_model_requires_grad_set_correctly``
+  (with and without ``modules_to_save``); c and λ are frozen while every tensor of the adapter's θ is disabled.
 * Once, not per case: ``set_requires_grad``, ``add_adapter_rejects_duplicate_name_without_mutation``,
   ``delete_adapter_with_multiple_adapters_works``, ``delete_adapter_multiple_adapters_with_modules_to_save``,
   ``multiple_active_adapters_with_same_modules_to_save_raises``,
@@ -47,7 +51,7 @@ GLoRA, MonteCLoRA, PVeRA, GraLoRA tests), and the tests peft itself skips for cu
 ``passing_input_embeds_works``: they need a transformers model; ``tests/test_peft_contract.py`` runs them on
 GPT-2 / BERT).
 
-Counts (``pytest tests/test_peft_generic.py -q -rs``, ~15 s of CPU on one core): 757 collected, 739 pass, 18 are
+Counts (``pytest tests/test_peft_generic.py -q -rs``, ~15 s of CPU on one core): 767 collected, 749 pass, 18 are
 skipped, each printing its reason (15 from :data:`SKIPPED`, 3 where peft itself skips the modules_to_save case).
 """
 import copy
@@ -1253,3 +1257,102 @@ SKIPPED = {
 @pytest.mark.parametrize("name", sorted(SKIPPED))
 def test_skipped_as_specific_to_other_methods(name):
     pytest.skip(f"{name}: {SKIPPED[name]}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# peft's TestRequiresGrad (LoRA there; the same checks with subspace adapters)
+# ---------------------------------------------------------------------------------------------------------------
+def _trainable(model, *adapters, modules_to_save=()):
+    """The parameter names that should require grad: the c (and λ) of ``adapters`` and their copies of
+    ``modules_to_save``."""
+    engine = find_engine(model)
+    vectors = {id(engine.coeffs[a]) for a in adapters} | {id(engine.scales[a]) for a in adapters if a in engine.scales}
+    names = {n for n, p in model.named_parameters() if id(p) in vectors}
+    for module_name in modules_to_save:
+        for a in adapters:
+            names |= {n for n, _ in model.named_parameters() if f"{module_name}.modules_to_save.{a}." in n}
+    return names
+
+
+def _check_trainable(model, expected):
+    actual = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert actual == expected, f"expected {sorted(expected)} to require gradients, got {sorted(actual)}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_requires_grad_modules_to_save_default_and_disabling(mode):
+    model = get_peft_model(from_pretrained("MLP"), hs.SubspaceConfig(dim=20, mode=mode, target_modules=["lin0"],
+                                                                     modules_to_save=["lin1"]))
+    trained = _trainable(model, "default", modules_to_save=["lin1"])
+    assert len(trained) == (4 if mode == "said" else 3)  # c (+ λ), the copy's weight and bias
+    _check_trainable(model, trained)
+    model.disable_adapter_layers()
+    _check_trainable(model, set())
+    model.enable_adapter_layers()
+    _check_trainable(model, trained)
+    with model.disable_adapter():
+        _check_trainable(model, set())
+    _check_trainable(model, trained)
+
+
+def test_requires_grad_modules_to_save_multiple_adapters_and_inference_mode():
+    config = dict(dim=20, target_modules=["lin0"], modules_to_save=["lin1"])
+    model = get_peft_model(from_pretrained("MLP"), hs.SubspaceConfig(**config))
+    model.add_adapter("adapter1", hs.SubspaceConfig(**config))
+    _check_trainable(model, _trainable(model, "default", modules_to_save=["lin1"]))
+    model.set_adapter("default")
+    _check_trainable(model, _trainable(model, "default", modules_to_save=["lin1"]))
+    model.set_adapter("adapter1")
+    _check_trainable(model, _trainable(model, "adapter1", modules_to_save=["lin1"]))
+    model.set_adapter("default", inference_mode=True)
+    _check_trainable(model, set())
+    model.set_adapter("adapter1", inference_mode=True)
+    _check_trainable(model, set())
+
+
+@pytest.mark.parametrize("targets", [(["lin0"], ["lin1"]), (["lin0"], ["lin0"])], ids=["different", "same"])
+def test_requires_grad_different_and_same_targets(targets):
+    model = get_peft_model(from_pretrained("MLP"), hs.SubspaceConfig(dim=20, target_modules=targets[0]))
+    model.add_adapter("adapter1", hs.SubspaceConfig(dim=20, target_modules=targets[1]))
+    _check_trainable(model, _trainable(model, "default"))
+    model.set_adapter("default")
+    _check_trainable(model, _trainable(model, "default"))
+    model.set_adapter("adapter1")
+    _check_trainable(model, _trainable(model, "adapter1"))
+    with model.disable_adapter():
+        _check_trainable(model, set())
+    _check_trainable(model, _trainable(model, "adapter1"))
+
+
+def test_requires_grad_per_layer_disabling_freezes_c_only_when_all_its_tensors_are_disabled():
+    model = get_peft_model(from_pretrained("MLP"), hs.SubspaceConfig(dim=20, target_modules=["lin0"]))
+    layers = _tuner_layers(model)
+    assert len(layers) == 2  # lin0.weight, lin0.bias
+    layers[0].enable_adapters(False)
+    _check_trainable(model, _trainable(model, "default"))  # lin0.bias still uses c
+    layers[1].enable_adapters(False)
+    _check_trainable(model, set())
+    layers[0].enable_adapters(True)
+    _check_trainable(model, _trainable(model, "default"))
+
+
+@pytest.mark.parametrize("modules_to_save", [None, ["layers.0.lin1"]], ids=["plain", "modules_to_save"])
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_loading_model_requires_grad_set_correctly(is_trainable, modules_to_save, tmp_path):
+    config = hs.SubspaceConfig(dim=20, target_modules=["layers.0.lin0"], modules_to_save=modules_to_save)
+    torch.manual_seed(0)
+    get_peft_model(DeepMLP(), config).save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    model = PeftModel.from_pretrained(DeepMLP(), tmp_path, is_trainable=is_trainable)
+
+    def check(*adapters):
+        if is_trainable:
+            for name, param in model.named_parameters():
+                assert param.requires_grad == any(f".{a}" in name for a in adapters), name
+        else:
+            assert all(not p.requires_grad for p in model.parameters())
+
+    check("default")
+    model.load_adapter(tmp_path, adapter_name="other", is_trainable=is_trainable)
+    # peft 0.21: load_adapter(is_trainable=True) makes the loaded (inactive) adapter trainable too (LoRA's the same)
+    check("default", "other")

@@ -173,31 +173,34 @@ def test_grpo_with_trained_peft_model_and_beta_uses_it_as_reference(tmp_path):
     assert torch.equal(engine.coeffs["ref"], trained_c)
 
 
-# -- the examples (examples/trl), with --tiny: the real scripts in subprocesses -------------------------------------
-@pytest.mark.parametrize("script,measured", [
-    ("sft.py", ["eval_loss_before", "eval_loss_after"]),
-    ("dpo.py", ["preference_accuracy_before", "preference_accuracy_after", "dpo_eval_rewards_margin"]),
-    ("grpo.py", ["mean_reward_before", "mean_reward_after"]),
-])
-def test_trl_example_runs_and_saves_its_adapter(script, measured, tmp_path):
+# -- the examples (examples/trl), with --tiny: the real scripts, in one subprocess (one import of TRL) -------------
+EXAMPLE_MEASURES = {"sft": ["eval_loss_before", "eval_loss_after"],
+                    "dpo": ["preference_accuracy_before", "preference_accuracy_after", "dpo_eval_rewards_margin"],
+                    "grpo": ["mean_reward_before", "mean_reward_after", "reward_of_the_verses"]}
+
+
+def test_trl_examples_run_and_save_their_adapters(tmp_path):
     import json
     import os
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, os.path.join(root, "examples", "trl", script), "--tiny", "--max_steps", "3",
-           "--subspace_dim", "100", "--max_train_samples", "24", "--eval_samples", "8", "--output_dir", str(tmp_path)]
+    smoke = ["--tiny", "--max_steps", "3", "--subspace_dim", "100", "--max_train_samples", "24", "--eval_samples", "8"]
+    code = "; ".join(["import sys", f"sys.path.insert(0, {os.path.join(root, 'examples', 'trl')!r})"] + [
+        f"import {name}; {name}.main({smoke + ['--output_dir', str(tmp_path / name)]!r})" for name in EXAMPLE_MEASURES])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=240)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    result = json.loads((tmp_path / "results.json").read_text())
-    assert result["steps"] == 3 and result["subspace_d"] == 100
-    assert all(math.isfinite(result[k]) for k in measured), result
-    config = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "SUBSPACE" and config["dim"] == 100
-    assert "adapter saved to" in proc.stdout
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.stdout.count("adapter saved to") == len(EXAMPLE_MEASURES)
+    for name, measured in EXAMPLE_MEASURES.items():
+        result = json.loads((tmp_path / name / "results.json").read_text())
+        assert result["steps"] == 3 and result["subspace_d"] == 100, (name, result)
+        assert all(math.isfinite(result[k]) for k in measured), (name, result)
+        config = json.loads((tmp_path / name / "final" / "adapter_config.json").read_text())
+        assert config["peft_type"] == "SUBSPACE" and config["dim"] == 100, name
 
 
 def test_kto_and_rloo_with_trained_peft_model_copy_it_into_their_reference(tmp_path):

@@ -24,7 +24,8 @@ class SubspaceArguments:
     subspace: str = field(default="hashing", metadata={
         "help": "the random projection P", "choices": ("hashing", "fastfood", "sparse", "dense")})
     subspace_dim: int = field(default=10_000, metadata={"help": "d, the number of trained coefficients"})
-    subspace_mode: str = field(default="global", metadata={"help": "global (DID) or said", "choices": ("global", "said")})
+    subspace_mode: str = field(default="global", metadata={"help": "global (DID) or said",
+                                                           "choices": ("global", "said")})
     target_modules: Optional[list[str]] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={
         "help": "the modules whose weights form θ"})
     max_train_samples: int = field(default=2000, metadata={"help": "training examples"})
@@ -65,7 +66,7 @@ def load_model(sub: SubspaceArguments):
 
 
 def subspace_config(sub: SubspaceArguments, seed: int) -> hf_subspace.SubspaceConfig:
-    """The ``peft_config`` TRL's trainers take: θ = θ0 + P c over ``--target_modules``, c of size ``--subspace_dim``."""
+    """The ``peft_config`` TRL's trainers take: θ = θ0 + P c over ``--target_modules``, c of ``--subspace_dim``."""
     return hf_subspace.SubspaceConfig(dim=sub.subspace_dim, projection=sub.subspace, mode=sub.subspace_mode,
                                       target_modules=sub.target_modules, seed=seed, task_type="CAUSAL_LM")
 

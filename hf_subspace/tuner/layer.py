@@ -67,6 +67,7 @@ class SubspaceLayer(nn.Module, BaseTunerLayer):
             if any(slot == self.slot_name for _, slot in engine.merged_slots):
                 engine.unmerge(slots={self.slot_name})
             engine.disabled_slots.add(self.slot_name)
+        _freeze_while_disabled(engine)
         engine.invalidate()
 
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
@@ -137,6 +138,27 @@ class SubspaceLayer(nn.Module, BaseTunerLayer):
 
     def extra_repr(self) -> str:
         return f"slot={self.slot_name!r}, adapters={sorted(self._get_available_adapters())}"
+
+
+def _freeze_while_disabled(engine) -> None:
+    """peft's layers stop training their adapters while disabled (``enable_adapters(False)`` turns their
+    ``requires_grad`` off) and train the active ones again when enabled. c and λ are shared by every tensor of an
+    adapter's θ: they are frozen while every one of those tensors is disabled, and when one is enabled again an
+    active adapter gets back the ``requires_grad`` it had (or that ``set_adapter`` gave it meanwhile), an inactive
+    one stays frozen, as peft's layers do."""
+    frozen = engine.__dict__.setdefault("_frozen_while_disabled", {})
+    for name in [n for n in frozen if n not in engine.adapters]:
+        del frozen[name]
+    for name, state in engine.adapters.items():
+        disabled = not engine.enabled or all(s.name in engine.disabled_slots for s in state.layout.slots)
+        params = [engine.coeffs[name]] + ([engine.scales[name]] if name in engine.scales else [])
+        if disabled and name not in frozen:
+            frozen[name] = [p.requires_grad for p in params]
+            for p in params:
+                p.requires_grad_(False)
+        elif not disabled and name in frozen:
+            for p, before in zip(params, frozen.pop(name)):  # (or set_adapter made it trainable meanwhile)
+                p.requires_grad_((before or p.requires_grad) and name in engine.active)
 
 
 def sole_subspace_layer(module: nn.Module, attr: str = "weight") -> "SubspaceLayer | None":

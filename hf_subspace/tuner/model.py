@@ -187,8 +187,8 @@ class SubspaceModel(BaseTuner):
         self._check_merge_allowed()
         names = list(adapter_names or self.active_adapters)
         if self.subspace.merged_slots:  # peft's warnings (check_adapters_to_merge), once for the model
-            merged = self.subspace.merged_adapters
-            todo = [n for n in names if n not in merged]
+            merged = sorted({a for a, _ in self.subspace.merged_slots})  # (in some tensors, by per-layer merges)
+            todo = [n for n in names if n not in self.subspace.merged_adapters]
             if todo:
                 warnings.warn(f"Already following adapters were merged {','.join(merged)}. "
                               f"You are now additionally merging {','.join(todo)}.")
