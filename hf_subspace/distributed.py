@@ -154,11 +154,18 @@ def check_projections_match(model: nn.Module, group=None) -> dict:
         model = accelerator.prepare(model)
         hf_subspace.check_projections_match(model)
 
+    Under FSDP2 it also checks the sharding (:func:`check_fsdp2_model`): c and λ must not be sharded into an FSDP
+    group, and their gradients are averaged after each backward (the hook is added when ``fully_shard`` was
+    applied by hand with ``ignored_params``).
+
     Raises:
         ProjectionMismatchError: naming the ranks that differ and what differs (seed, D, d, format, θ, P's entries).
+        ValueError: c sharded into an FSDP group (use :func:`hf_subspace.shard_model`), or TWA under FSDP2.
     """
     import torch.distributed as dist
 
+    if any(_is_fsdp_module(m) for m in model.modules()) and sharding_kind(model) == "FSDP2":
+        check_fsdp2_model(model)  # fully_shard by hand: c must be whole, and its gradient averaged after backward
     fp = projection_fingerprint(model)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return fp

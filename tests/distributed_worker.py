@@ -560,6 +560,18 @@ def scenario_fsdp_refusals(out, rank, world):
         got["twa"] = message(lambda: hs.SubspaceTrainer(model=tiny_llama(), args=trainer_args(
             os.path.join(out, "fsdp-twa"), world, twa=True, fsdp="full_shard", fsdp_config={"version": 2}),
             train_dataset=llama_dataset()))
+    got["check"] = message(lambda: hs.check_projections_match(by_hand))
+    # fully_shard by hand with c ignored: check_projections_match adds the average of c's gradient after backward
+    ignored = subspace_llama()
+    engine = hs.find_engine(ignored)
+    for layer in ignored.base_model.model.model.layers:
+        fully_shard(layer, ignored_params=set(engine.vectors.parameters()))
+    fully_shard(ignored, ignored_params=set(engine.vectors.parameters()))
+    hs.check_projections_match(ignored)
+    ids = llama_batches()[0].chunk(world)[rank]
+    ignored(input_ids=ids, labels=ids).loss.backward()
+    got["by_hand_grad"] = engine.coeffs["default"].grad.tolist()
+    got["by_hand_cache"] = engine.inference_cache
     other_seed = hs.shard_model(subspace_llama(seed=rank))
     got["mismatch"] = message(lambda: hs.check_projections_match(other_seed))
     got["same"] = message(lambda: hs.check_projections_match(sharded))

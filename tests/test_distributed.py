@@ -251,6 +251,10 @@ def test_what_fsdp_still_refuses(launched):
         assert got["mismatch"].startswith("ProjectionMismatchError")
         assert "rank 1 has adapter 'default': seed=1 where rank 0 has seed=0" in got["mismatch"]
         assert got["same"] is None
+        assert "sharded into an FSDP group" in got["check"]
+    # fully_shard by hand with c in ignored_params: after check_projections_match c's gradient is averaged
+    g0, g1 = (launched.ranks[r]["fsdp_refusals"]["by_hand_grad"] for r in range(2))
+    assert g0 == g1 and max(abs(v) for v in g0) > 0 and launched.ranks[0]["fsdp_refusals"]["by_hand_cache"] is False
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -329,3 +333,43 @@ def test_sharded_basis_on_one_process_is_the_whole_basis():
     torch.testing.assert_close(sharded.projection.rmatvec(v), whole.projection.rmatvec(v))
     with pytest.raises(ValueError, match="sharded over 1 processes"):
         sharded.projection.basis
+
+
+def test_shard_model_refuses_what_it_cannot_shard_and_finds_the_decoder_layers():
+    from peft import get_peft_model
+
+    from hf_subspace.fsdp import decoder_layers, refuse_unsupported
+
+    model = worker.subspace_llama()
+    layers = decoder_layers(model)
+    assert [type(m).__name__ for m in layers] == ["LlamaDecoderLayer"] * 2
+    assert decoder_layers(model, ["LlamaMLP"]) == [m.mlp for m in layers]
+    with pytest.raises(ValueError, match="needs a model with a subspace adapter"):
+        hs.shard_model(worker.tiny_llama())
+    with pytest.raises(ValueError, match="needs an initialized process group"):
+        hs.shard_model(model)
+    # a TWA (trajectory) adapter: refused under FSDP2 with what to use
+    from hf_subspace.projections.trajectory import TrajectoryProjection
+
+    twa = get_peft_model(worker.tiny_llama(), hs.SubspaceConfig(dim=40))
+    state = hs.find_engine(twa).adapters["default"]
+    state.projection = TrajectoryProjection.empty(state.layout.D, 40)
+    with pytest.raises(ValueError, match="TWA \\(trajectory\\) basis, refused under FSDP2.*multi_gpu.yaml"):
+        refuse_unsupported(twa)
+
+
+def test_accelerates_fsdp2_preparation_hands_only_subspace_models_to_shard_model(monkeypatch):
+    import accelerate.accelerator as acc_mod
+
+    from hf_subspace import fsdp
+
+    hooked = acc_mod.fsdp2_prepare_model
+    assert hooked._hf_subspace and fsdp.install_accelerate_hook() and acc_mod.fsdp2_prepare_model is hooked
+    seen = []
+    monkeypatch.setattr(fsdp, "prepare_with_accelerate", lambda acc, model: seen.append(("ours", model)) or model)
+    original = hooked.__defaults__[0]  # accelerate's own function, bound when the hook was installed
+    monkeypatch.setattr(hooked, "__defaults__", (lambda acc, model: seen.append(("accelerate", model)) or model,))
+    plain, sub = worker.tiny_llama(), worker.subspace_llama()
+    assert hooked(None, plain) is plain and hooked(None, sub) is sub
+    assert seen == [("accelerate", plain), ("ours", sub)]
+    assert original.__module__.startswith("accelerate")
