@@ -291,15 +291,17 @@ def scenario_trainer_seed(out, rank, world):
 # FSDP2: θ0 sharded, c replicated
 # ------------------------------------------------------------------------------------------------------------
 FSDP_DIM = 80
-#: (projection, mode, reshard_after_forward, tied embedding and head, non-reentrant activation checkpointing)
-FSDP_CASES = [("hashing", "global", True, True, False), ("hashing", "said", True, True, False),
-              ("fastfood", "global", True, True, False), ("fastfood", "said", False, True, False),
-              ("hashing", "global", True, False, False), ("fastfood", "said", True, True, True)]
+#: (projection, mode, reshard_after_forward, tied embedding and head, non-reentrant activation checkpointing,
+#: micro-batches accumulated per step)
+FSDP_CASES = [("hashing", "global", True, True, False, 1), ("hashing", "said", True, True, False, 1),
+              ("fastfood", "global", True, True, False, 1), ("fastfood", "said", False, True, False, 1),
+              ("hashing", "global", True, False, False, 1), ("fastfood", "said", True, True, True, 1),
+              ("hashing", "said", True, True, False, 2)]
 
 
-def fsdp_case_name(kind, mode, reshard, tied, checkpointing):
+def fsdp_case_name(kind, mode, reshard, tied, checkpointing, micro):
     return f"{kind}-{mode}" + ("" if reshard else "-kept") + ("" if tied else "-untied") + \
-        ("-checkpointed" if checkpointing else "")
+        ("-checkpointed" if checkpointing else "") + (f"-accumulated{micro}" if micro > 1 else "")
 FSDP_CLIP = 0.01  # below every step's gradient norm: clipping acts, so averaging after it would give another c
 FSDP_IDS = [[3, 9, 27, 17, 51, 1, 40, 33, 8, 60, 12, 5]]  # a fixed prompt for comparing logits
 
@@ -344,7 +346,7 @@ def vectors(model) -> dict:
     return out
 
 
-def fsdp_loop(kind, mode, world_size, rank=0, reshard=True, tied=True, checkpointing=False):
+def fsdp_loop(kind, mode, world_size, rank=0, reshard=True, tied=True, checkpointing=False, micro=1):
     """AdamW on c (and λ) with gradient clipping, STEPS steps of GLOBAL_BATCH sequences; sharded with
     ``hf_subspace.shard_model`` on several processes, plain on one. Returns ``(model, vectors)``."""
     import hf_subspace as hs
@@ -358,8 +360,8 @@ def fsdp_loop(kind, mode, world_size, rank=0, reshard=True, tied=True, checkpoin
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
     for ids in llama_batches():
-        part = ids.chunk(world_size)[rank]
-        model(input_ids=part, labels=part).loss.backward()
+        for part in ids.chunk(world_size)[rank].chunk(micro):  # accumulated: c's gradient averaged per backward
+            (model(input_ids=part, labels=part).loss / micro).backward()
         torch.nn.utils.clip_grad_norm_(params, FSDP_CLIP)
         opt.step()
         opt.zero_grad()

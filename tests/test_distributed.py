@@ -151,9 +151,9 @@ def test_the_trainer_stops_at_the_start_when_seeds_differ(launched):
 @pytest.mark.parametrize("case", worker.FSDP_CASES, ids=lambda case: worker.fsdp_case_name(*case))
 def test_fsdp2_training_equals_one_process(launched, case):
     """hf_subspace.shard_model on 2 processes (θ0 sharded; a tied embedding and head one unit; with and without
-    resharding after the forward; with activation checkpointing) = 1 process on the same global batches, with
-    gradient clipping that acts every step (c's gradient is averaged before it)."""
-    kind, mode, reshard, tied, checkpointing = case
+    resharding after the forward; with activation checkpointing; with 2 micro-batches accumulated) = 1 process on
+    the same global batches, with gradient clipping that acts every step (c's gradient is averaged before it)."""
+    kind, mode, reshard, tied, checkpointing, micro = case
     name = worker.fsdp_case_name(*case)
     _, one = worker.fsdp_loop(kind, mode, 1, tied=tied)  # one process: no sharding, no checkpointing
     two = torch.load(os.path.join(launched.out, "fsdp_train.pt"))[name]
