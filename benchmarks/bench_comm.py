@@ -10,12 +10,13 @@ buckets through a communication hook (``DistributedDataParallel.register_comm_ho
 outside DDP (``torch.distributed.all_reduce`` / ``all_gather`` / ``broadcast`` and DDP's buffer broadcasts) by
 wrapping it. A count is a collective's payload; a ring all-reduce puts ``2 (N-1)/N`` times that on each link.
 
-Methods: hf_subspace global hashing d = 1k and 10k (+ the classifier head, trained in full), PEFT LoRA r=8 (q,v;
-+ head), full fine-tuning, and one-run TWA (its ordinary phase is full fine-tuning; the TWA phase trains k
+Methods: hf_subspace global hashing d = 1k and 10k (+ the classifier head, trained in full), PEFT LoRA r=8 (q,v; +
+head), full fine-tuning, and one-run TWA (its ordinary phase is full fine-tuning; the TWA phase trains k
 coefficients). FSDP2 (``llama_*``, a small Llama in a loop of one's own): hf_subspace fastfood d = 10k under DDP and
-under FSDP2 (``hf_subspace.shard_model``: θ0's all-gathers + 4·d), PEFT LoRA r=8 under FSDP2, and the parameter bytes
-each rank holds at 1 and 2 processes. ``--only`` keeps the other methods' earlier results in ``comm.json``. The on-paper table carries the per-step gradient payloads to Llama-2-7B / 70B at 8 and 64 GPUs and
-the time of a ring all-reduce of them at 100 Gb/s.
+under FSDP2 (``hf_subspace.shard_model``: θ0's all-gathers + 4·d), PEFT LoRA r=8 under FSDP2, and the parameter
+bytes each rank holds at 1 and 2 processes. ``--only`` keeps the other methods' earlier results in ``comm.json``.
+The on-paper table carries the per-step gradient payloads to Llama-2-7B / 70B at 8 and 64 GPUs and the time of a
+ring all-reduce of them at 100 Gb/s.
 """
 from __future__ import annotations
 
@@ -243,7 +244,8 @@ def launch(method: str, steps: int, result_file: str) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    run.main(["--nproc_per_node", "1" if method.endswith("_1proc") else "2", "--master_addr", "127.0.0.1", "--master_port", str(port), __file__,
+    nproc = "1" if method.endswith("_1proc") else "2"
+    run.main(["--nproc_per_node", nproc, "--master_addr", "127.0.0.1", "--master_port", str(port), __file__,
               "--worker", method, "--steps", str(steps), "--result-file", result_file])
 
 

@@ -32,14 +32,12 @@ ZeRO-3.
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["shard_model", "is_fsdp2_sharded", "subspace_vectors", "sync_subspace_gradients", "shard_stats",
            "sharded_rows", "install_accelerate_hook", "FSDP2_HELP"]
@@ -291,7 +289,8 @@ def shard_stats(t, samples: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
 
     rows = sharded_rows(t)
     if rows is None:
-        raise ValueError(f"expected a DTensor sharded on dim 0 (FSDP2), got placements {getattr(t, 'placements', None)}")
+        raise ValueError("expected a DTensor sharded on dim 0 (FSDP2), got placements "
+                         f"{getattr(t, 'placements', None)}")
     local = t.to_local().detach()
     numel = t.numel()
     row_len = numel // t.shape[0] if t.shape[0] else 0
@@ -437,6 +436,3 @@ def install_accelerate_hook() -> bool:
     acc_mod.fsdp2_prepare_model = fsdp2_prepare_model
     return True
 
-
-def all_sharded_tensors(tensors: Sequence[torch.Tensor]) -> bool:
-    return bool(tensors) and all(is_dtensor(t) for t in tensors)

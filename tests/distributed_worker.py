@@ -525,7 +525,8 @@ def scenario_fsdp_trainer(out, rank, world):
         trainer.save_model(os.path.join(out, "fsdp_trainer_adapter"))
         model = trainer.model
         got = {"units": sorted(type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)),
-               "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], "c": vectors(model)["c"].tolist(),
+               "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+               "c": vectors(model)["c"].tolist(),
                "checkpoint": sorted(os.listdir(os.path.join(run, f"checkpoint-{STEPS // 2}")))}
     with fsdp_on_cpu():
         resumed = train_llama(os.path.join(out, "fsdp_trainer"), world, fsdp=True,

@@ -1,5 +1,6 @@
 """Several processes (torchrun, 2 CPU processes over gloo): DDP sends only c, ranks must build the same P, FSDP2
-shards θ0 and keeps c replicated (FSDP1, ZeRO-3 and TWA under FSDP refused). One torchrun launch runs every scenario of tests/distributed_worker.py; the 1-process twin runs here.
+shards θ0 and keeps c replicated (FSDP1, ZeRO-3 and TWA under FSDP refused). One torchrun launch runs every
+scenario of tests/distributed_worker.py; the 1-process twin runs here.
 """
 import json
 import os
