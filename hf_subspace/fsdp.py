@@ -12,8 +12,9 @@ of ``4·d`` bytes (c's and λ's gradients), done right after each backward (befo
   classes of the model's ``_no_split_modules``, or ``layer_classes``), the tied embedding and head together in one
   unit (an untied embedding and head each in its own), then the root; ``c`` and ``λ`` go in ``ignored_params``
   (whatever the mixed-precision policy, they stay float32 replicas); their gradients are all-reduced (average)
-  by a post-accumulate-grad hook; the engine's inference cache is turned off (it would hold every tensor of θ
-  unsharded on every rank).
+  by a post-accumulate-grad hook, once per backward (with gradient accumulation, once per micro-batch: exact,
+  since the part accumulated before is already equal on every rank); the engine's inference cache is turned off
+  (it would hold every tensor of θ unsharded on every rank).
 * accelerate: ``Accelerator(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2, ...))`` (what
   ``accelerate launch`` with ``fsdp_version: 2`` builds, and what the Trainer builds from ``fsdp=...`` with
   ``fsdp_config={"version": 2}``) prepares a model with ``accelerate.utils.fsdp2_prepare_model``, which would
@@ -22,9 +23,11 @@ of ``4·d`` bytes (c's and λ's gradients), done right after each backward (befo
   hf_subspace is imported, a model holding a subspace engine is prepared by :func:`shard_model` instead, with the
   plugin's ``reshard_after_forward``, mixed-precision and offload policies and its ``transformer_cls_names_to_wrap``;
   every other model goes to accelerate's own function.
-* :func:`shard_stats` / :func:`sharded_rows` — a whole tensor's strided sample and mean |value| from shards, and
-  the rows a rank's shard of a dim-0-sharded tensor holds: the fingerprint of θ0 and the plain state dict work on
-  DTensors without gathering anything of size D.
+* :func:`shard_stats` / :func:`sharded_rows` / :func:`adapted_shard` / :func:`sum_of_squares` — a whole
+  tensor's strided sample and mean |value| from shards, the rows a rank's shard of a dim-0-sharded tensor holds,
+  θ0 + δ on that shard (what reading a weight outside its module's forward returns: a DTensor), ‖θ0‖² from the
+  shards: the fingerprint of θ0, the plain state dict and the Trainer's learning-rate check work on DTensors
+  without gathering anything of size D.
 
 Not supported under FSDP (refused with what to do): merging into the sharded θ0 (``merge_and_unload``), TWA
 (its snapshots and basis are whole tensors), FSDP1 (``FullyShardedDataParallel``: flat parameters) and DeepSpeed
@@ -40,11 +43,7 @@ from torch import nn
 
 
 __all__ = ["shard_model", "is_fsdp2_sharded", "subspace_vectors", "sync_subspace_gradients", "shard_stats",
-           "sharded_rows", "install_accelerate_hook", "FSDP2_HELP"]
-
-FSDP2_HELP = ("shard a subspace model with hf_subspace.shard_model(model) (torch's FSDP2), or let accelerate do it "
-              "(fsdp_version: 2, e.g. examples/accelerate/fsdp2.yaml; SubspaceTrainer with fsdp='full_shard' and "
-              "fsdp_config={'version': 2})")
+           "sharded_rows", "sum_of_squares", "adapted_shard", "install_accelerate_hook", "decoder_layers"]
 
 
 def _dtensor_cls():
