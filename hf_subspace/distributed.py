@@ -215,7 +215,7 @@ SHARDED_HELP = (
     "FSDP1 (FullyShardedDataParallel, flat parameters) and DeepSpeed ZeRO-3 shard θ0 in ways the engine cannot "
     "read: a subspace adapter reads every tensor of θ whole inside its module's forward (θ0 + P c). Use FSDP2 "
     "instead — `accelerate launch --config_file examples/accelerate/fsdp2.yaml` (fsdp_version: 2), "
-    "SubspaceTrainer with fsdp='full_shard' and fsdp_config={'version': 2}, or hf_subspace.shard_model(model) in "
+    "SubspaceTrainer with fsdp=True and fsdp_config={'version': 2}, or hf_subspace.shard_model(model) in "
     "a loop of one's own — which shards θ0 and keeps c whole on every rank; or DDP (`accelerate launch "
     "--config_file examples/accelerate/multi_gpu.yaml`, distributed_type: MULTI_GPU), which sends only the "
     "gradient of c (4·d bytes per step) and keeps a whole θ0 on each rank.")

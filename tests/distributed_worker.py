@@ -509,7 +509,7 @@ def train_llama(out, world_size, fsdp=False, resume=None, **kw):
     from hf_subspace import SubspaceTrainer
 
     if fsdp:
-        kw.update(fsdp="full_shard", fsdp_config={"version": 2})
+        kw.update(fsdp=True, fsdp_config={"version": 2})
     trainer = SubspaceTrainer(model=tiny_llama(), args=llama_trainer_args(out, world_size, **kw),
                               train_dataset=llama_dataset())
     trainer.train(resume_from_checkpoint=resume)
@@ -561,7 +561,7 @@ def scenario_fsdp_refusals(out, rank, world):
     got["merge"] = message(sharded.merge_and_unload)
     with fsdp_on_cpu():
         got["twa"] = message(lambda: hs.SubspaceTrainer(model=tiny_llama(), args=trainer_args(
-            os.path.join(out, "fsdp-twa"), world, twa=True, fsdp="full_shard", fsdp_config={"version": 2}),
+            os.path.join(out, "fsdp-twa"), world, twa=True, fsdp=True, fsdp_config={"version": 2}),
             train_dataset=llama_dataset()))
     got["check"] = message(lambda: hs.check_projections_match(by_hand))
     # fully_shard by hand with c ignored: check_projections_match adds the average of c's gradient after backward

@@ -218,7 +218,7 @@ def test_fsdp2_bf16_policy_keeps_c_a_float32_replica(launched):
 
 
 def test_fsdp2_through_the_subspace_trainer_equals_one_process(launched, tmp_path):
-    """SubspaceTrainer with fsdp='full_shard', fsdp_config={'version': 2} (PEFT's wrap policy is replaced by
+    """SubspaceTrainer with fsdp=True, fsdp_config={'version': 2} (PEFT's wrap policy is replaced by
     decoder-layer units); gradient clipping (max_grad_norm) acts; save_model on rank 0 writes the adapter; a
     checkpoint is the adapter and c's optimizer state, and resuming from it gives the same c."""
     one = worker.train_llama(str(tmp_path), 1)
