@@ -10,10 +10,13 @@ buckets through a communication hook (``DistributedDataParallel.register_comm_ho
 outside DDP (``torch.distributed.all_reduce`` / ``all_gather`` / ``broadcast`` and DDP's buffer broadcasts) by
 wrapping it. A count is a collective's payload; a ring all-reduce puts ``2 (N-1)/N`` times that on each link.
 
-Methods: hf_subspace global hashing d = 1k and 10k (+ the classifier head, trained in full), PEFT LoRA r=8 (q,v;
-+ head), full fine-tuning, and one-run TWA (its ordinary phase is full fine-tuning; the TWA phase trains k
-coefficients). The on-paper table carries the per-step gradient payloads to Llama-2-7B / 70B at 8 and 64 GPUs and
-the time of a ring all-reduce of them at 100 Gb/s.
+Methods: hf_subspace global hashing d = 1k and 10k (+ the classifier head, trained in full), PEFT LoRA r=8 (q,v; +
+head), full fine-tuning, and one-run TWA (its ordinary phase is full fine-tuning; the TWA phase trains k
+coefficients). FSDP2 (``llama_*``, a small Llama in a loop of one's own): hf_subspace fastfood d = 10k under DDP and
+under FSDP2 (``hf_subspace.shard_model``: θ0's all-gathers + 4·d), PEFT LoRA r=8 under FSDP2, and the parameter
+bytes each rank holds at 1 and 2 processes. ``--only`` keeps the other methods' earlier results in ``comm.json``.
+The on-paper table carries the per-step gradient payloads to Llama-2-7B / 70B at 8 and 64 GPUs and the time of a
+ring all-reduce of them at 100 Gb/s.
 """
 from __future__ import annotations
 
@@ -36,7 +39,13 @@ METHODS = {
     "twa": "one-run TWA (ordinary phase, then k coefficients)",
     "basis_sharded": "TWA basis built sharded by coordinates over 2 ranks (memory)",
     "basis_whole": "TWA basis built whole on each of 2 ranks (memory)",
+    # a small Llama (causal LM, untied embedding and head), a loop of one's own
+    "llama_ddp_sub10k": "Llama, DDP: hf_subspace fastfood d=10k",
+    "llama_fsdp_sub10k": "Llama, FSDP2 (hf_subspace.shard_model): hf_subspace fastfood d=10k",
+    "llama_fsdp_sub10k_1proc": "Llama, FSDP2 on 1 process (memory reference)",
+    "llama_fsdp_lora": "Llama, FSDP2 (fully_shard per decoder layer + root): PEFT LoRA r=8 (q,v)",
 }
+LLAMA_METHODS = tuple(m for m in METHODS if m.startswith("llama_"))
 PER_DEVICE_BATCH, SEQ = 8, 32
 LINK_GBIT = 100
 
@@ -97,8 +106,88 @@ def basis_memory_worker(variant: str, result_file: str) -> None:
     dist.destroy_process_group()
 
 
+def build_llama():
+    """A small Llama: hidden 128, 4 layers, vocab 2,000, untied embedding and head (as Llama-2): D ≈ 1.3M."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=2000, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ,
+                                        tie_word_embeddings=False))
+
+
+def _param_bytes(model) -> dict:
+    """Bytes of the parameters this rank holds: θ0 (its shard under FSDP2) and what is trained (c, LoRA)."""
+    from hf_subspace.fsdp import is_dtensor
+
+    held = {"theta0": 0, "trained": 0}
+    for p in model.parameters():
+        local = p.to_local() if is_dtensor(p) else p
+        held["trained" if p.requires_grad else "theta0"] += local.numel() * local.element_size()
+    return held
+
+
+def llama_worker(method: str, steps: int, result_file: str) -> None:
+    """A loop of one's own (AdamW, clipping) on the small Llama under DDP or FSDP2; every collective counted on
+    rank 0, per step."""
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+
+    import hf_subspace as hs
+    from hf_subspace.distributed import CommCounter
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    base = build_llama()
+    D = sum(p.numel() for p in base.parameters())
+    if method == "llama_fsdp_lora":
+        from torch.distributed.fsdp import fully_shard
+
+        model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    else:
+        model = get_peft_model(base, hs.SubspaceConfig(dim=10_000, projection="fastfood"))
+        if "fsdp" in method:
+            hs.shard_model(model)
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(model)
+    held = _param_bytes(model)
+    counter = CommCounter()
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        counter.attach(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    per_step = []
+    with counter.counting(ddp=False):
+        for _ in range(steps):
+            before = {k: list(v) for k, v in counter.outside.items()}
+            ids = torch.randint(1, 2000, (PER_DEVICE_BATCH, SEQ), generator=g)
+            model(input_ids=ids, labels=ids).loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad()
+            per_step.append({k: {"calls": len(v) - len(before.get(k, [])), "bytes": sum(v[len(before.get(k, [])):])}
+                             for k, v in counter.outside.items() if len(v) > len(before.get(k, []))})
+    if rank != 0:
+        return
+    last = per_step[-1]
+    ddp = counter.syncs[-1] if counter.syncs else 0
+    total = ddp + sum(v["bytes"] for v in last.values())
+    result = {"status": "measured", "method": method, "label": METHODS[method], "world_size": world, "D": D,
+              "trainable": sum(p.numel() for p in params), "per_step": last, "ddp_bytes_per_step": ddp,
+              "bytes_per_step": total, "held": held}
+    Path(result_file).write_text(json.dumps(result))
+
+
 def worker(method: str, steps: int, result_file: str) -> None:
     """Runs on every rank of a torchrun launch; rank 0 writes the result."""
+    if method in LLAMA_METHODS:
+        llama_worker(method, steps, result_file)
+        return
     if method.startswith("basis_"):
         basis_memory_worker(method.split("_", 1)[1], result_file)
         return
@@ -155,7 +244,8 @@ def launch(method: str, steps: int, result_file: str) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    run.main(["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port), __file__,
+    nproc = "1" if method.endswith("_1proc") else "2"
+    run.main(["--nproc_per_node", nproc, "--master_addr", "127.0.0.1", "--master_port", str(port), __file__,
               "--worker", method, "--steps", str(steps), "--result-file", result_file])
 
 
@@ -191,6 +281,33 @@ def paper_rows(gpus=(8, 64), link_gbit=LINK_GBIT, k_twa=20) -> list[list]:
     return rows
 
 
+#: vocabulary of Llama-2 (untied embedding and head)
+PAPER_VOCAB = 32_000
+
+
+def fsdp_paper_rows(gpus=(8, 64), link_gbit=LINK_GBIT, d=10_000, dtype_bytes=2) -> list[list]:
+    """FSDP2 on paper, θ0 in bf16, ``hf_subspace.shard_model``'s grouping with ``reshard_after_forward=True``: per
+    rank the parameter memory (θ0's shard; two decoder layers gathered at a time, the one computing and the one
+    prefetched; the embedding and the head kept gathered from forward to backward; c and AdamW's two moments,
+    float32) and the bytes each GPU receives per step (every unit gathered in the forward, the decoder layers again
+    in the backward; c's all-reduce), with the time of that at ``link_gbit`` (bandwidth term; FSDP overlaps it with
+    compute). Rows: ``[model, N, shard, gathered, c + Adam, total, all-gather bytes, c bytes, time]``."""
+    rows = []
+    for name, D, layers, hidden, _ in PAPER_MODELS:
+        emb = PAPER_VOCAB * hidden
+        layer = (D - 2 * emb - hidden) // layers
+        for n in gpus:
+            shard = dtype_bytes * D / n
+            gathered = dtype_bytes * (2 * layer + 2 * emb)
+            c_adam = 3 * 4 * d
+            gather_payload = dtype_bytes * (D + D - 2 * emb - hidden)  # forward: all; backward: the layers again
+            wire = (n - 1) / n * gather_payload + 2 * (n - 1) / n * 4 * d
+            rows.append([name, str(n), fmt_bytes(shard), fmt_bytes(gathered), fmt_bytes(c_adam),
+                         fmt_bytes(shard + gathered + c_adam), fmt_bytes(gather_payload), fmt_bytes(4 * d),
+                         fmt_time(wire / (link_gbit * 1e9 / 8))])
+    return rows
+
+
 def fmt_bytes(b) -> str:
     if b is None:
         return "—"
@@ -218,7 +335,7 @@ def markdown_report(results: dict, steps: int) -> str:
              "whole model (θ0 included) once.", ""]
     rows = []
     for method, runs in results.items():
-        if method.startswith("basis_"):
+        if method.startswith("basis_") or method in LLAMA_METHODS:
             continue
         r = runs[-1]
         if r.get("status") != "measured":
@@ -265,7 +382,8 @@ def markdown_report(results: dict, steps: int) -> str:
     if full:
         lines += ["", "Ratio to full fine-tuning (gradient bytes per step): " + ", ".join(
             f"{m} {full / r[-1]['bytes_per_step']:.0f}×" for m, r in results.items()
-            if m not in ("full", "twa") and r[-1].get("bytes_per_step"))]
+            if m not in ("full", "twa") and m not in LLAMA_METHODS and r[-1].get("bytes_per_step"))]
+    lines += llama_report(results)
     lines += ["", f"## On paper: gradient payload per step and ring all-reduce time at {LINK_GBIT} Gb/s", "",
               "Bandwidth term only: `2 (N-1)/N × payload / link` for a ring all-reduce, `(N-1)/N × payload / link` for "
               "an all-gather or a reduce-scatter; a collective's latency (a few µs to tens of µs "
@@ -277,6 +395,47 @@ def markdown_report(results: dict, steps: int) -> str:
               "step (each D-sized, as FSDP's).", ""]
     lines += markdown_table(["model", "method", "payload / step", "8 GPUs", "64 GPUs"], paper_rows(), align="llrrr")
     return "\n".join(lines) + "\n"
+
+
+def llama_report(results: dict) -> list[str]:
+    """The FSDP2 section: bytes per step by collective and the parameter bytes each rank holds."""
+    got = {m: results[m][-1] for m in LLAMA_METHODS if m in results}
+    if not got:
+        return []
+    lines = ["", "## FSDP2 beside DDP, and beside LoRA under FSDP2 (small Llama, measured)", "",
+             f"Llama (hidden 128, 4 layers, vocab 2,000, untied embedding and head), {PER_DEVICE_BATCH} × {SEQ} tokens "
+             "per process, AdamW with clipping, a loop of one's own (`python benchmarks/bench_comm.py --only "
+             + " ".join(LLAMA_METHODS) + "`). Bytes per step on rank 0, last step: DDP's gradient buckets, and the "
+             "collectives FSDP2 calls (`all_gather_single`: θ0's all-gathers, counted as the gathered buffer; "
+             "`reduce_scatter_single`: gradients of sharded trainable parameters; `all_reduce`: c's gradient, by "
+             "hf_subspace). Held: parameter bytes on one rank (θ0 or its shard; what is trained).", ""]
+    rows = []
+    for m, r in got.items():
+        if r.get("status") != "measured":
+            rows.append([METHODS[m], "failed: " + str(r.get("reason", ""))[:60], "", "", "", "", ""])
+            continue
+        ps = r["per_step"]
+        cell = lambda k: (f"{fmt_int(ps[k]['bytes'])} ({ps[k]['calls']})" if k in ps else "—")  # noqa: E731
+        rows.append([r["label"], str(r["world_size"]), fmt_int(r["D"]), fmt_int(r["trainable"]),
+                     fmt_int(r["ddp_bytes_per_step"]) if r["ddp_bytes_per_step"] else "—",
+                     cell("all_gather_single"), cell("reduce_scatter_single"), cell("all_reduce"),
+                     fmt_int(r["bytes_per_step"]), fmt_int(r["held"]["theta0"]), fmt_int(r["held"]["trained"])])
+    lines += markdown_table(["method", "processes", "D", "trained", "DDP buckets", "all-gathers (calls)",
+                             "reduce-scatters (calls)", "all-reduces (calls)", "total / step", "θ0 held / rank",
+                             "trained held / rank"], rows)
+    lines += ["", f"## FSDP2 on paper: Llama-2, θ0 in bf16, d = 10k, {LINK_GBIT} Gb/s per GPU", "",
+              "Per rank: θ0's shard (2·D/N), what is gathered at once (two decoder layers, the computing one and the "
+              "prefetched one, plus the untied embedding and head, kept from forward to backward), c with AdamW's "
+              "two moments (float32). Per step: the all-gathers' payload (every unit in the forward, the decoder "
+              "layers again in the backward with reshard_after_forward: true; each GPU receives (N-1)/N of it) and "
+              "c's all-reduce (4·d). Activations and the transient P c of the tensor being computed (one weight's "
+              "size in float32) come on top. LoRA under FSDP2 gathers the same θ0 (and its adapters), then "
+              "reduce-scatters its gradients; DDP gathers nothing but holds all of θ0 on every rank (13.5 GB / "
+              "138 GB).", ""]
+    lines += markdown_table(["model", "GPUs", "θ0 shard / rank", "gathered at once", "c + AdamW", "parameters / rank",
+                             "all-gathers / step", "c all-reduce / step", "time of the gathers"], fsdp_paper_rows(),
+                            align="lrrrrrrrr")
+    return lines
 
 
 def parse_args(argv=None):
@@ -307,6 +466,10 @@ def main(argv=None) -> None:
                                                               file=sys.stderr))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.only and (out / "comm.json").is_file():  # a partial run keeps the other methods' earlier results
+        previous = json.loads((out / "comm.json").read_text()).get("results", {})
+        results = {**{m: r for m, r in previous.items() if m in METHODS and m not in results}, **results}
+        results = {m: results[m] for m in METHODS if m in results}
     (out / "comm.json").write_text(json.dumps({"machine": machine_info(), "steps": args.steps, "results": results},
                                               indent=1))
     (out / "comm.md").write_text(markdown_report(results, args.steps))

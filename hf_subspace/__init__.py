@@ -27,11 +27,13 @@ from .tuner import SubspaceConfig, SubspaceModel  # noqa: E402
 from .trainer import SubspaceTrainer, SubspaceTrainingArguments, twa_from_checkpoints  # noqa: E402
 from .twa import save_twa_adapter  # noqa: E402
 from .distributed import ProjectionMismatchError, check_projections_match  # noqa: E402
+from .fsdp import install_accelerate_hook as _install_accelerate_hook, shard_model  # noqa: E402
 from .errors import (AdapterMismatchError, CorruptAdapterError, NonFiniteTrainingError,  # noqa: E402
                      SubspaceConfigError, SubspaceError, TWASnapshotError)
 from . import _registry  # noqa: E402
 
 _registry.register()
+_install_accelerate_hook()  # accelerate's FSDP2 preparation hands subspace models to hf_subspace.shard_model
 
 
 def get_subspace_model(model, config: SubspaceConfig, adapter_name: str = "default", **kwargs):
@@ -66,4 +68,5 @@ __all__ = [
     "plain_state_dict",
     "reparameterize",
     "select_parameters",
+    "shard_model",
 ]

@@ -13,8 +13,8 @@ d-vector whose meaning differs per rank). Hence:
 * :func:`check_projections_match` — every rank gathers every fingerprint and compares it with rank 0's; on a
   difference every rank raises :class:`ProjectionMismatchError` naming the ranks and what differs. The
   :class:`~hf_subspace.SubspaceTrainer` calls it when training starts; call it yourself in an accelerate loop.
-* :func:`refuse_sharded_training` — FSDP and DeepSpeed ZeRO-3 shard θ0 itself, which the engine reads whole:
-  refused with what to use instead (DDP: ``distributed_type: MULTI_GPU``).
+* :func:`refuse_sharded_training` — FSDP2 is supported (:mod:`hf_subspace.fsdp`: θ0 sharded, c replicated);
+  FSDP1 (flat parameters), DeepSpeed ZeRO-3 and TWA under FSDP are refused with what to use instead.
 * :class:`CommCounter` — the bytes DDP all-reduces, counted by a communication hook
   (``DistributedDataParallel.register_comm_hook``), and the collectives issued outside DDP (buffer broadcasts,
   ``all_reduce`` / ``all_gather`` calls of our own), counted by wrapping them.
@@ -154,11 +154,18 @@ def check_projections_match(model: nn.Module, group=None) -> dict:
         model = accelerator.prepare(model)
         hf_subspace.check_projections_match(model)
 
+    Under FSDP2 it also checks the sharding (:func:`check_fsdp2_model`): c and λ must not be sharded into an FSDP
+    group, and their gradients are averaged after each backward (the hook is added when ``fully_shard`` was
+    applied by hand with ``ignored_params``).
+
     Raises:
         ProjectionMismatchError: naming the ranks that differ and what differs (seed, D, d, format, θ, P's entries).
+        ValueError: c sharded into an FSDP group (use :func:`hf_subspace.shard_model`), or TWA under FSDP2.
     """
     import torch.distributed as dist
 
+    if any(_is_fsdp_module(m) for m in model.modules()) and sharding_kind(model) == "FSDP2":
+        check_fsdp2_model(model)  # fully_shard by hand: c must be whole, and its gradient averaged after backward
     fp = projection_fingerprint(model)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return fp
@@ -202,15 +209,21 @@ def average_batchnorm_statistics(model: nn.Module, group=None) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# sharded θ0: refused
+# sharded θ0: FSDP2 works (hf_subspace.fsdp); FSDP1 and DeepSpeed ZeRO-3 are refused
 # ------------------------------------------------------------------------------------------------------------
 SHARDED_HELP = (
-    "FSDP and DeepSpeed ZeRO-3 shard θ0 itself, but a subspace adapter reads every tensor of θ whole (θ0 + P c) and "
-    "TWA snapshots whole parameters; hf_subspace does not support them yet. Use DDP instead — `accelerate launch "
-    "--config_file examples/accelerate/multi_gpu.yaml` (distributed_type: MULTI_GPU) or `torchrun` — which sends "
-    "only the gradient of c (4·d bytes per step) and keeps a whole θ0 on each rank; a model too large for one "
-    "device can be loaded in bf16/fp16 (c stays float32) or spread over the devices of one process with "
-    "device_map='auto' (with max_memory that keeps every layer on a device: offloaded θ0 is refused).")
+    "FSDP1 (FullyShardedDataParallel, flat parameters) and DeepSpeed ZeRO-3 shard θ0 in ways the engine cannot "
+    "read: a subspace adapter reads every tensor of θ whole inside its module's forward (θ0 + P c). Use FSDP2 "
+    "instead — `accelerate launch --config_file examples/accelerate/fsdp2.yaml` (fsdp_version: 2), "
+    "SubspaceTrainer with fsdp=True and fsdp_config={'version': 2}, or hf_subspace.shard_model(model) in "
+    "a loop of one's own — which shards θ0 and keeps c whole on every rank; or DDP (`accelerate launch "
+    "--config_file examples/accelerate/multi_gpu.yaml`, distributed_type: MULTI_GPU), which sends only the "
+    "gradient of c (4·d bytes per step) and keeps a whole θ0 on each rank.")
+
+TWA_SHARDED_HELP = (
+    "TWA under FSDP is not supported: its snapshots and basis hold whole tensors of θ on every rank. Use DDP for "
+    "TWA (`accelerate launch --config_file examples/accelerate/multi_gpu.yaml`; the basis is sharded by "
+    "coordinates over the ranks with twa_shard_basis=True), or a random projection (hashing, fastfood) under FSDP2")
 
 
 def _is_fsdp_module(module: nn.Module) -> bool:
@@ -218,6 +231,12 @@ def _is_fsdp_module(module: nn.Module) -> bool:
 
     kinds = tuple(getattr(fsdp, k) for k in ("FullyShardedDataParallel", "FSDPModule") if hasattr(fsdp, k))
     return isinstance(module, kinds)
+
+
+def _is_fsdp1_module(module: nn.Module) -> bool:
+    from torch.distributed import fsdp
+
+    return hasattr(fsdp, "FullyShardedDataParallel") and isinstance(module, fsdp.FullyShardedDataParallel)
 
 
 def _is_sharded_tensor(p: torch.Tensor) -> bool:
@@ -231,20 +250,33 @@ def _is_sharded_tensor(p: torch.Tensor) -> bool:
 
 def sharding_in_use(model: nn.Module | None = None, accelerator=None) -> str | None:
     """``"FSDP"`` / ``"DeepSpeed ZeRO-3"`` when ``model`` is FSDP-wrapped or ``accelerator`` (an
-    ``accelerate.Accelerator`` or its state) runs FSDP or ZeRO stage 3; else None."""
+    ``accelerate.Accelerator`` or its state) runs FSDP or ZeRO stage 3; else None. (:func:`sharding_kind` tells
+    FSDP1 from FSDP2.)"""
+    kind = sharding_kind(model, accelerator)
+    return None if kind is None else ("FSDP" if kind.startswith("FSDP") else kind)
+
+
+def sharding_kind(model: nn.Module | None = None, accelerator=None) -> str | None:
+    """``"FSDP1"``, ``"FSDP2"``, ``"DeepSpeed ZeRO-3"`` or None, from the model's modules and parameters, or from
+    ``accelerator``'s state (its FSDP plugin's ``fsdp_version``)."""
     if model is not None:
+        if any(_is_fsdp1_module(m) for m in model.modules()):
+            return "FSDP1"
         if any(_is_fsdp_module(m) for m in model.modules()):
-            return "FSDP"
+            return "FSDP2"
         for p in model.parameters():  # the root may be wrapped elsewhere: its parameters tell
             if hasattr(p, "ds_id"):  # a DeepSpeed ZeRO-3 partitioned parameter
                 return "DeepSpeed ZeRO-3"
+            if type(p).__name__ == "FlatParameter":
+                return "FSDP1"
             if _is_sharded_tensor(p):
-                return "FSDP"
+                return "FSDP2"
     if accelerator is not None:
         state = getattr(accelerator, "state", accelerator)
         kind = str(getattr(getattr(state, "distributed_type", None), "value", getattr(state, "distributed_type", "")))
-        if kind.upper() == "FSDP" or getattr(state, "fsdp_plugin", None) is not None:
-            return "FSDP"
+        plugin = getattr(state, "fsdp_plugin", None)
+        if kind.upper() == "FSDP" or plugin is not None:
+            return "FSDP2" if getattr(plugin, "fsdp_version", 1) == 2 else "FSDP1"
         plugin = getattr(state, "deepspeed_plugin", None)
         if kind.upper() == "DEEPSPEED" or plugin is not None:
             stage = getattr(plugin, "zero_stage", None)
@@ -255,15 +287,45 @@ def sharding_in_use(model: nn.Module | None = None, accelerator=None) -> str | N
     return None
 
 
+def check_fsdp2_model(model: nn.Module) -> None:
+    """A subspace model under FSDP2: refuse c sharded into an FSDP group (``fully_shard`` applied without
+    ``ignored_params``), make sure c's gradient is averaged after each backward and the inference cache is off."""
+    from .engine import find_engine
+    from .fsdp import refuse_unsupported, sync_subspace_gradients
+
+    engine = find_engine(_unwrap(model))
+    if engine is None:
+        return
+    refuse_unsupported(model)
+    sharded = [n for n, p in engine.vectors.named_parameters() if _is_sharded_tensor(p)]
+    if sharded:
+        raise ValueError(
+            f"c / λ of the subspace adapter ({', '.join(sharded)}) were sharded into an FSDP group (fully_shard "
+            "applied without ignored_params): each rank would hold a slice of c while every layer needs all of it. "
+            "Shard the model with hf_subspace.shard_model(model), which keeps c and λ whole (float32) on every rank")
+    engine.inference_cache = False
+    sync_subspace_gradients(_unwrap(model))
+
+
 def refuse_sharded_training(model: nn.Module | None = None, accelerator=None, what: str = "subspace training") -> None:
-    """Raise a ValueError saying what to use instead when θ0 would be sharded (FSDP, DeepSpeed ZeRO-3).
+    """Raise a ValueError saying what to use instead when θ0 would be sharded in a way the engine cannot read
+    (FSDP1, DeepSpeed ZeRO-3, TWA under any FSDP); FSDP2 is let through (checked by :func:`check_fsdp2_model`
+    when a model is given).
 
     DeepSpeed ZeRO-1/2 shard only the optimizer state (here: of c, tiny); they are let through with a warning that
     they are untested (deepspeed is not installed where hf_subspace is tested).
     """
-    kind = sharding_in_use(model, accelerator)
+    kind = sharding_kind(model, accelerator)
+    if kind == "FSDP2" and what == "TWA":
+        raise ValueError(f"TWA is refused under FSDP2: {TWA_SHARDED_HELP}")
+    if kind == "FSDP2":
+        if model is not None and any(_is_fsdp_module(m) for m in model.modules()):
+            check_fsdp2_model(model)
+        return
     if kind is not None:
-        raise ValueError(f"{what} is refused under {kind}: {SHARDED_HELP}")
+        label = "FSDP" if kind == "FSDP1" else kind
+        raise ValueError(f"{what} is refused under {label}{' (version 1)' if kind == 'FSDP1' else ''}: "
+                         f"{SHARDED_HELP}")
     state = getattr(accelerator, "state", accelerator) if accelerator is not None else None
     if state is not None and getattr(state, "deepspeed_plugin", None) is not None:
         logger.warning("%s under DeepSpeed ZeRO stage %s is untested: ZeRO-1/2 shard only the optimizer state of c, "
@@ -283,7 +345,8 @@ def refuse_sharded_merge(model: nn.Module) -> None:
             kind = None
     if kind is not None:
         raise ValueError(f"merging a subspace adapter under {kind} is unsupported (θ0 is sharded), as in PEFT: save "
-                         "the adapter (model.save_pretrained(path)), then load it onto the whole base on one process "
+                         "the adapter (model.save_pretrained(path); under FSDP2 on the main process alone: it writes "
+                         "only c and the config), then load it onto the whole base on one process "
                          "(PeftModel.from_pretrained(base, path).merge_and_unload())")
 
 
@@ -375,11 +438,13 @@ class CommCounter:
             def wrapper(*args, _fn=fn, _name=name, **kwargs):
                 if self._in_hook:
                     return _fn(*args, **kwargs)
+                tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, (torch.Tensor, list, tuple))]
                 if _name == "_broadcast_coalesced":  # (group, tensors, bucket size, source)
                     size = _nbytes(args[1])
                 elif _name in ("all_gather_into_tensor", "all_gather_single", "reduce_scatter_tensor",
                                "reduce_scatter_single"):  # (output, input): the whole buffer, not one rank's part
-                    size = max(_nbytes(args[0]), _nbytes(args[1])) if len(args) > 1 else _nbytes(args[0])
+                    # (FSDP2 passes them by keyword: output=..., input=...)
+                    size = max((_nbytes(t) for t in tensors[:2]), default=0)
                 else:
                     size = _nbytes(args[0] if args else next(iter(kwargs.values()), None))
                 self.outside.setdefault(_name, []).append(size)
@@ -431,5 +496,7 @@ __all__ = [
     "projection_fingerprint",
     "refuse_sharded_merge",
     "refuse_sharded_training",
+    "check_fsdp2_model",
     "sharding_in_use",
+    "sharding_kind",
 ]

@@ -197,6 +197,11 @@ class SubspaceEngine(SavedWeightsMixin, InferenceCacheMixin, MergeMixin, nn.Modu
         live = self._live(slot_name)
         if not live:
             return original
+        if type(original) is not torch.Tensor and _is_dtensor(original):
+            # FSDP2's sharded θ0 read outside its module's forward: this rank's shard of θ0 + δ (hf_subspace.fsdp)
+            from .fsdp import adapted_shard
+
+            return adapted_shard(self, slot_name, original, live)
         cache = self._inference_cache(live, original)
         if cache is not None:
             hit = cache.get(slot_name)
@@ -305,6 +310,14 @@ class SubspaceEngine(SavedWeightsMixin, InferenceCacheMixin, MergeMixin, nn.Modu
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: {st.projection.kind} d={st.projection.d} D={st.layout.D} {st.mode}"
                          for n, st in self.adapters.items())
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 class AdapterVectors(nn.Module):

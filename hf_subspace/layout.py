@@ -385,6 +385,12 @@ FINGERPRINT_SKETCHES = 16
 _HALF_ULP = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
+def _is_dtensor(t) -> bool:
+    from .fsdp import is_dtensor
+
+    return is_dtensor(t)
+
+
 def fingerprint_tensors(tensors: Sequence[torch.Tensor]) -> str | None:
     """A dtype-tolerant fingerprint of ``tensors`` (θ0): ``"fp2:<dtype>:<16 numbers>"``; None on the meta device.
 
@@ -402,8 +408,15 @@ def fingerprint_tensors(tensors: Sequence[torch.Tensor]) -> str | None:
     tensors = [float_values(t) for t in tensors]  # a quantized weight: its dequantized values (what θ0 is)
     parts, dtypes = [], set()
     for t in tensors:
-        flat = t.detach().reshape(-1)
         dtypes.add(t.dtype)
+        if type(t) is not torch.Tensor and _is_dtensor(t):
+            # FSDP2's shard of θ0: the same sample and mean from the shards (one all-reduce of 65 numbers; a
+            # collective: every rank computes the fingerprint). See hf_subspace.fsdp.shard_stats.
+            from .fsdp import shard_stats
+
+            parts.extend(shard_stats(t, 64))
+            continue
+        flat = t.detach().reshape(-1)
         step = max(1, flat.numel() // 64)
         parts.append(flat[::step][:64].double().cpu())
         parts.append(_abs_mean(flat).reshape(1).cpu())

@@ -12,6 +12,7 @@ Two uses, from one set of arguments (the way TRL pairs a config with a trainer):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -279,7 +280,9 @@ class _LearningRateCheckCallback(TrainerCallback):
             return
         adapter = engine.active[0]
         slots = engine.adapters[adapter].layout.slots
-        norm = math.sqrt(sum(float(engine.original(s.name).detach().double().pow(2).sum()) for s in slots))
+        from .fsdp import sum_of_squares
+
+        norm = math.sqrt(sum_of_squares([engine.original(s.name) for s in slots]))  # FSDP2 shards: all-reduced
         self.start = (adapter, engine.coeffs[adapter].detach().clone(), norm, state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -303,7 +306,8 @@ class _LearningRateCheckCallback(TrainerCallback):
 
 
 class _DistributedChecksCallback(TrainerCallback):
-    """On several processes, when training starts (the model wrapped): refuse a sharded θ0, and compare every
+    """On several processes, when training starts (the model wrapped): refuse FSDP1 / ZeRO-3 (under FSDP2: check
+    that c is not sharded, hook its gradient average), and compare every
     rank's projection with rank 0's (:func:`hf_subspace.check_projections_match`)."""
 
     def __init__(self, trainer: "SubspaceTrainer"):
@@ -491,6 +495,50 @@ class SubspaceTrainer(NonFiniteMixin, Trainer):
             os.makedirs(folder, exist_ok=True)
             write_json(os.path.join(folder, TWA_MANIFEST_FILE), self._snapshot_manifest(), indent=1)
         return super()._save_checkpoint(model, trial)
+
+    def _subspace_under_fsdp2(self) -> bool:
+        """A subspace model sharded by FSDP2 (θ0 sharded, c and λ whole on every rank)."""
+        from .distributed import sharding_kind
+
+        return (getattr(self, "is_fsdp_enabled", False) and find_engine(self.model) is not None
+                and is_subspace_model(self.model) and sharding_kind(self.model) == "FSDP2")
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """Under FSDP2 the Trainer would gather the whole model (FULL_STATE_DICT) or save nothing here
+        (SHARDED_STATE_DICT); a subspace adapter is c and its config: the main process writes them, nothing of
+        size D is gathered (``PeftModel.save_pretrained`` reads only c from the sharded model)."""
+        if self._subspace_under_fsdp2():
+            if self.args.should_save:
+                self._save(output_dir or self.args.output_dir)
+            return
+        return super().save_model(output_dir, _internal_call)
+
+    @contextlib.contextmanager
+    def _checkpoint_as_replicated(self):
+        """Under FSDP2 a subspace model's checkpoint is its adapter (c, written by :meth:`save_model`) and the
+        optimizer state of c and λ, the same on every rank: saved and loaded as without FSDP (the main process
+        writes ``optimizer.pt``), instead of accelerate's FSDP checkpointing of the whole sharded model (θ0 gathered
+        to rank 0 under FULL_STATE_DICT)."""
+        if not self._subspace_under_fsdp2():
+            yield
+            return
+        self.is_fsdp_enabled = False
+        try:
+            yield
+        finally:
+            self.is_fsdp_enabled = True
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        with self._checkpoint_as_replicated():
+            return super()._save_optimizer_and_scheduler(output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        with self._checkpoint_as_replicated():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        with self._checkpoint_as_replicated():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _snapshot_manifest(self) -> dict:
         """The snapshots so far, made durable in ``<output_dir>/twa_snapshots`` and listed (relative to output_dir)."""

@@ -6,6 +6,7 @@ instead of stopping the others. The test process runs the same training function
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -286,35 +287,297 @@ def scenario_trainer_seed(out, rank, world):
     return {"error": None}
 
 
-def scenario_fsdp(out, rank, world):
-    """A subspace model wrapped by FSDP (torch's ``fully_shard``, which runs on CPU over gloo) is refused, by the
-    function accelerate users call and by the SubspaceTrainer. (Through the Trainer's ``fsdp=`` flag accelerate
-    ignores FSDP on CPU and runs DDP, so that path can only be refused on GPUs.)"""
+# ------------------------------------------------------------------------------------------------------------
+# FSDP2: θ0 sharded, c replicated
+# ------------------------------------------------------------------------------------------------------------
+FSDP_DIM = 80
+#: (projection, mode, reshard_after_forward, tied embedding and head, non-reentrant activation checkpointing,
+#: micro-batches accumulated per step)
+FSDP_CASES = [("hashing", "global", True, True, False, 1), ("hashing", "said", True, True, False, 1),
+              ("fastfood", "global", True, True, False, 1), ("fastfood", "said", False, True, False, 1),
+              ("hashing", "global", True, False, False, 1), ("fastfood", "said", True, True, True, 1),
+              ("hashing", "said", True, True, False, 2)]
+
+
+def fsdp_case_name(kind, mode, reshard, tied, checkpointing, micro):
+    return f"{kind}-{mode}" + ("" if reshard else "-kept") + ("" if tied else "-untied") + \
+        ("-checkpointed" if checkpointing else "") + (f"-accumulated{micro}" if micro > 1 else "")
+FSDP_CLIP = 0.01  # below every step's gradient norm: clipping acts, so averaging after it would give another c
+FSDP_IDS = [[3, 9, 27, 17, 51, 1, 40, 33, 8, 60, 12, 5]]  # a fixed prompt for comparing logits
+
+
+def tiny_llama(seed=0, tied=True):
+    """A tiny Llama with tied embeddings (one θ0 read by the embedding and the head), or untied (as Llama-2)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                        tie_word_embeddings=tied))
+
+
+def llama_batches(steps=STEPS):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 64, (GLOBAL_BATCH, 12), generator=g) for _ in range(steps)]
+
+
+def llama_dataset():
+    from datasets import Dataset
+
+    ids = torch.cat(llama_batches()).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids}).with_format("torch")
+
+
+def subspace_llama(kind="hashing", mode="global", seed=0, tied=True):
     from peft import get_peft_model
+
+    import hf_subspace as hs
+
+    return get_peft_model(tiny_llama(tied=tied), hs.SubspaceConfig(dim=FSDP_DIM, projection=kind, mode=mode, seed=seed))
+
+
+def vectors(model) -> dict:
+    import hf_subspace as hs
+
+    engine = hs.find_engine(model)
+    out = {"c": engine.coeffs["default"].detach().cpu().clone()}
+    if "default" in engine.scales:
+        out["scales"] = engine.scales["default"].detach().cpu().clone()
+    return out
+
+
+def fsdp_loop(kind, mode, world_size, rank=0, reshard=True, tied=True, checkpointing=False, micro=1):
+    """AdamW on c (and λ) with gradient clipping, STEPS steps of GLOBAL_BATCH sequences; sharded with
+    ``hf_subspace.shard_model`` on several processes, plain on one. Returns ``(model, vectors)``."""
+    import hf_subspace as hs
+
+    model = subspace_llama(kind, mode, tied=tied)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    if world_size > 1:
+        hs.shard_model(model, reshard_after_forward=reshard)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    for ids in llama_batches():
+        for part in ids.chunk(world_size)[rank].chunk(micro):  # accumulated: c's gradient averaged per backward
+            (model(input_ids=part, labels=part).loss / micro).backward()
+        torch.nn.utils.clip_grad_norm_(params, FSDP_CLIP)
+        opt.step()
+        opt.zero_grad()
+    return model, vectors(model)
+
+
+def scenario_fsdp_train(out, rank, world):
+    from torch.distributed.fsdp import FSDPModule
+
+    import hf_subspace as hs
+
+    got, saved = {}, {}
+    for case in FSDP_CASES:
+        model, vec = fsdp_loop(case[0], case[1], world, rank, *case[2:])
+        engine = hs.find_engine(model)
+        theta0 = [engine.original(s.name) for s in engine.adapters["default"].layout.slots]
+        name = fsdp_case_name(*case)
+        saved[name] = vec
+        got[name] = {
+            "units": sorted(type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)),
+            "groups": len({id(m._get_fsdp_state()) for m in model.modules() if isinstance(m, FSDPModule)}),
+            "vectors": [(type(p).__name__, str(p.dtype)) for p in engine.vectors.parameters()],
+            "theta0_local": sum(t.to_local().numel() for t in theta0),
+            "theta0_whole": sum(t.numel() for t in theta0),
+            "cache": engine.inference_cache,
+            "c": vec["c"].tolist()}
+    if rank == 0:
+        torch.save(saved, os.path.join(out, "fsdp_train.pt"))
+    return got
+
+
+@contextlib.contextmanager
+def fsdp_on_cpu():
+    """accelerate runs FSDP on accelerators only: on CPU it ignores the FSDP plugin and runs DDP (MULTI_CPU). This
+    makes an AcceleratorState built with an FSDP plugin on several CPU processes an FSDP one, as it is on GPUs, so
+    accelerate's own FSDP2 preparation (Accelerator.prepare -> fsdp2_prepare_model) runs here over gloo."""
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def patched(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    AcceleratorState.__init__ = patched
+    try:
+        yield
+    finally:
+        AcceleratorState.__init__ = init
+        AcceleratorState._reset_state(True)  # the scenarios after this one get DDP again
+        GradientState._reset_state()
+
+
+def fsdp_accelerate_loop(world_size, rank=0, mixed_precision="no"):
+    """A loop of one's own through accelerate's FSDP2 plugin (fsdp_version=2, the transformer wrap policy):
+    prepare, check the projections, clip with accelerator.clip_grad_norm_; returns ``(accelerator, model)``."""
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+
+    import hf_subspace as hs
+
+    with fsdp_on_cpu():
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+        accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision, fsdp_plugin=plugin)
+        assert accelerator.is_fsdp2
+        model = subspace_llama("hashing", "said")
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                                      weight_decay=0.0)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        hs.check_projections_match(model)
+        for ids in llama_batches():
+            part = ids.chunk(world_size)[rank]
+            accelerator.backward(model(input_ids=part, labels=part).loss)
+            accelerator.clip_grad_norm_(model.parameters(), FSDP_CLIP)
+            optimizer.step()
+            optimizer.zero_grad()
+    return accelerator, model
+
+
+def scenario_fsdp_accelerate(out, rank, world):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    import hf_subspace as hs
+    from hf_subspace.layout import fingerprints_match
+
+    accelerator, model = fsdp_accelerate_loop(world, rank)
+    engine = hs.find_engine(model)
+    got = {"units": sorted(type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)),
+           "vectors": [(type(p).__name__, str(p.dtype)) for p in engine.vectors.parameters()]}
+    adapter = os.path.join(out, "fsdp_adapter")
+    if rank == 0:  # rank 0 alone writes c: nothing is gathered
+        model.save_pretrained(adapter)
+        got["files"] = sorted(os.listdir(adapter))
+        got["adapter_bytes"] = os.path.getsize(os.path.join(adapter, "adapter_model.safetensors"))
+    dist.barrier()
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(FSDP_IDS)).logits
+    # the plain model's state dict from the shards (θ0 + δ per shard), gathered here only to compare
+    plain = hs.plain_state_dict(model)
+    keys = ["model.embed_tokens.weight", "lm_head.weight", "model.layers.1.self_attn.q_proj.weight",
+            "model.norm.weight"]
+    got["plain_types"] = {k: type(plain["base_model.model." + k]).__name__ for k in keys}
+    whole = {k: plain["base_model.model." + k].full_tensor() for k in keys}
+    # the fingerprint of θ0 from the shards (one all-reduce of 65 numbers per tensor) fits the one recorded whole
+    slots = engine.adapters["default"].layout.slots
+    from hf_subspace.layout import fingerprint_tensors
+
+    fp = fingerprint_tensors([engine.original(s.name) for s in slots])
+    got["fingerprint_matches"] = fingerprints_match(model.peft_config["default"].base_fingerprint,
+                                                    [engine.original(s.name) for s in slots])
+    got["fingerprint"] = fp
+    from hf_subspace.fsdp import sum_of_squares
+
+    got["theta0_sum_of_squares"] = sum_of_squares([engine.original(s.name) for s in slots])  # all-reduced
+    if rank == 0:
+        torch.save({"vectors": vectors(model), "logits": logits, "plain": whole}, os.path.join(out, "fsdp_acc.pt"))
+    _, bf16 = fsdp_accelerate_loop(world, rank, mixed_precision="bf16")  # c stays a float32 replica under bf16
+    got["bf16_vectors"] = [(type(p).__name__, str(p.dtype)) for p in hs.find_engine(bf16).vectors.parameters()]
+    got["bf16_c"] = vectors(bf16)["c"].tolist()
+    got["bf16_units"] = sorted(type(m).__name__ for m in bf16.modules() if isinstance(m, FSDPModule))
+    return got
+
+
+def llama_trainer_args(out, world_size, **kw):
+    from hf_subspace import SubspaceTrainingArguments
+
+    base = dict(output_dir=out, per_device_train_batch_size=GLOBAL_BATCH // world_size, learning_rate=1e-2,
+                max_steps=STEPS, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                seed=0, dataloader_num_workers=0, train_sampling_strategy="sequential", max_grad_norm=FSDP_CLIP,
+                subspace_dim=FSDP_DIM, subspace_projection="fastfood", subspace_mode="said")
+    base.update(kw)
+    return SubspaceTrainingArguments(**base)
+
+
+def train_llama(out, world_size, fsdp=False, resume=None, **kw):
+    """SubspaceTrainer on the tiny Llama (fastfood, SAID), with FSDP2 (fsdp + fsdp_config version 2) or not."""
+    from hf_subspace import SubspaceTrainer
+
+    if fsdp:
+        kw.update(fsdp=True, fsdp_config={"version": 2})
+    trainer = SubspaceTrainer(model=tiny_llama(), args=llama_trainer_args(out, world_size, **kw),
+                              train_dataset=llama_dataset())
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def scenario_fsdp_trainer(out, rank, world):
+    from torch.distributed.fsdp import FSDPModule
+
+    run = os.path.join(out, "fsdp_trainer")
+    with fsdp_on_cpu():  # a checkpoint half-way: the adapter and c's optimizer state, nothing of size D
+        trainer = train_llama(run, world, fsdp=True, save_strategy="steps", save_steps=STEPS // 2)
+        trainer.save_model(os.path.join(out, "fsdp_trainer_adapter"))
+        model = trainer.model
+        got = {"units": sorted(type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)),
+               "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+               "c": vectors(model)["c"].tolist(),
+               "checkpoint": sorted(os.listdir(os.path.join(run, f"checkpoint-{STEPS // 2}")))}
+    with fsdp_on_cpu():
+        resumed = train_llama(os.path.join(out, "fsdp_trainer"), world, fsdp=True,
+                              resume=os.path.join(run, f"checkpoint-{STEPS // 2}"))
+        got["resumed_c"] = vectors(resumed.model)["c"].tolist()
+    if rank == 0:
+        torch.save(vectors(model), os.path.join(out, "fsdp_trainer.pt"))
+    return got
+
+
+def scenario_fsdp_refusals(out, rank, world):
+    """What stays refused under FSDP: c sharded into a group by fully_shard applied by hand (function and
+    Trainer), merging into the sharded θ0, TWA; rank-mismatched projections stop with the usual error."""
     from torch.distributed.fsdp import fully_shard
 
     import hf_subspace as hs
     from hf_subspace.distributed import refuse_sharded_training
 
-    model = get_peft_model(tiny_bert(), hs.SubspaceConfig(dim=DIM, task_type="SEQ_CLS"))
-    fully_shard(model)
-    got = {}
-    try:
-        refuse_sharded_training(model)
-        got["function"] = None
-    except ValueError as e:
-        got["function"] = str(e)
-    try:
-        hs.SubspaceTrainer(model=model, args=trainer_args(os.path.join(out, "fsdp"), world),
-                           train_dataset=text_dataset())
-        got["trainer"] = None
-    except ValueError as e:
-        got["trainer"] = str(e)
-    try:
-        model.merge_and_unload()
-        got["merge"] = None
-    except ValueError as e:
-        got["merge"] = str(e)
+    def message(fn):
+        try:
+            fn()
+        except (ValueError, hs.ProjectionMismatchError) as e:
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    by_hand = subspace_llama()
+    fully_shard(by_hand)  # no ignored_params: c lands in the root group
+    got = {"function": message(lambda: refuse_sharded_training(by_hand)),
+           "trainer": message(lambda: hs.SubspaceTrainer(model=by_hand, args=trainer_args(
+               os.path.join(out, "fsdp"), world), train_dataset=llama_dataset()))}
+    sharded = hs.shard_model(subspace_llama())
+    got["merge"] = message(sharded.merge_and_unload)
+    with fsdp_on_cpu():
+        got["twa"] = message(lambda: hs.SubspaceTrainer(model=tiny_llama(), args=trainer_args(
+            os.path.join(out, "fsdp-twa"), world, twa=True, fsdp=True, fsdp_config={"version": 2}),
+            train_dataset=llama_dataset()))
+    got["check"] = message(lambda: hs.check_projections_match(by_hand))
+    # fully_shard by hand with c ignored: check_projections_match adds the average of c's gradient after backward
+    ignored = subspace_llama()
+    engine = hs.find_engine(ignored)
+    for layer in ignored.base_model.model.model.layers:
+        fully_shard(layer, ignored_params=set(engine.vectors.parameters()))
+    fully_shard(ignored, ignored_params=set(engine.vectors.parameters()))
+    hs.check_projections_match(ignored)
+    ids = llama_batches()[0].chunk(world)[rank]
+    ignored(input_ids=ids, labels=ids).loss.backward()
+    got["by_hand_grad"] = engine.coeffs["default"].grad.tolist()
+    got["by_hand_cache"] = engine.inference_cache
+    other_seed = hs.shard_model(subspace_llama(seed=rank))
+    got["mismatch"] = message(lambda: hs.check_projections_match(other_seed))
+    got["same"] = message(lambda: hs.check_projections_match(sharded))
     return got
 
 
@@ -344,7 +607,9 @@ SCENARIOS = {"subspace": scenario_subspace, "twa": scenario_twa, "twa_whole": sc
              "posthoc": scenario_posthoc, "accelerate": scenario_accelerate,
              "twa_batchnorm": scenario_twa_batchnorm,
              "full": scenario_full, "mismatch": scenario_mismatch,
-             "trainer_seed": scenario_trainer_seed, "fsdp": scenario_fsdp, "nonfinite": scenario_nonfinite}
+             "trainer_seed": scenario_trainer_seed, "nonfinite": scenario_nonfinite,
+             "fsdp_train": scenario_fsdp_train, "fsdp_accelerate": scenario_fsdp_accelerate,
+             "fsdp_trainer": scenario_fsdp_trainer, "fsdp_refusals": scenario_fsdp_refusals}
 
 
 def main():

@@ -52,3 +52,16 @@ def test_comm_paper_rows_are_payloads_and_ring_times():
     assert full7b[3] == "3.77 s"
     assert rows[("Llama-2-70B", "hf_subspace d=10k")][2] == "40 KB"
     assert rows[("Llama-2-7B", "LoRA r=8 (q,v)")][2] == "16.8 MB"  # 32 layers × 8 × (4096·2 + 4096·2) × 4 B
+
+
+def test_comm_fsdp2_paper_rows_shard_theta0_over_the_gpus():
+    import bench_comm
+
+    rows = {(r[0], r[1]): r for r in bench_comm.fsdp_paper_rows()}
+    assert rows[("Llama-2-7B", "8")][2] == "1.68 GB"  # 2 bytes × 6.74e9 / 8
+    assert rows[("Llama-2-70B", "64")][2] == "2.16 GB"  # 2 bytes × 6.9e10 / 64
+    # two 70B decoder layers (855.7M weights each) + embedding and head (32,000 × 8,192 each), bf16
+    assert rows[("Llama-2-70B", "8")][3] == "4.47 GB"
+    assert rows[("Llama-2-7B", "8")][7] == "40 KB"  # c's gradient, whatever the model
+    # the forward gathers all of θ0, the backward the decoder layers again: 2·(2D − 2·emb − norm) bytes
+    assert rows[("Llama-2-7B", "8")][6] == "26.4 GB"

@@ -1,5 +1,6 @@
-"""Several processes (torchrun, 2 CPU processes over gloo): DDP sends only c, ranks must build the same P, sharded
-θ0 is refused. One torchrun launch runs every scenario of tests/distributed_worker.py; the 1-process twin runs here.
+"""Several processes (torchrun, 2 CPU processes over gloo): DDP sends only c, ranks must build the same P, FSDP2
+shards θ0 and keeps c replicated (FSDP1, ZeRO-3 and TWA under FSDP refused). One torchrun launch runs every
+scenario of tests/distributed_worker.py; the 1-process twin runs here.
 """
 import json
 import os
@@ -148,13 +149,113 @@ def test_the_trainer_stops_at_the_start_when_seeds_differ(launched):
         assert "seed=1 where rank 0 has seed=0" in got["message"]
 
 
-def test_fsdp_wrapped_subspace_model_is_refused(launched):
+@pytest.mark.parametrize("case", worker.FSDP_CASES, ids=lambda case: worker.fsdp_case_name(*case))
+def test_fsdp2_training_equals_one_process(launched, case):
+    """hf_subspace.shard_model on 2 processes (θ0 sharded; a tied embedding and head one unit; with and without
+    resharding after the forward; with activation checkpointing; with 2 micro-batches accumulated) = 1 process on
+    the same global batches, with gradient clipping that acts every step (c's gradient is averaged before it)."""
+    kind, mode, reshard, tied, checkpointing, micro = case
+    name = worker.fsdp_case_name(*case)
+    _, one = worker.fsdp_loop(kind, mode, 1, tied=tied)  # one process: no sharding, no checkpointing
+    two = torch.load(os.path.join(launched.out, "fsdp_train.pt"))[name]
+    assert one["c"].abs().max() > 1e-3 and set(two) == set(one) == ({"c", "scales"} if mode == "said" else {"c"})
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5)
+    r0, r1 = launched.ranks[0]["fsdp_train"][name], launched.ranks[1]["fsdp_train"][name]
+    assert r0["c"] == r1["c"]  # replicas, bit for bit
+    # each decoder layer its own unit, the embedding and the head (one unit of two modules when tied), the root
+    assert r0["units"] == ["FSDPLlamaDecoderLayer"] * 2 + ["FSDPParametrizedEmbedding", "FSDPParametrizedLinear",
+                                                           "FSDPPeftModel"]
+    assert r0["groups"] == (4 if tied else 5)  # 2 layers, embedding + head (one group when tied), the root
+    assert r0["vectors"] == [["TrackedParameter", "torch.float32"]] * (2 if mode == "said" else 1)  # not DTensors
+    assert r0["theta0_local"] * 2 == r0["theta0_whole"] and r0["cache"] is False
+
+
+def test_fsdp2_through_accelerate_trains_saves_on_rank0_and_loads_on_one_process(launched):
+    """accelerate's FSDP2 plugin + prepare (what `accelerate launch` with fsdp_version: 2 runs) trains as one
+    process; rank 0 writes c alone; loaded on 1 process the adapter gives the sharded model's logits; the plain
+    state dict and the base fingerprint come from the shards."""
+    from peft import PeftModel
+
+    from hf_subspace.layout import fingerprint_tensors, fingerprints_match
+
+    r0, r1 = launched.ranks[0]["fsdp_accelerate"], launched.ranks[1]["fsdp_accelerate"]
+    assert r0["units"] == ["FSDPLlamaDecoderLayer"] * 2 + ["FSDPParametrizedEmbedding", "FSDPParametrizedLinear",
+                                                           "FSDPPeftModel"]
+    assert r0["vectors"] == [["TrackedParameter", "torch.float32"]] * 2
+    got = torch.load(os.path.join(launched.out, "fsdp_acc.pt"))
+    _, one = worker.fsdp_loop("hashing", "said", 1)
+    for name in one:
+        torch.testing.assert_close(got["vectors"][name], one[name], rtol=0, atol=1e-5)
+    assert r0["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert r0["adapter_bytes"] < 4 * (worker.FSDP_DIM + 100) + 1024  # c and λ, not θ
+    loaded = PeftModel.from_pretrained(worker.tiny_llama(), os.path.join(launched.out, "fsdp_adapter"))
+    with torch.no_grad():
+        logits = loaded(input_ids=torch.tensor(worker.FSDP_IDS)).logits
+    torch.testing.assert_close(got["logits"], logits, rtol=0, atol=1e-5)
+    plain = hs.plain_state_dict(loaded)
+    assert set(r0["plain_types"].values()) == {"DTensor"}
+    for key, value in got["plain"].items():
+        torch.testing.assert_close(value, plain["base_model.model." + key], rtol=0, atol=1e-6)
+    assert torch.equal(got["plain"]["lm_head.weight"], got["plain"]["model.embed_tokens.weight"])
+    # the fingerprint from the shards: the same on both ranks, and it fits the whole θ0 on one process
+    assert r0["fingerprint_matches"] and r1["fingerprint_matches"] and r0["fingerprint"] == r1["fingerprint"]
+    engine = hs.find_engine(loaded)
+    whole = [engine.original(s.name) for s in engine.adapters["default"].layout.slots]
+    assert fingerprints_match(r0["fingerprint"], whole)
+    assert fingerprint_tensors(whole).split(":")[:2] == r0["fingerprint"].split(":")[:2]
+    # ‖θ0‖² from the shards (the Trainer's learning-rate check reads it): the whole model's, on every rank
+    from hf_subspace.fsdp import sum_of_squares
+
+    assert r0["theta0_sum_of_squares"] == r1["theta0_sum_of_squares"] == pytest.approx(sum_of_squares(whole), rel=1e-12)
+
+
+def test_fsdp2_bf16_policy_keeps_c_a_float32_replica(launched):
+    r0, r1 = launched.ranks[0]["fsdp_accelerate"], launched.ranks[1]["fsdp_accelerate"]
+    assert r0["bf16_vectors"] == [["TrackedParameter", "torch.float32"]] * 2
+    assert r0["bf16_c"] == r1["bf16_c"] and max(abs(v) for v in r0["bf16_c"]) > 1e-3
+    assert r0["bf16_units"] == r0["units"]
+
+
+def test_fsdp2_through_the_subspace_trainer_equals_one_process(launched, tmp_path):
+    """SubspaceTrainer with fsdp=True, fsdp_config={'version': 2} (PEFT's wrap policy is replaced by
+    decoder-layer units); gradient clipping (max_grad_norm) acts; save_model on rank 0 writes the adapter; a
+    checkpoint is the adapter and c's optimizer state, and resuming from it gives the same c."""
+    one = worker.train_llama(str(tmp_path), 1)
+    ref = worker.vectors(one.model)
+    two = torch.load(os.path.join(launched.out, "fsdp_trainer.pt"))
+    for name in ref:
+        torch.testing.assert_close(two[name], ref[name], rtol=0, atol=1e-5)
+    r0 = launched.ranks[0]["fsdp_trainer"]
+    assert r0["units"].count("FSDPLlamaDecoderLayer") == 2
+    losses = [h["loss"] for h in one.state.log_history if "loss" in h]
+    assert r0["losses"] == pytest.approx(losses, abs=1e-5)
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(launched.out, "fsdp_trainer_adapter", "adapter_model.safetensors"))
+    assert {k: v.numel() for k, v in saved.items()} == {"base_model.subspace.coeffs": ref["c"].numel(),
+                                                        "base_model.subspace.scales": ref["scales"].numel()}
+    torch.testing.assert_close(saved["base_model.subspace.coeffs"], ref["c"], rtol=0, atol=1e-5)
+    # the half-way checkpoint holds the adapter and c's optimizer state, not θ0; resuming from it ends at the same c
+    assert "adapter_model.safetensors" in r0["checkpoint"] and "optimizer.pt" in r0["checkpoint"]
+    assert not any("fsdp" in name for name in r0["checkpoint"])
+    assert r0["resumed_c"] == r0["c"] and launched.ranks[1]["fsdp_trainer"]["resumed_c"] == r0["c"]
+
+
+def test_what_fsdp_still_refuses(launched):
     for r in range(2):
-        got = launched.ranks[r]["fsdp"]
-        for where in ("function", "trainer"):
-            assert got[where] is not None and "refused under FSDP" in got[where]
-            assert "multi_gpu.yaml" in got[where]
+        got = launched.ranks[r]["fsdp_refusals"]
+        for where in ("function", "trainer"):  # fully_shard by hand put c into the root group
+            assert "sharded into an FSDP group" in got[where] and "hf_subspace.shard_model" in got[where]
         assert "merging a subspace adapter under FSDP is unsupported" in got["merge"]
+        assert "TWA is refused under FSDP2" in got["twa"] and "multi_gpu.yaml" in got["twa"]
+        assert got["mismatch"].startswith("ProjectionMismatchError")
+        assert "rank 1 has adapter 'default': seed=1 where rank 0 has seed=0" in got["mismatch"]
+        assert got["same"] is None
+        assert "sharded into an FSDP group" in got["check"]
+    # fully_shard by hand with c in ignored_params: after check_projections_match c's gradient is averaged
+    g0, g1 = (launched.ranks[r]["fsdp_refusals"]["by_hand_grad"] for r in range(2))
+    assert g0 == g1 and max(abs(v) for v in g0) > 0 and launched.ranks[0]["fsdp_refusals"]["by_hand_cache"] is False
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -164,9 +265,18 @@ def _state(kind, **kw):
     return SimpleNamespace(distributed_type=SimpleNamespace(value=kind), fsdp_plugin=None, deepspeed_plugin=None, **kw)
 
 
-def test_accelerate_fsdp_and_zero3_are_refused_zero12_warned(caplog):
+def test_accelerate_fsdp1_and_zero3_are_refused_fsdp2_passes_zero12_warned(caplog):
     assert sharding_in_use(accelerator=_state("MULTI_GPU")) is None
     assert sharding_in_use(accelerator=_state("FSDP")) == "FSDP"
+    fsdp1 = SimpleNamespace(distributed_type=SimpleNamespace(value="FSDP"), deepspeed_plugin=None,
+                            fsdp_plugin=SimpleNamespace(fsdp_version=1))
+    with pytest.raises(ValueError, match="refused under FSDP \\(version 1\\).*fsdp2.yaml"):
+        refuse_sharded_training(accelerator=fsdp1)
+    fsdp2 = SimpleNamespace(distributed_type=SimpleNamespace(value="FSDP"), deepspeed_plugin=None,
+                            fsdp_plugin=SimpleNamespace(fsdp_version=2))
+    refuse_sharded_training(accelerator=fsdp2)  # FSDP2 trains
+    with pytest.raises(ValueError, match="TWA is refused under FSDP2.*multi_gpu.yaml"):
+        refuse_sharded_training(accelerator=fsdp2, what="TWA")
     zero3 = SimpleNamespace(distributed_type=SimpleNamespace(value="DEEPSPEED"), fsdp_plugin=None,
                             deepspeed_plugin=SimpleNamespace(zero_stage=3))
     assert sharding_in_use(accelerator=SimpleNamespace(state=zero3)) == "DeepSpeed ZeRO-3"
@@ -224,3 +334,43 @@ def test_sharded_basis_on_one_process_is_the_whole_basis():
     torch.testing.assert_close(sharded.projection.rmatvec(v), whole.projection.rmatvec(v))
     with pytest.raises(ValueError, match="sharded over 1 processes"):
         sharded.projection.basis
+
+
+def test_shard_model_refuses_what_it_cannot_shard_and_finds_the_decoder_layers():
+    from peft import get_peft_model
+
+    from hf_subspace.fsdp import decoder_layers, refuse_unsupported
+
+    model = worker.subspace_llama()
+    layers = decoder_layers(model)
+    assert [type(m).__name__ for m in layers] == ["LlamaDecoderLayer"] * 2
+    assert decoder_layers(model, ["LlamaMLP"]) == [m.mlp for m in layers]
+    with pytest.raises(ValueError, match="needs a model with a subspace adapter"):
+        hs.shard_model(worker.tiny_llama())
+    with pytest.raises(ValueError, match="needs an initialized process group"):
+        hs.shard_model(model)
+    # a TWA (trajectory) adapter: refused under FSDP2 with what to use
+    from hf_subspace.projections.trajectory import TrajectoryProjection
+
+    twa = get_peft_model(worker.tiny_llama(), hs.SubspaceConfig(dim=40))
+    state = hs.find_engine(twa).adapters["default"]
+    state.projection = TrajectoryProjection.empty(state.layout.D, 40)
+    with pytest.raises(ValueError, match="TWA \\(trajectory\\) basis, refused under FSDP2.*multi_gpu.yaml"):
+        refuse_unsupported(twa)
+
+
+def test_accelerates_fsdp2_preparation_hands_only_subspace_models_to_shard_model(monkeypatch):
+    import accelerate.accelerator as acc_mod
+
+    from hf_subspace import fsdp
+
+    hooked = acc_mod.fsdp2_prepare_model
+    assert hooked._hf_subspace and fsdp.install_accelerate_hook() and acc_mod.fsdp2_prepare_model is hooked
+    seen = []
+    monkeypatch.setattr(fsdp, "prepare_with_accelerate", lambda acc, model: seen.append(("ours", model)) or model)
+    original = hooked.__defaults__[0]  # accelerate's own function, bound when the hook was installed
+    monkeypatch.setattr(hooked, "__defaults__", (lambda acc, model: seen.append(("accelerate", model)) or model,))
+    plain, sub = worker.tiny_llama(), worker.subspace_llama()
+    assert hooked(None, plain) is plain and hooked(None, sub) is sub
+    assert seen == [("accelerate", plain), ("ours", sub)]
+    assert original.__module__.startswith("accelerate")
