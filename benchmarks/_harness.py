@@ -1,14 +1,22 @@
 """The one small harness every benchmark script shares: fresh worker processes, rounds, medians, memory, tables.
 
 * :func:`run_worker` runs a script again in a fresh subprocess (so each method's peak memory is its own) and reads
-  back the JSON it wrote; :func:`round_robin` runs several such methods N times each, interleaved, so a machine
-  that drifts slows all of them alike; :func:`pool_rounds` makes one row of the rounds (medians).
+  back the JSON it wrote (:func:`write_worker_result` on the worker's side); :func:`round_robin` runs several such
+  methods N times each, interleaved, so a machine that drifts slows all of them alike; :func:`pool_rounds` makes
+  one row of the rounds (medians).
+* :func:`interleaved` times several callables side by side in ONE process (one call of each in turn, rounds after
+  a warm-up): the baseline and the method share every drift, so their ratio holds. :func:`timed` /
+  :func:`median_time` time one callable; :func:`medians` and :func:`add_ratios` turn times into medians and
+  ratios to a baseline.
 * :class:`PeakMemory` measures peak RSS growth over a baseline (getrusage max-RSS and a 2 ms sampler).
 * :func:`machine_info` / :func:`source_state` record where and on what code a result was measured.
+* :func:`benchmark_parser` gives the scripts' common options (``--out``, ``--threads``, ``--rounds``, ...) the
+  same spelling everywhere; :func:`write_report` writes ``<out>/<name>.json`` and ``.md`` and prints the tables.
 * :func:`markdown_table` and the ``fmt_*`` helpers write the tables.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -26,6 +34,7 @@ from _setup import REPO  # noqa: E402  (puts the checkout on sys.path, sets offl
 import torch  # noqa: E402
 
 MIB = 2**20
+RESULTS = REPO / "benchmarks" / "results"  # where the scripts write by default (--out)
 
 
 def current_rss() -> int:
@@ -69,13 +78,52 @@ class PeakMemory:
         return self.growth()
 
 
-def median_time(fn, repeats: int) -> tuple[float, list[float]]:
+def timed(fn, repeats: int) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls of ``fn``, one by one."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+    return times
+
+
+def median_time(fn, repeats: int) -> tuple[float, list[float]]:
+    """The median of :func:`timed` and all the times."""
+    times = timed(fn, repeats)
     return statistics.median(times), times
+
+
+def interleaved(arms: dict, rounds: int, repeats: int = 1, warmup: int = 1) -> dict[str, list[float]]:
+    """Time several callables side by side in this one process: ``warmup`` untimed calls of each arm (arm by arm),
+    then ``rounds`` rounds in which every arm in turn makes ``repeats`` timed calls. A machine whose speed drifts
+    (other work, clock frequency) slows every arm alike, so ratios between the arms hold.
+
+    Returns ``{arm: [seconds, ...]}`` (``rounds * repeats`` times each).
+    """
+    for fn in arms.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in arms}
+    for _ in range(rounds):
+        for name, fn in arms.items():
+            times[name] += timed(fn, repeats)
+    return times
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
+    """``{name: median of its times}``."""
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def train_step(model, opt, batch: dict):
+    """One training step: forward on ``batch`` (keyword inputs with labels), backward, optimizer step, gradients
+    freed. Returns the loss."""
+    loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
 
 
 def machine_info() -> dict:
@@ -218,16 +266,67 @@ def pool_rounds(runs: list[dict], medians=POOLED_MEDIANS) -> dict:
 
 
 def add_ratios(rows: dict, refs=("full", "lora"), keys=(("step_s", "time"), ("peak_mem_mb", "mem"),
-                                                            ("cpu_s", "cpu"))) -> None:
-    """Give every row ``<what>_vs_<ref>`` = its ``key`` over the reference row's, for each measured reference."""
+                                                            ("cpu_s", "cpu")), name: str = "{what}_vs_{ref}") -> None:
+    """Give every row ``<what>_vs_<ref>`` (``name``) = its ``key`` over the reference row's, for each reference
+    present and measured (a row without a ``status`` counts as measured)."""
     for ref in refs:
         base = rows.get(ref)
-        if not base or base.get("status") != "measured":
+        if not base or base.get("status", "measured") != "measured":
             continue
         for row in rows.values():
             for key, what in keys:
                 if key in row and key in base:
-                    row[f"{what}_vs_{ref}"] = row[key] / base[key]
+                    row[name.format(what=what, ref=ref)] = row[key] / base[key]
+
+
+def write_worker_result(path: str | Path, result: dict) -> None:
+    """A worker's side of :func:`run_worker`: ``result`` plus the hash of the sources it ran (the tree may change
+    during a run: each result says its code) as JSON to ``path``."""
+    result["sources_sha256"] = sources_sha256()
+    Path(path).write_text(json.dumps(result))
+
+
+# -- command line and output --------------------------------------------------------------------------------------
+_UNSET = object()
+
+
+def benchmark_parser(doc: str, *, out=_UNSET, threads=_UNSET, threads_help: str | None = None, rounds=_UNSET,
+                     rounds_help: str | None = None, timeout=_UNSET, worker: bool = False,
+                     raw: bool = False) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` with the options the scripts share, each added when its default is given:
+    ``--out`` (a folder; default :data:`RESULTS`), ``--threads`` (torch threads), ``--rounds``, ``--timeout``
+    (seconds per worker subprocess), and with ``worker=True`` the hidden ``--result-file`` of :func:`run_worker`.
+    ``raw``: keep the description's line breaks (the whole docstring as the help)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter if raw
+                                else argparse.HelpFormatter)
+    if out is not _UNSET:
+        p.add_argument("--out", default=str(RESULTS) if out is None else out, help="output folder")
+    if threads is not _UNSET:
+        p.add_argument("--threads", type=int, default=threads, help=threads_help or "torch threads")
+    if rounds is not _UNSET:
+        p.add_argument("--rounds", type=int, default=rounds, help=rounds_help)
+    if timeout is not _UNSET:
+        p.add_argument("--timeout", type=float, default=timeout, help="seconds per worker subprocess")
+    if worker:
+        p.add_argument("--result-file", help=argparse.SUPPRESS)
+    return p
+
+
+def read_results(path: str | Path) -> dict:
+    """The JSON results an earlier run wrote to ``path`` (``{}`` if there are none)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_report(out: str | Path, name: str, results: dict, markdown: str, echo: bool = True) -> None:
+    """``<out>/<name>.json`` (``results``, indented by 1) and ``<out>/<name>.md`` (``markdown``); prints the
+    markdown with ``echo``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / f"{name}.md").write_text(markdown)
+    if echo:
+        print(markdown)
 
 
 def markdown_table(headers: list[str], rows: list[list], align: str | None = None) -> list[str]:
@@ -256,3 +355,13 @@ def fmt_ratio(x):
 
 def fmt_int(x):
     return "—" if x is None else f"{x:,}"
+
+
+def fmt_bytes(x, spec: str = ".1f"):
+    """Decimal units (GB, MB, KB; bytes below), the number formatted with ``spec``."""
+    if x is None:
+        return "—"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if x >= size:
+            return f"{x / size:{spec}} {unit}"
+    return f"{x} B"

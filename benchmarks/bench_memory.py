@@ -19,14 +19,14 @@ The report also carries the same bytes per parameter to a 7B model (bf16 weights
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 from pathlib import Path
 
-from _setup import REPO  # noqa: E402  (puts the checkout on sys.path, sets offline defaults)
-from _harness import (MIB, PeakMemory, add_ratios, fmt_int, fmt_mb, fmt_ratio, fmt_s, machine_info,  # noqa: E402
-                      markdown_table, pool_rounds, round_robin, run_worker, source_state, sources_sha256)
+import _setup  # noqa: F401  (puts the checkout on sys.path, sets offline defaults)
+import _models  # noqa: E402
+from _harness import (MIB, PeakMemory, add_ratios, benchmark_parser, fmt_bytes, fmt_int, fmt_mb,  # noqa: E402
+                      fmt_ratio, fmt_s, interleaved, machine_info, markdown_table, pool_rounds, read_results,
+                      round_robin, run_worker, source_state, timed, train_step, write_report, write_worker_result)
 
 import torch  # noqa: E402
 
@@ -64,43 +64,29 @@ WARMUP, STEPS = 1, 3
 def build_model(name: str):
     if MODELS[name].get("quantized"):
         from peft import prepare_model_for_kbit_training
-        from transformers import LlamaConfig, LlamaForCausalLM
 
         from hf_subspace.quantized import quantize_linear_layers
 
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=32_000, hidden_size=1024, intermediate_size=2816,
-                                             num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
-                                             max_position_embeddings=2048))
+        model = _models.llama(vocab_size=32_000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                              num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048)
         quantize_linear_layers(model, bits=4, quant_type="nf4")
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if name == "gpt2":
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        torch.manual_seed(0)
-        return GPT2LMHeadModel(GPT2Config())
-    from transformers import AutoModelForSequenceClassification
-
-    from hf_subspace.data import minilm_path
-
-    return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+        return _models.gpt2()
+    return _models.minilm_classifier()
 
 
 def build_method(model, model_name: str, method: dict):
-    from peft import LoraConfig, get_peft_model
-
     import hf_subspace
 
     spec = MODELS[model_name]
     if method["id"] == "full":
         return model
     if method["id"] == "lora":
-        return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=spec["qv"],
-                                                task_type=spec["task"], fan_in_fan_out=model_name == "gpt2"))
-    config = hf_subspace.SubspaceConfig(dim=method["dim"], target_modules=spec["qv"] if method.get("qv") else None,
-                                        projection_format=method.get("format"), task_type=spec["task"],
-                                        exclude_modules=method.get("exclude"))
-    peft_model = get_peft_model(model, config)
+        return _models.lora(model, spec["qv"], spec["task"], lora_dropout=0.0, fan_in_fan_out=model_name == "gpt2")
+    peft_model = _models.subspace(model, method["dim"], spec["task"],
+                                  target_modules=spec["qv"] if method.get("qv") else None,
+                                  projection_format=method.get("format"), exclude_modules=method.get("exclude"))
     if method.get("keep_weights"):
         hf_subspace.find_engine(peft_model).recompute_saved_weights = False
     return peft_model
@@ -127,26 +113,18 @@ def measure(model_name: str, method_id: str) -> dict:
     g = torch.Generator().manual_seed(0)
     memory = PeakMemory()
     model = build_model(model_name)
-    vocab = model.config.vocab_size
-    n = WARMUP + STEPS
-    ids = torch.randint(0, vocab, (n, spec["batch"], spec["seq"]), generator=g)
-    labels = ids if spec["task"] == "CAUSAL_LM" else torch.randint(0, 2, (n, spec["batch"]), generator=g)
+    ids, labels = _models.random_tokens(model.config.vocab_size, (WARMUP + STEPS, spec["batch"], spec["seq"]), g,
+                                        causal=spec["task"] == "CAUSAL_LM")
     model = build_method(model, model_name, method).train()
     after_build = memory.growth()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    times = []
-    for i in range(n):
-        t0 = time.perf_counter()
-        model(input_ids=ids[i], labels=labels[i]).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= WARMUP:
-            times.append(time.perf_counter() - t0)
+    opt = _models.adamw(model, lr=1e-4)
+    batches = iter([{"input_ids": i, "labels": y} for i, y in zip(ids, labels)])
+    timed(lambda: train_step(model, opt, next(batches)), WARMUP)
+    times = timed(lambda: train_step(model, opt, next(batches)), STEPS)
     peak = memory.stop()
     return {"status": "measured", "step_s": statistics.median(times), "step_s_all": times,
             "peak_mem_mb": peak / MIB, "mem_after_build_mb": after_build / MIB,
-            "trainable": sum(p.numel() for p in params), "projection_state_bytes": projection_state_bytes(model),
+            "trainable": _models.trainable(model), "projection_state_bytes": projection_state_bytes(model),
             "torch_threads": torch.get_num_threads()}
 
 
@@ -160,21 +138,11 @@ def time_interleaved(model_name: str, method_ids: list[str], rounds: int) -> dic
     for method_id in method_ids:
         method = next(m for m in METHODS if m["id"] == method_id)
         model = build_method(build_model(model_name), model_name, method).train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        runs[method_id] = (model, opt)
+        runs[method_id] = (model, _models.adamw(model, lr=1e-4))
     vocab = next(iter(runs.values()))[0].config.vocab_size
-    ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=g)
-    labels = ids if spec["task"] == "CAUSAL_LM" else torch.randint(0, 2, (spec["batch"],), generator=g)
-    times = {m: [] for m in method_ids}
-    for r in range(rounds + 1):
-        for method_id, (model, opt) in runs.items():
-            t0 = time.perf_counter()
-            model(input_ids=ids, labels=labels).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if r:  # round 0 warms up
-                times[method_id].append(time.perf_counter() - t0)
-    return times
+    ids, labels = _models.random_tokens(vocab, (spec["batch"], spec["seq"]), g, causal=spec["task"] == "CAUSAL_LM")
+    batch = {"input_ids": ids, "labels": labels}
+    return interleaved({m: (lambda m=m: train_step(*runs[m], batch)) for m in method_ids}, rounds, warmup=1)
 
 
 # -- on paper: a 7B model, bf16 weights ---------------------------------------------------------------------------
@@ -238,15 +206,6 @@ def paper_4bit(d: int = 10_000) -> list[dict]:
 
 
 # -- report ---------------------------------------------------------------------------------------------------------
-def fmt_bytes(x):
-    if x is None:
-        return "—"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if x >= size:
-            return f"{x / size:.1f} {unit}"
-    return f"{x} B"
-
-
 def markdown_report(results: dict) -> str:
     m = results["machine"]
     out = ["# hf_subspace memory benchmark", "",
@@ -288,21 +247,17 @@ def markdown_report(results: dict) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = benchmark_parser(__doc__.split("\n\n")[0], out=None, rounds=2, timeout=1800.0, worker=True, threads=1,
+                         threads_help="torch threads per worker (default 1: fair on a shared machine, as the issue "
+                                      "measured)")
     p.add_argument("--models", nargs="*", default=["gpt2", "minilm"], choices=list(MODELS),
                    help="llama4bit: QLoRA against the global subspace on the same 4-bit base")
     p.add_argument("--only", nargs="*", help="method ids to run (default: all)")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1: fair on a shared "
-                                                          "machine, as the issue measured)")
-    p.add_argument("--timeout", type=float, default=1800.0)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--report-only", action="store_true", help="rewrite memory.md from memory.json (no runs)")
     p.add_argument("--time-rounds", type=int, default=5, help="step times: rounds of the interleaved timing run "
                                                                   "(all methods of a model in one process)")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     p.add_argument("--timing-worker", help=argparse.SUPPRESS)
-    p.add_argument("--result-file", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -312,23 +267,17 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     if args.timing_worker:
         model_name, methods = args.timing_worker.split(":")
-        result = {"status": "measured", "times": time_interleaved(model_name, methods.split(","), args.time_rounds)}
-        result["sources_sha256"] = sources_sha256()
-        Path(args.result_file).write_text(json.dumps(result))
+        write_worker_result(args.result_file, {
+            "status": "measured", "times": time_interleaved(model_name, methods.split(","), args.time_rounds)})
         return
     if args.worker:
-        result = measure(*args.worker)
-        result["sources_sha256"] = sources_sha256()  # the tree may change during a run: each result says its code
-        Path(args.result_file).write_text(json.dumps(result))
+        write_worker_result(args.result_file, measure(*args.worker))
         return
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
-        results = json.loads((out / "memory.json").read_text())
+        results = read_results(out / "memory.json")
         results["paper_7b"] = paper_7b()
-        (out / "memory.json").write_text(json.dumps(results, indent=1))
-        (out / "memory.md").write_text(markdown_report(results))
-        print((out / "memory.md").read_text())
+        write_report(out, "memory", results, markdown_report(results))
         return
     results = {"machine": machine_info(), "rounds": args.rounds, "threads": args.threads, "models": {},
                "time_rounds": args.time_rounds,
@@ -372,9 +321,7 @@ def main(argv=None) -> None:
     results["machine"]["hf_subspace_source_end"] = source_state()
     versions = {r.get("sources_sha256") for rounds in runs.values() for r in rounds if r.get("status") == "measured"}
     results["sources_versions"] = sorted(v for v in versions if v)
-    (out / "memory.json").write_text(json.dumps(results, indent=1))
-    (out / "memory.md").write_text(markdown_report(results))
-    print((out / "memory.md").read_text())
+    write_report(out, "memory", results, markdown_report(results))
 
 
 if __name__ == "__main__":
