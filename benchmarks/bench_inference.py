@@ -12,56 +12,33 @@ hits every arm alike; reported are medians and ratios to the plain model. Result
 ``benchmarks/results/inference.json`` and ``.md``.
 
     python benchmarks/bench_inference.py                # ~2 min on 2 cores
+    python benchmarks/bench_inference.py --quick        # smoke run: tiny models, 1 round of 1 call (~10 s)
 """
 from __future__ import annotations
 
-import _setup  # noqa: F401  (offline defaults, checkout on sys.path)
-
-import argparse
 import json
-import statistics
-import time
-from pathlib import Path
 
-import torch
+import _models  # noqa: F401  (offline defaults, checkout on sys.path)
+from _harness import benchmark_parser, interleaved, medians, write_report  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import torch  # noqa: E402
 
-
-def _timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+WARMUP = 2  # untimed calls of each arm before the rounds
 
 
-def _round_robin(arms: dict, rounds: int, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
-    for fn in arms.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in arms}
-    for _ in range(rounds):
-        for name, fn in arms.items():
-            times[name] += _timed(fn, repeats)
-    return times
+def minilm_arms(dim: int, quick: bool = False):
+    def build():
+        if not quick:
+            return _models.minilm_classifier()
+        from transformers import BertConfig, BertForSequenceClassification  # MiniLM's architecture, tiny
 
+        torch.manual_seed(0)
+        return BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                        intermediate_size=37, num_labels=2))
 
-def minilm_arms(dim: int):
-    from peft import get_peft_model
-    from transformers import AutoModelForSequenceClassification
-
-    import hf_subspace as hs
-    from hf_subspace.data import minilm_path
-    from hf_subspace.engine import find_engine
-
-    plain = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).eval()
-    wrapped = get_peft_model(AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2),
-                             hs.SubspaceConfig(dim=dim, projection="hashing", task_type="SEQ_CLS")).eval()
-    engine = find_engine(wrapped)
-    with torch.no_grad():
-        engine.coeffs["default"].normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
+    plain = build().eval()
+    wrapped = _models.subspace(build(), dim, "SEQ_CLS", projection="hashing").eval()
+    engine = _models.perturb_coefficients(wrapped, 0.01, torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1000, 20000, (16, 64), generator=g)
     mask = torch.ones_like(ids)
@@ -76,23 +53,14 @@ def minilm_arms(dim: int):
     return {"plain": run(plain), "adapter, cached": run(wrapped, True), "adapter, uncached": run(wrapped, False)}
 
 
-def gpt2_arms(dim: int):
-    from peft import get_peft_model
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    import hf_subspace as hs
-    from hf_subspace.engine import find_engine
-
+def gpt2_arms(dim: int, quick: bool = False):
     def build():
-        torch.manual_seed(0)
-        cfg = GPT2Config(vocab_size=5000, n_embd=256, n_layer=4, n_head=4, n_positions=128)
-        return GPT2LMHeadModel(cfg).eval()
+        size = dict(n_embd=32, n_layer=2, n_head=2) if quick else dict(n_embd=256, n_layer=4, n_head=4)
+        return _models.gpt2(vocab_size=5000, n_positions=128, **size).eval()
 
     plain = build()
-    wrapped = get_peft_model(build(), hs.SubspaceConfig(dim=dim, task_type="CAUSAL_LM")).eval()
-    engine = find_engine(wrapped)
-    with torch.no_grad():
-        engine.coeffs["default"].normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
+    wrapped = _models.subspace(build(), dim, "CAUSAL_LM").eval()
+    engine = _models.perturb_coefficients(wrapped, 0.01, torch.Generator().manual_seed(0))
     prompt = torch.randint(0, 5000, (1, 8), generator=torch.Generator().manual_seed(2))
 
     def run(model, cache=True):
@@ -106,34 +74,43 @@ def gpt2_arms(dim: int):
 
 
 def summarize(times: dict[str, list[float]]) -> dict:
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = medians(times)
     return {k: {"median_s": med[k], "x_plain": med[k] / med["plain"], "n": len(times[k])} for k in times}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dim", type=int, default=10_000)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(RESULTS))
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    report = {"settings": vars(args), "torch": torch.__version__}
-    for name, arms in (("minilm_eval_forward", minilm_arms(args.dim)), ("gpt2_generate", gpt2_arms(args.dim))):
-        report[name] = summarize(_round_robin(arms, args.rounds, args.repeats))
-        print(name, json.dumps(report[name], indent=1))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "inference.json").write_text(json.dumps(report, indent=1))
-    lines = [f"# Inference cost (d = {args.dim:,}, global hashing; {args.rounds} rounds x {args.repeats} calls, "
-             f"{args.threads} threads, torch {torch.__version__})", "",
+def markdown_report(report: dict) -> str:
+    a = report["settings"]
+    lines = [f"# Inference cost (d = {a['dim']:,}, global hashing; {a['rounds']} rounds x {a['repeats']} calls, "
+             f"{a['threads']} threads, torch {report['torch']})", "",
              "| task | arm | median (s) | x plain |", "|---|---|---:|---:|"]
     for task in ("minilm_eval_forward", "gpt2_generate"):
         for arm, r in report[task].items():
             lines.append(f"| {task} | {arm} | {r['median_s']:.4f} | {r['x_plain']:.2f} |")
-    (out / "inference.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = benchmark_parser(__doc__, raw=True, out=None, threads=2, rounds=3)
+    p.add_argument("--dim", type=int, default=10_000)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="smoke run: d = 100, 2-layer 32-wide models from configs "
+                                                        "in place of MiniLM and GPT-2, 1 round of 1 call; writes "
+                                                        "nothing")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.dim, args.rounds, args.repeats = 100, 1, 1
+    torch.set_num_threads(args.threads)
+    settings = {k: getattr(args, k) for k in ("dim", "rounds", "repeats", "threads", "out")}
+    report = {"settings": settings, "torch": torch.__version__}
+    for name, arms in (("minilm_eval_forward", minilm_arms(args.dim, args.quick)),
+                       ("gpt2_generate", gpt2_arms(args.dim, args.quick))):
+        report[name] = summarize(interleaved(arms, args.rounds, args.repeats, warmup=WARMUP))
+        print(name, json.dumps(report[name], indent=1))
+    if args.quick:
+        print(markdown_report(report))
+        return report
+    write_report(args.out, "inference", report, markdown_report(report))
+    return report
 
 
 if __name__ == "__main__":
