@@ -20,21 +20,17 @@ writes ``<out>/engine.json`` and ``<out>/engine.md``:
 """
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import sys
 import time
 from pathlib import Path
 
-from _setup import REPO  # noqa: E402  (puts the checkout on sys.path, sets offline defaults)
-from _harness import fmt_int, fmt_ratio, machine_info, markdown_table, source_state  # noqa: E402
+import _models  # noqa: E402  (puts the checkout on sys.path, sets offline defaults)
+from _harness import (benchmark_parser, fmt_int, fmt_ratio, machine_info, markdown_table, medians,  # noqa: E402
+                      read_results, write_report)
 
 import torch  # noqa: E402
 
 from hf_subspace.opcount import OpCounter  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # -- tiny models -------------------------------------------------------------------------------------------------
 def tiny(name: str, layers: int = 2, big: bool = False):
@@ -42,25 +38,21 @@ def tiny(name: str, layers: int = 2, big: bool = False):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     if name == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
         if big:
-            cfg = LlamaConfig(vocab_size=32_000, hidden_size=4096, intermediate_size=11_008, num_hidden_layers=layers,
-                              num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=64,
-                              tie_word_embeddings=False)
+            cfg = dict(vocab_size=32_000, hidden_size=4096, intermediate_size=11_008, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=64,
+                       tie_word_embeddings=False)
             ids = torch.randint(0, 32_000, (1, 16), generator=g)
         else:
-            cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                              tie_word_embeddings=True)
+            cfg = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                       tie_word_embeddings=True)
             ids = torch.randint(0, 128, (2, 12), generator=g)
-        return LlamaForCausalLM(cfg), {"input_ids": ids, "labels": ids}, ["q_proj", "v_proj"], "CAUSAL_LM"
+        return _models.llama(**cfg), {"input_ids": ids, "labels": ids}, ["q_proj", "v_proj"], "CAUSAL_LM"
     if name == "gpt2":
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        cfg = GPT2Config(vocab_size=97, n_embd=32, n_layer=layers, n_head=2, n_positions=32)
         ids = torch.randint(0, 97, (2, 12), generator=g)
-        return GPT2LMHeadModel(cfg), {"input_ids": ids, "labels": ids}, ["c_attn"], "CAUSAL_LM"
+        model = _models.gpt2(vocab_size=97, n_embd=32, n_layer=layers, n_head=2, n_positions=32)
+        return model, {"input_ids": ids, "labels": ids}, ["c_attn"], "CAUSAL_LM"
     if name == "bert":
         from transformers import BertConfig, BertForSequenceClassification
 
@@ -91,15 +83,12 @@ METHODS = [
 
 
 def apply_method(model, method: str, qv, task, dim: int):
-    from peft import LoraConfig, get_peft_model
-
     import hf_subspace as hs
 
     if method == "full":
         return model.train()
     if method == "lora":
-        kw = {"task_type": task} if task else {}
-        return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=qv, **kw)).train()
+        return _models.lora(model, qv, task).train()
     kind, _, rest = method.partition("_")
     engine = hs.reparameterize(model, dim, kind, mode="said" if rest == "said" else "global",
                                target_modules=qv if rest == "qv" else None)
@@ -148,13 +137,12 @@ def counts_7b() -> dict:
 
 
 def step_times(rounds: int) -> dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_memory import time_interleaved
+    from bench_memory import time_interleaved  # the same models, methods and steps as bench_memory's timing
 
     out = {}
     for model_name in ("gpt2", "minilm"):
         times = time_interleaved(model_name, ["full", "lora", "qv10k", "global10k"], rounds)
-        med = {m: statistics.median(t) for m, t in times.items()}
+        med = medians(times)
         out[model_name] = {"median_s": med, "all_s": times,
                            "global10k/full": med["global10k"] / med["full"],
                            "qv10k/lora": med["qv10k"] / med["lora"],
@@ -207,22 +195,19 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    ap = benchmark_parser(__doc__.split("\n\n")[0], out=None, rounds=3, threads=1)
     ap.add_argument("--models", nargs="+", default=["llama", "gpt2", "bert", "vit"])
     ap.add_argument("--no-7b", action="store_true", help="skip the Llama-2-7B-shape counts (~2.6 GB of RAM)")
     ap.add_argument("--no-time", action="store_true", help="skip the step-time ratios")
     ap.add_argument("--no-tiny", action="store_true", help="skip the tiny-model counts")
-    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    results = {"machine": {**machine_info(), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                           "hf_subspace_source": source_state()}, "rounds": args.rounds}
+    results = {"machine": {**machine_info(), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+               "rounds": args.rounds}
     out = Path(args.out)
     # a section skipped keeps what the last run wrote there (its own machine and commit are noted beside it)
-    earlier = json.loads((out / "engine.json").read_text()) if (out / "engine.json").exists() else {}
+    earlier = read_results(out / "engine.json")
     results["counts_tiny"] = earlier.get("counts_tiny", {}) if args.no_tiny else counts_tiny(args.models)
     results["counts_7b"] = earlier.get("counts_7b") if args.no_7b else counts_7b()
     results["times"] = earlier.get("times") if args.no_time else step_times(args.rounds)
@@ -232,10 +217,7 @@ def main(argv=None) -> None:
         "hf_subspace_source", {}).get("commit")) if skipped else results["machine"]["hf_subspace_source"].get("commit")
         for k, skipped in (("counts_tiny", args.no_tiny), ("counts_7b", args.no_7b), ("times", args.no_time))}
     results["wall_s"] = time.time() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "engine.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "engine.md").write_text(markdown(results))
-    print(markdown(results))
+    write_report(out, "engine", results, markdown(results))
 
 
 if __name__ == "__main__":
