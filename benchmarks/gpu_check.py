@@ -19,10 +19,10 @@ import argparse
 import json
 import statistics
 import sys
-import time
 import traceback
 
-import _setup  # noqa: F401  (checkout on sys.path, offline defaults)
+import _models  # noqa: F401  (checkout on sys.path, offline defaults)
+from _harness import add_ratios, timed
 
 import torch
 
@@ -30,29 +30,20 @@ from hf_subspace.opcount import OpCounter
 
 
 def build(args, method: str, device):
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import hf_subspace as hs
-
-    torch.manual_seed(0)
     if args.cpu:
-        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        cfg = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     else:  # TinyLlama-1.1B's shapes: 1.1B weights
-        cfg = LlamaConfig(vocab_size=32_000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                          num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg)
+        cfg = dict(vocab_size=32_000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                   num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+    model = _models.llama(device=device, **cfg)
     if method == "lora":
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                                 task_type="CAUSAL_LM"))
+        model = _models.lora(model, ["q_proj", "v_proj"], "CAUSAL_LM")
     elif method == "hashing":
-        model = get_peft_model(model, hs.SubspaceConfig(dim=args.dim if not args.cpu else 200, task_type="CAUSAL_LM"))
+        model = _models.subspace(model, args.dim if not args.cpu else 200, "CAUSAL_LM")
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-    return model, opt, cfg
+    opt = _models.adamw(model, lr=1e-5, fused=device.type == "cuda")
+    return model, opt, cfg["vocab_size"]
 
 
 def step(model, opt, ids, device):
@@ -65,23 +56,17 @@ def step(model, opt, ids, device):
 
 
 def check_method(args, method: str, device) -> dict:
-    model, opt, cfg = build(args, method, device)
+    model, opt, vocab = build(args, method, device)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(device)
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device)
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):
         step(model, opt, ids, device)
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step(model, opt, ids, device)
-        sync()
-        times.append(time.perf_counter() - t0)
-    out = {"step_s": statistics.median(times), "step_s_all": times,
-           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    times = timed(lambda m=model, o=opt: (step(m, o, ids, device), sync()), args.steps)  # synced: device time
+    out = {"step_s": statistics.median(times), "step_s_all": times, "trainable": _models.trainable(model),
            "weights": sum(p.numel() for p in model.parameters())}
     if device.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -136,11 +121,7 @@ def main(argv=None) -> int:
     for method in args.methods:
         results["methods"][method] = check_method(args, method, device)
     r = results["methods"]
-    for name, row in r.items():
-        if "full" in r:
-            row["x_full"] = row["step_s"] / r["full"]["step_s"]
-        if "lora" in r:
-            row["x_lora"] = row["step_s"] / r["lora"]["step_s"]
+    add_ratios(r, refs=("full", "lora"), keys=(("step_s", "x"),), name="{what}_{ref}")  # x_full, x_lora
     print(json.dumps(results, default=str))
     print(f"\n{'method':<10} {'step s':>9} {'x full':>7} {'x LoRA':>7} {'peak GB':>8}  sync-free step")
     for name, row in r.items():
