@@ -24,10 +24,13 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
-from _setup import REPO  # noqa: E402  (puts the checkout on sys.path, sets offline defaults)
-from _harness import fmt_int, machine_info, markdown_table, round_robin  # noqa: E402
+import _models  # noqa: E402  (puts the checkout on sys.path, sets offline defaults)
+from _harness import (benchmark_parser, fmt_int, machine_info, markdown_table, read_results,  # noqa: E402
+                      round_robin, write_report)
+import _harness  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -108,12 +111,9 @@ def basis_memory_worker(variant: str, result_file: str) -> None:
 
 def build_llama():
     """A small Llama: hidden 128, 4 layers, vocab 2,000, untied embedding and head (as Llama-2): D ≈ 1.3M."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=2000, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ,
-                                        tie_word_embeddings=False))
+    return _models.llama(vocab_size=2000, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ,
+                         tie_word_embeddings=False)
 
 
 def _param_bytes(model) -> dict:
@@ -131,7 +131,6 @@ def llama_worker(method: str, steps: int, result_file: str) -> None:
     """A loop of one's own (AdamW, clipping) on the small Llama under DDP or FSDP2; every collective counted on
     rank 0, per step."""
     import torch.distributed as dist
-    from peft import LoraConfig, get_peft_model
 
     import hf_subspace as hs
     from hf_subspace.distributed import CommCounter
@@ -144,12 +143,12 @@ def llama_worker(method: str, steps: int, result_file: str) -> None:
     if method == "llama_fsdp_lora":
         from torch.distributed.fsdp import fully_shard
 
-        model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+        model = _models.lora(base, ["q_proj", "v_proj"], alpha=None)
         for layer in model.base_model.model.model.layers:
             fully_shard(layer)
         fully_shard(model)
     else:
-        model = get_peft_model(base, hs.SubspaceConfig(dim=10_000, projection="fastfood"))
+        model = _models.subspace(base, 10_000, projection="fastfood")
         if "fsdp" in method:
             hs.shard_model(model)
         else:
@@ -192,7 +191,6 @@ def worker(method: str, steps: int, result_file: str) -> None:
         basis_memory_worker(method.split("_", 1)[1], result_file)
         return
     import torch.distributed as dist
-    from peft import LoraConfig, get_peft_model
 
     from hf_subspace import SubspaceTrainer, SubspaceTrainingArguments
     from hf_subspace.distributed import CommCounter
@@ -207,7 +205,7 @@ def worker(method: str, steps: int, result_file: str) -> None:
     if method.startswith("sub"):
         kw["subspace_dim"] = {"sub1k": 1_000, "sub10k": 10_000}[method]
     elif method == "lora":
-        model = get_peft_model(model, LoraConfig(r=8, target_modules=["query", "value"], task_type="SEQ_CLS"))
+        model = _models.lora(model, ["query", "value"], "SEQ_CLS", alpha=None)
     elif method == "twa":
         kw.update(twa=True, twa_snapshot_steps=max(1, steps // 4), twa_epochs=1.0, twa_learning_rate=0.5)
     n_examples = PER_DEVICE_BATCH * world * steps
@@ -218,7 +216,7 @@ def worker(method: str, steps: int, result_file: str) -> None:
     if dist.get_rank() != 0:
         return
     trained = trainer.model if method != "twa" else None
-    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad) if trained is not None else D
+    trainable = _models.trainable(trained) if trained is not None else D
     outside = {k: {"calls": len(v), "bytes": sum(v), "first_calls": v[:3], "last_call": v[-1]}
                for k, v in counter.outside.items()}
     result = {"status": "measured", "method": method, "label": METHODS[method], "world_size": world, "D": D,
@@ -308,13 +306,7 @@ def fsdp_paper_rows(gpus=(8, 64), link_gbit=LINK_GBIT, d=10_000, dtype_bytes=2) 
     return rows
 
 
-def fmt_bytes(b) -> str:
-    if b is None:
-        return "—"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if b >= size:
-            return f"{b / size:.3g} {unit}"
-    return f"{b} B"
+fmt_bytes = partial(_harness.fmt_bytes, spec=".3g")  # 3 significant digits: "27 GB", "16.8 MB"
 
 
 def fmt_time(t: float) -> str:
@@ -439,15 +431,12 @@ def llama_report(results: dict) -> list[str]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = benchmark_parser(__doc__.split("\n\n")[0], out=None, timeout=900.0, worker=True)
     p.add_argument("--only", nargs="*", choices=list(METHODS), help="methods to run (default: all)")
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--timeout", type=float, default=900.0)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
     p.add_argument("--launch", choices=list(METHODS), help=argparse.SUPPRESS)
-    p.add_argument("--result-file", help=argparse.SUPPRESS)
-    p.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, help=argparse.SUPPRESS)  # run_worker passes it; workers use 1 thread
     return p.parse_args(argv)
 
 
@@ -465,15 +454,12 @@ def main(argv=None) -> None:
                           progress=lambda name, r, res: print(f"{name}: {res.get('bytes_per_step', res)}",
                                                               file=sys.stderr))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.only and (out / "comm.json").is_file():  # a partial run keeps the other methods' earlier results
-        previous = json.loads((out / "comm.json").read_text()).get("results", {})
+    if args.only:  # a partial run keeps the other methods' earlier results
+        previous = read_results(out / "comm.json").get("results", {})
         results = {**{m: r for m, r in previous.items() if m in METHODS and m not in results}, **results}
         results = {m: results[m] for m in METHODS if m in results}
-    (out / "comm.json").write_text(json.dumps({"machine": machine_info(), "steps": args.steps, "results": results},
-                                              indent=1))
-    (out / "comm.md").write_text(markdown_report(results, args.steps))
-    print((out / "comm.md").read_text())
+    write_report(out, "comm", {"machine": machine_info(), "steps": args.steps, "results": results},
+                 markdown_report(results, args.steps))
 
 
 if __name__ == "__main__":
