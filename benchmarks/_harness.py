@@ -292,13 +292,11 @@ _UNSET = object()
 
 def benchmark_parser(doc: str, *, out=_UNSET, threads=_UNSET, threads_help: str | None = None, rounds=_UNSET,
                      rounds_help: str | None = None, timeout=_UNSET, worker: bool = False,
-                     raw: bool = False) -> argparse.ArgumentParser:
+                     formatter_class=argparse.HelpFormatter) -> argparse.ArgumentParser:
     """An ``ArgumentParser`` with the options the scripts share, each added when its default is given:
     ``--out`` (a folder; default :data:`RESULTS`), ``--threads`` (torch threads), ``--rounds``, ``--timeout``
-    (seconds per worker subprocess), and with ``worker=True`` the hidden ``--result-file`` of :func:`run_worker`.
-    ``raw``: keep the description's line breaks (the whole docstring as the help)."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter if raw
-                                else argparse.HelpFormatter)
+    (seconds per worker subprocess), and with ``worker=True`` the hidden ``--result-file`` of :func:`run_worker`."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=formatter_class)
     if out is not _UNSET:
         p.add_argument("--out", default=str(RESULTS) if out is None else out, help="output folder")
     if threads is not _UNSET:

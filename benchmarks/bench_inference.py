@@ -16,6 +16,7 @@ hits every arm alike; reported are medians and ratios to the plain model. Result
 """
 from __future__ import annotations
 
+import argparse
 import json
 
 import _models  # noqa: F401  (offline defaults, checkout on sys.path)
@@ -90,7 +91,8 @@ def markdown_report(report: dict) -> str:
 
 
 def main(argv=None):
-    p = benchmark_parser(__doc__, raw=True, out=None, threads=2, rounds=3)
+    p = benchmark_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, out=None, threads=2,
+                         rounds=3)
     p.add_argument("--dim", type=int, default=10_000)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="smoke run: d = 100, 2-layer 32-wide models from configs "

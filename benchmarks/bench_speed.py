@@ -41,9 +41,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from _setup import REPO  # noqa: E402  (puts the checkout on sys.path, sets offline defaults)
-from _harness import (MIB, PeakMemory, add_ratios, fmt_int, fmt_mb, fmt_ratio, fmt_s, machine_info, median_time,  # noqa: E402
-                      pool_rounds, source_state, sources_sha256)
+import _models  # noqa: E402  (puts the checkout on sys.path, sets offline defaults)
+from _harness import (MIB, PeakMemory, add_ratios, benchmark_parser, fmt_int, fmt_mb, fmt_ratio, fmt_s,  # noqa: E402
+                      machine_info, markdown_table, median_time, pool_rounds, read_results, source_state,
+                      write_report, write_worker_result)
 import _harness  # noqa: E402
 
 import torch  # noqa: E402
@@ -83,17 +84,9 @@ def tokenized_batches(n_examples: int, split: str = "train", seed: int = 0, n_tr
     return enc["input_ids"], enc["attention_mask"], torch.tensor(labels, dtype=torch.int64)
 
 
-def load_minilm():
-    from transformers import AutoModelForSequenceClassification
-
-    from hf_subspace.data import minilm_path
-
-    return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
-
-
 def minilm_num_weights() -> tuple[int, int]:
     """(all parameters, parameters outside the classification head = D of a global subspace adapter)."""
-    model = load_minilm()
+    model = _models.minilm_classifier()
     total = sum(p.numel() for p in model.parameters())
     head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("classifier."))
     return total, total - head
@@ -109,10 +102,7 @@ def build_full(model):
 
 
 def build_lora(model, r=8):
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                                            target_modules=["query", "value"], task_type="SEQ_CLS"))
+    return _models.lora(model, ["query", "value"], "SEQ_CLS", r=r, alpha=2 * r, lora_dropout=0.0)
 
 
 def build_vera(model, r=256):
@@ -129,12 +119,7 @@ def build_unilora(model, r=8, theta_d_length=10_000):
 
 
 def build_subspace(model, dim, projection="hashing", target_modules=None, mode="global"):
-    from peft import get_peft_model
-
-    import hf_subspace
-
-    return get_peft_model(model, hf_subspace.SubspaceConfig(dim=dim, projection=projection, mode=mode,
-                                                            target_modules=target_modules, task_type="SEQ_CLS"))
+    return _models.subspace(model, dim, "SEQ_CLS", projection=projection, mode=mode, target_modules=target_modules)
 
 
 BUILDERS = {"full": build_full, "lora": build_lora, "vera": build_vera, "unilora": build_unilora,
@@ -181,10 +166,6 @@ def method_specs(quick: bool) -> list[dict]:
     return specs
 
 
-def trainable_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def find_projection(model):
     import hf_subspace
 
@@ -195,7 +176,7 @@ def find_projection(model):
 
 
 def build_method(spec: dict):
-    model = load_minilm()
+    model = _models.minilm_classifier()
     model = BUILDERS[spec["family"]](model, **spec["options"])
     model.train()
     return model
@@ -213,8 +194,7 @@ def measure_training_steps(spec: dict, warmup: int, steps: int) -> dict:
     model = build_method(spec)
     build_s = time.perf_counter() - t0
     rss_after_build = memory.growth()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=SPEED_LR[spec["family"]])
+    opt = _models.adamw(model, lr=SPEED_LR[spec["family"]])
     projection = find_projection(model)
     in_step = time_projection_calls(projection) if projection is not None else None
     phases = {"forward": [], "backward": [], "optimizer": [], "step": [], "cpu": [], "proj_fwd": [], "proj_bwd": []}
@@ -239,7 +219,7 @@ def measure_training_steps(spec: dict, warmup: int, steps: int) -> dict:
     peak = memory.stop()
     result = {
         "status": "measured",
-        "trainable_params": trainable_parameters(model),
+        "trainable_params": _models.trainable(model),
         "build_s": build_s,
         "step_s": statistics.median(phases["step"]),
         "step_s_all": phases["step"],
@@ -534,8 +514,7 @@ def train_and_evaluate(spec: dict, lr: float, n_train: int, n_test: int, seed: i
     test = tokenized_batches(n_test, "test", seed, n_train=n_train, n_test=n_test)
     val = tokenized_batches(VAL_SIZE, "val", seed, n_train=n_train, n_test=n_test)
     model = build_method(spec)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0 if spec["family"] == "subspace" else 0.01)
+    opt = _models.adamw(model, lr=lr, weight_decay=0.0 if spec["family"] == "subspace" else 0.01)
     n_steps = math.ceil(n_train / BATCH)
     sched = get_linear_schedule_with_warmup(opt, int(0.06 * n_steps), n_steps)
     order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
@@ -564,7 +543,7 @@ def train_and_evaluate(spec: dict, lr: float, n_train: int, n_test: int, seed: i
     tail = losses[-50:]
     return {"status": "measured", "lr": lr, "accuracy": accuracy_on(test), "val_accuracy": accuracy_on(val),
             "n_val": len(val[2]), "train_s": train_s,
-            "final_train_loss": sum(tail) / len(tail), "trainable_params": trainable_parameters(model),
+            "final_train_loss": sum(tail) / len(tail), "trainable_params": _models.trainable(model),
             "n_train": n_train, "n_test": n_test}
 
 
@@ -577,6 +556,12 @@ def next_lr(lr: float, up: bool) -> float:
 
 
 def run_accuracy(args, results: dict, save) -> None:
+    def train_at(spec, lr) -> dict:  # one accuracy run, in a worker
+        row = run_worker(["--worker", "accuracy", "--spec", json.dumps(spec), "--lr", str(lr),
+                          "--n-train", str(args.n_train), "--n-test", str(args.n_test)], timeout=args.accuracy_timeout)
+        row.setdefault("lr", lr)
+        return row
+
     rows = results.setdefault("accuracy", {})
     steps = results.get("steps", {})
     specs = selected_specs(args)
@@ -589,11 +574,7 @@ def run_accuracy(args, results: dict, save) -> None:
         for lr in spec.get("lrs") or LEARNING_RATES[spec["family"]]:
             if any(r.get("lr") == lr and r.get("status") == "measured" for r in runs):
                 continue
-            row = run_worker(["--worker", "accuracy", "--spec", json.dumps(spec), "--lr", str(lr),
-                              "--n-train", str(args.n_train), "--n-test", str(args.n_test)],
-                             timeout=args.accuracy_timeout)
-            row.setdefault("lr", lr)
-            runs.append(row)
+            runs.append(train_at(spec, lr))
             save()
         for _ in range(args.extend_edges):  # the best on validation at an end of the grid: one step further out
             done = [r for r in runs if r.get("status") == "measured"]
@@ -603,11 +584,7 @@ def run_accuracy(args, results: dict, save) -> None:
             tried = sorted(r["lr"] for r in done)
             if len(tried) < 2 or tried[0] < best["lr"] < tried[-1]:
                 break
-            lr = next_lr(best["lr"], up=best["lr"] == tried[-1])
-            row = run_worker(["--worker", "accuracy", "--spec", json.dumps(spec), "--lr", str(lr),
-                              "--n-train", str(args.n_train), "--n-test", str(args.n_test)],
-                             timeout=args.accuracy_timeout)
-            row.setdefault("lr", lr)
+            row = train_at(spec, next_lr(best["lr"], up=best["lr"] == tried[-1]))
             row["extended"] = True
             runs.append(row)
             save()
@@ -669,7 +646,7 @@ def profile_one_step(spec: dict) -> dict:
 
     input_ids, attention_mask, labels = tokenized_batches(3 * BATCH)
     model = build_method(spec)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=SPEED_LR[spec["family"]])
+    opt = _models.adamw(model, lr=SPEED_LR[spec["family"]])
 
     def step(i):
         sl = slice(i * BATCH, (i + 1) * BATCH)
@@ -763,12 +740,8 @@ def markdown_report(results: dict) -> str:
                 "Peak memory = peak RSS growth over the process after imports (model + adapter + training state). "
                 "CPU s/step = CPU seconds of all threads (less sensitive to other load on the machine than wall time). "
                 "Ratios are of wall-clock step times and peak memories. *Estimated* (~) rows were not run; "
-                "see the notes below the table.", "",
-                "| method | trainable | step (s) | fwd / bwd / opt (s) | CPU s/step | peak mem | time ×full "
-                "| time ×LoRA | CPU ×full | CPU ×LoRA | mem ×full | mem ×LoRA | P c + Pᵀg (s) | share of step "
-                "| status | load avg |",
-                "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-        notes = []
+                "see the notes below the table.", ""]
+        table, notes = [], []
         for key, r in steps.items():
             status = r.get("status", "?")
             if status != "measured":
@@ -781,30 +754,32 @@ def markdown_report(results: dict) -> str:
             share = f"{100 * r['projection_share']:.0f}%" if "projection_share" in r else "—"
             est = "~" if status == "estimated" else ""
             load = r.get("load_average_1min")
-            out.append(
-                f"| {r['label']} | {fmt_int(r.get('trainable_params'))} | {est}{fmt_s(r.get('step_s'))} | {phases} "
-                f"| {fmt_s(r.get('cpu_s'))} "
-                f"| {est}{fmt_mb(r.get('peak_mem_mb'))} | {est}{fmt_ratio(r.get('time_vs_full'))} "
-                f"| {est}{fmt_ratio(r.get('time_vs_lora'))} | {fmt_ratio(r.get('cpu_vs_full'))} "
-                f"| {fmt_ratio(r.get('cpu_vs_lora'))} | {est}{fmt_ratio(r.get('mem_vs_full'))} "
-                f"| {est}{fmt_ratio(r.get('mem_vs_lora'))} | {est}{proj} | {est}{share} | {status} "
-                f"| {'→'.join(str(x) for x in load) if load else '—'} |")
+            table.append([r["label"], fmt_int(r.get("trainable_params")), est + fmt_s(r.get("step_s")), phases,
+                          fmt_s(r.get("cpu_s")), est + fmt_mb(r.get("peak_mem_mb")),
+                          est + fmt_ratio(r.get("time_vs_full")), est + fmt_ratio(r.get("time_vs_lora")),
+                          fmt_ratio(r.get("cpu_vs_full")), fmt_ratio(r.get("cpu_vs_lora")),
+                          est + fmt_ratio(r.get("mem_vs_full")), est + fmt_ratio(r.get("mem_vs_lora")), est + proj,
+                          est + share, status, "→".join(str(x) for x in load) if load else "—"])
+        out += markdown_table(["method", "trainable", "step (s)", "fwd / bwd / opt (s)", "CPU s/step", "peak mem",
+                               "time ×full", "time ×LoRA", "CPU ×full", "CPU ×LoRA", "mem ×full", "mem ×LoRA",
+                               "P c + Pᵀg (s)", "share of step", "status", "load avg"], table, "lrrlrrrrrrrrrrll")
         out += [""] + notes + [""]
     micro = results.get("micro")
     if micro:
         out += ["## (b) Projection micro-benchmark (one product, median; memory = peak RSS growth of build + products)",
-                "", "| sweep | kind | D | d | build (s) | P c (s) | Pᵀ g (s) | peak mem | P state | status |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-        notes = []
+                ""]
+        table, notes = [], []
         for r in micro:
             status = r.get("status", "?")
             est = "~" if status == "estimated" else ""
             if status != "measured":
                 notes.append(f"- {r['kind']} D={r['D']:.0e} d={r['d']:.0e} — {status}: {r.get('reason', '')}"
                              + (f" ({r['basis']})" if r.get("basis") else ""))
-            out.append(f"| {r['sweep']} | {r['kind']} | {r['D']:.0e} | {r['d']:.0e} | {est}{fmt_s(r.get('build_s'))} "
-                       f"| {est}{fmt_s(r.get('matvec_s'))} | {est}{fmt_s(r.get('rmatvec_s'))} "
-                       f"| {est}{fmt_mb(r.get('peak_mem_mb'))} | {fmt_mb(r.get('state_mb'))} | {status} |")
+            table.append([r["sweep"], r["kind"], f"{r['D']:.0e}", f"{r['d']:.0e}", est + fmt_s(r.get("build_s")),
+                          est + fmt_s(r.get("matvec_s")), est + fmt_s(r.get("rmatvec_s")),
+                          est + fmt_mb(r.get("peak_mem_mb")), fmt_mb(r.get("state_mb")), status])
+        out += markdown_table(["sweep", "kind", "D", "d", "build (s)", "P c (s)", "Pᵀ g (s)", "peak mem", "P state",
+                               "status"], table, "llrrrrrrrl")
         out += [""] + notes + [""]
     if steps:
         rows = [r for k, r in steps.items() if k.startswith("global-") and "projection_share" in r]
@@ -813,27 +788,29 @@ def markdown_report(results: dict) -> str:
                     f"D = {results['minilm']['D_global']:,}", "",
                     "In the step: the time of the projection calls the step made (per tensor; embeddings only for "
                     "the rows the batch reads), median over the timed steps. Whole θ: one P c and one Pᵀ g over all "
-                    "D weights, timed alone (what a projection without row slices pays every step).", "",
-                    "| method | in the step: P c + Pᵀ g (s) | share of step | whole θ: P c + Pᵀ g (s) | step (s) "
-                    "| whole θ ÷ step | status |", "|---|---:|---:|---:|---:|---:|---|"]
+                    "D weights, timed alone (what a projection without row slices pays every step).", ""]
+            table = []
             for r in rows:
                 whole = r['matvec_s'] + r['rmatvec_s']
                 in_step = (f"{fmt_s(r['step_matvec_s'])} + {fmt_s(r['step_rmatvec_s'])}"
                            if "step_matvec_s" in r else "—")
-                out.append(f"| {r['label']} | {in_step} | {100 * r['projection_share']:.1f}% | {fmt_s(whole)} "
-                           f"| {fmt_s(r['step_s'])} | {100 * whole / r['step_s']:.1f}% | {r['status']} |")
+                table.append([r["label"], in_step, f"{100 * r['projection_share']:.1f}%", fmt_s(whole),
+                              fmt_s(r["step_s"]), f"{100 * whole / r['step_s']:.1f}%", r["status"]])
+            out += markdown_table(["method", "in the step: P c + Pᵀ g (s)", "share of step", "whole θ: P c + Pᵀ g (s)",
+                                   "step (s)", "whole θ ÷ step", "status"], table, "lrrrrrl")
             out.append("")
     acc = results.get("accuracy")
     if acc:
-        out += ["## (c) Accuracy after one epoch on Rotten Tomatoes", "",
-                "| method | trainable | learning rate → validation / test accuracy | chosen lr | test accuracy |",
-                "|---|---:|---|---:|---:|"]
+        out += ["## (c) Accuracy after one epoch on Rotten Tomatoes", ""]
+        table = []
         for r in acc.values():
             tried = ", ".join(f"{x['lr']:g} → {x.get('val_accuracy', float('nan')):.3f} / {x['accuracy']:.3f}"
                               if x.get("status") == "measured"
                               else f"{x.get('lr', '?'):g} → {x.get('status')}" for x in r.get("runs", []))
-            out.append(f"| {r['label']} | {fmt_int(r.get('trainable_params'))} | {tried or r.get('reason', '')} "
-                       f"| {r.get('best_lr', '—')} | {r.get('accuracy', float('nan')):.3f} |")
+            table.append([r["label"], fmt_int(r.get("trainable_params")), tried or r.get("reason", ""),
+                          r.get("best_lr", "—"), f"{r.get('accuracy', float('nan')):.3f}"])
+        out += markdown_table(["method", "trainable", "learning rate → validation / test accuracy", "chosen lr",
+                               "test accuracy"], table, "lrlrr")
         done = {k: r for k, r in acc.items() if "accuracy" in r and r.get("trainable_params")}
         ours = {k: r for k, r in done.items() if k.startswith(("subspace-", "global-")) and k.endswith("-10000")}
         for k, r in ours.items():  # the target: within 1 point of the best PEFT peer with a similar trainable count
@@ -854,17 +831,16 @@ def markdown_report(results: dict) -> str:
         out += ["## (d) Where one step's time goes (torch.profiler, one step after two warm-up ones)", ""]
         labels = [k for k in prof if "parts_s" in prof[k]]
         names = list(prof[labels[0]]["parts_s"]) if labels else []
-        out += ["| part | " + " | ".join(prof[k]["label"] for k in labels) + " |",
-                "|---|" + "---:|" * len(labels)]
+        table = []
         for name in names:
             cells = []
             for k in labels:
                 r = prof[k]
                 v = r.get("parts_s", {}).get(name)
                 cells.append("—" if v is None else f"{v:.3f} s ({100 * v / r['profiled_s']:.0f}%)")
-            out.append(f"| {name} | " + " | ".join(cells) + " |")
-        out.append("| **profiled step** | " + " | ".join(
-            f"{prof[k].get('profiled_s', float('nan')):.3f} s" for k in labels) + " |")
+            table.append([name, *cells])
+        table.append(["**profiled step**", *(f"{prof[k].get('profiled_s', float('nan')):.3f} s" for k in labels)])
+        out += markdown_table(["part", *(prof[k]["label"] for k in labels)], table)
         out += ["", "Profiler overhead inflates absolute times; compare the shares."]
     return "\n".join(out) + "\n"
 
@@ -896,22 +872,22 @@ def worker_main(args) -> None:
         result = profile_one_step(json.loads(args.spec))
     else:
         raise ValueError(args.worker)
-    result["sources_sha256"] = sources_sha256()
-    with open(args.result_file, "w") as f:
-        json.dump(result, f)
+    write_worker_result(args.result_file, result)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = benchmark_parser(__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter, out=None,
+                         timeout=1800.0, worker=True, rounds=1,
+                         rounds_help="(a): run every method this many times, round-robin, and pool the steps "
+                                     "(default 1)", threads=None,
+                         threads_help="torch threads in every measurement (default: torch's default, all cores). 1 "
+                                      "makes CPU s/step a fair measure on a machine shared with other work")
     p.add_argument("--quick", action="store_true", help="reduced methods and sizes, 1 warm-up + 3 timed steps")
     p.add_argument("--accuracy", action="store_true", help="also train one epoch per method and learning rate (slow)")
     p.add_argument("--profile", action="store_true", help="also profile one step (full FT, LoRA, global hashing)")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="output folder")
     p.add_argument("--only", nargs="*", help="run only these methods: an exact id, or a string the ids contain")
     p.add_argument("--skip-micro", action="store_true", help="skip (b) (estimates then have no basis)")
     p.add_argument("--skip-steps", action="store_true", help="skip (a)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="(a): run every method this many times, round-robin, and pool the steps (default 1)")
     p.add_argument("--extend-edges", type=int, default=1,
                    help="(c): when the best lr on validation is at an end of the grid, try up to this many further "
                         "steps of the 1-3-10 ladder (default 1)")
@@ -928,15 +904,11 @@ def parse_args(argv=None):
     p.add_argument("--max-build-s", type=float, default=120.0, help="skip a projection slower to build")
     p.add_argument("--mem-budget-gb", type=float, default=None, help="skip what would need more memory "
                    "(default: half of the available memory)")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker subprocess")
-    p.add_argument("--threads", type=int, default=None, help="torch threads in every measurement (default: torch's "
-                   "default, all cores). 1 makes CPU s/step a fair measure on a machine shared with other work")
     p.add_argument("--n-train", type=int, default=None, help="accuracy: training examples (default 8000, quick 400)")
     p.add_argument("--n-test", type=int, default=None, help="accuracy: test examples (default 2000, quick 400)")
     p.add_argument("--accuracy-timeout", type=float, default=4 * 3600.0)
     # worker-only arguments
     p.add_argument("--worker", choices=["steps", "micro", "accuracy", "profile"], help=argparse.SUPPRESS)
-    p.add_argument("--result-file", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--kind", help=argparse.SUPPRESS)
     p.add_argument("--D", type=int, help=argparse.SUPPRESS)
@@ -966,11 +938,8 @@ def main(argv=None) -> None:
         return
     WORKER_THREADS = args.threads
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "speed.json", out / "speed.md"
-    results = {}
-    if args.resume and json_path.exists():
-        results = json.loads(json_path.read_text())
+    results = read_results(json_path) if args.resume else {}
     results["machine"] = machine_info()
     if args.threads:
         results["machine"]["torch_threads"] = args.threads  # what the workers use
@@ -978,8 +947,7 @@ def main(argv=None) -> None:
                                                                          "D", "d", "repeats", "lr")}
 
     def save():
-        json_path.write_text(json.dumps(results, indent=1))
-        md_path.write_text(markdown_report(results))
+        write_report(out, "speed", results, markdown_report(results), echo=False)
 
     t0 = time.time()
     costs = CostModel() if args.skip_micro else run_micro(args, results, save)
