@@ -46,6 +46,7 @@ from pathlib import Path
 
 from _setup import REPO  # noqa: E402  (puts the checkout on sys.path, sets offline defaults)
 import _harness  # noqa: E402
+from _harness import benchmark_parser, markdown_table, write_report  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -213,6 +214,19 @@ def make_sgd(model: nn.Module, cfg, total_steps: int | None):
     return opt, sched
 
 
+def initial_state(cfg, seed: int) -> dict:
+    """The initial weights of seed ``seed`` (every arm of that seed starts from them)."""
+    torch.manual_seed(seed)
+    return copy.deepcopy(SmallCNN(cfg.channels).state_dict())
+
+
+def cfg_data(cfg) -> dict:
+    """:func:`load_data` with the sizes of ``cfg``; records the actual training size in ``cfg.train_size_actual``."""
+    data = load_data(cfg.train_size, cfg.val_size, cfg.test_size, cfg.augment)
+    cfg.train_size_actual = len(data["train"])
+    return data
+
+
 def fresh_model(cfg, init_state) -> nn.Module:
     model = SmallCNN(cfg.channels)
     model.load_state_dict(init_state)
@@ -245,6 +259,23 @@ def twa_extra(cfg, twa_lr: float) -> dict:
                 twa_lr_gamma=0.1)
 
 
+def twa_trainer(cfg, data, init_state, seed: int, twa_lr: float, workdir: str, callbacks=None) -> SubspaceTrainer:
+    """``SubspaceTrainer(twa=True)`` on a fresh model from ``init_state``: E/2 epochs at the constant lr with
+    snapshots, then (in ``train()``) the TWA phase with ``twa_learning_rate`` = ``twa_lr``."""
+    model = fresh_model(cfg, init_state)
+    args = make_args(cfg, seed, workdir, cfg.epochs / 2, **twa_extra(cfg, twa_lr))
+    return SubspaceTrainer(model=model, args=args, train_dataset=data["train"],
+                           optimizers=make_sgd(model, cfg, None), callbacks=callbacks)
+
+
+def ordinary_phase(trainer) -> float:
+    """Run only the ordinary phase of a :func:`twa_trainer` (``SubspaceTrainer.train`` would add the TWA phase);
+    returns its seconds."""
+    t0 = time.perf_counter()
+    Trainer.train(trainer)
+    return time.perf_counter() - t0
+
+
 def swa_of(trainer, model: nn.Module) -> tuple[nn.Module, float]:
     """Uniform average of the snapshots in ``trainer.snapshot_callback.store`` with recalibrated BatchNorm
     (a copy of ``model``); returns it and the seconds taken."""
@@ -262,11 +293,8 @@ def swa_of(trainer, model: nn.Module) -> tuple[nn.Module, float]:
 
 def run_twa(cfg, data, init_state, seed: int, twa_lr: float, workdir: str) -> dict:
     """The library's one-run TWA (E/2 ordinary epochs with snapshots, then TWA), plus SWA of its snapshots."""
-    model = fresh_model(cfg, init_state)
     probe = PhaseProbe(data)
-    args = make_args(cfg, seed, workdir, cfg.epochs / 2, **twa_extra(cfg, twa_lr))
-    trainer = SubspaceTrainer(model=model, args=args, train_dataset=data["train"],
-                              optimizers=make_sgd(model, cfg, None), callbacks=[probe])
+    trainer = twa_trainer(cfg, data, init_state, seed, twa_lr, workdir, callbacks=[probe])
     t0 = time.perf_counter()
     trainer.train()
     t1 = time.perf_counter()
@@ -292,13 +320,8 @@ def run_twa(cfg, data, init_state, seed: int, twa_lr: float, workdir: str) -> di
 def tune_twa_lr(cfg, data, init_state, seed: int, grid, workdir: str) -> dict:
     """Choose twa_learning_rate on the validation split: one ordinary phase (seed ``seed``), then the TWA phase
     (``run_twa_phase``, the code ``SubspaceTrainer.train`` calls) once per learning rate from a copy of it."""
-    model = fresh_model(cfg, init_state)
-    args = make_args(cfg, seed, workdir, cfg.epochs / 2, **twa_extra(cfg, grid[0]))
-    trainer = SubspaceTrainer(model=model, args=args, train_dataset=data["train"],
-                              optimizers=make_sgd(model, cfg, None))
-    t0 = time.perf_counter()
-    Trainer.train(trainer)  # the ordinary phase only (SubspaceTrainer.train would add the TWA phase)
-    ordinary_seconds = time.perf_counter() - t0
+    trainer = twa_trainer(cfg, data, init_state, seed, grid[0], workdir)
+    ordinary_seconds = ordinary_phase(trainer)
     store = trainer.snapshot_callback.store
     base = copy.deepcopy(trainer.model)
     swa_model, _ = swa_of(trainer, base)
@@ -358,7 +381,7 @@ ARM_LABELS = {
 }
 
 
-def write_markdown(path: Path, report: dict) -> None:
+def markdown_report(report: dict) -> str:
     cfg, s, m = report["config"], report["summary"], report["machine"]
     E = cfg["epochs"]
     lines = [
@@ -375,18 +398,14 @@ def write_markdown(path: Path, report: dict) -> None:
         f"twa_learning_rate), test {report['data']['test']}. Seeds: {cfg['seeds']} (per seed: same init, same data "
         "order in every arm). Accuracy: top-1 %, mean ± sample std over seeds.",
         "",
-        "| arm | epochs | test acc (%) | per seed | val acc (%) | wall time (s) | time vs SGD |",
-        "|---|---:|---:|---|---:|---:|---:|",
     ]
     sgd_t = s["sgd"]["seconds_mean"] if "sgd" in s else None
-    for arm in ("sgd", "twa", "swa", "sgd_short", "half"):
-        if arm not in s:
-            continue
-        r = s[arm]
-        ratio = f"{r['seconds_mean'] / sgd_t:.2f}×" if sgd_t else ""
-        lines.append(f"| {ARM_LABELS[arm]} | {r['epochs']:g} | {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} | "
-                     f"{', '.join(f'{v:.2f}' for v in r['test_acc'])} | {r['val_acc_mean']:.2f} | "
-                     f"{r['seconds_mean']:.0f} ± {r['seconds_std']:.0f} | {ratio} |")
+    rows = [[ARM_LABELS[arm], f"{r['epochs']:g}", f"{r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}",
+             ", ".join(f"{v:.2f}" for v in r["test_acc"]), f"{r['val_acc_mean']:.2f}",
+             f"{r['seconds_mean']:.0f} ± {r['seconds_std']:.0f}", f"{r['seconds_mean'] / sgd_t:.2f}×" if sgd_t else ""]
+            for arm in ("sgd", "twa", "swa", "sgd_short", "half") if arm in s for r in [s[arm]]]
+    lines += markdown_table(["arm", "epochs", "test acc (%)", "per seed", "val acc (%)", "wall time (s)",
+                             "time vs SGD"], rows, "lrrlrrr")
     g = report["goal"]
     lines += [
         "",
@@ -409,12 +428,11 @@ def write_markdown(path: Path, report: dict) -> None:
     ]
     if report.get("tuning"):
         t = report["tuning"]
-        lines += [f"## Choice of twa_learning_rate (seed {t['seed']}, validation split)", "",
-                  "| twa_learning_rate | val acc (%) | ‖c‖ |", "|---:|---:|---:|"]
-        for r in t["rows"]:
-            lr = "—" if r["twa_learning_rate"] is None else f"{r['twa_learning_rate']:g}"
-            what = "" if r["what"] == "TWA" else f" ({r['what']})"
-            lines.append(f"| {lr}{what} | {r['val_acc']:.2f} | {r.get('coef_norm', 0.0):.2f} |")
+        lines += [f"## Choice of twa_learning_rate (seed {t['seed']}, validation split)", ""]
+        rows = [[("—" if r["twa_learning_rate"] is None else f"{r['twa_learning_rate']:g}")
+                 + ("" if r["what"] == "TWA" else f" ({r['what']})"), f"{r['val_acc']:.2f}",
+                 f"{r.get('coef_norm', 0.0):.2f}"] for r in t["rows"]]
+        lines += markdown_table(["twa_learning_rate", "val acc (%)", "‖c‖"], rows, "rrr")
         lines += ["", f"Chosen: **{t['chosen']:g}**.", ""]
     lines += [
         "## Hyperparameters", "",
@@ -448,14 +466,15 @@ def write_markdown(path: Path, report: dict) -> None:
     ]
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 # ================================================================================================================
 # main
 # ================================================================================================================
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = benchmark_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, threads=2,
+                         threads_help="torch.set_num_threads")
     p.add_argument("--epochs", type=float, default=10, help="E: epochs of the full-budget SGD arm")
     p.add_argument("--train-size", type=int, default=30000, help="training images (from the 60k)")
     p.add_argument("--val-size", type=int, default=5000, help="validation images (from the 60k, disjoint)")
@@ -463,7 +482,6 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default=None, help="default: benchmarks/results (--quick: a temporary folder)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (~1-2 min)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
@@ -509,8 +527,7 @@ def main(argv=None):
     machine = machine_info()
     started = time.perf_counter()
 
-    data = load_data(cfg.train_size, cfg.val_size, cfg.test_size, cfg.augment)
-    cfg.train_size_actual = len(data["train"])
+    data = cfg_data(cfg)
     spe = steps_per_epoch(cfg)
     half_steps = math.ceil(spe * cfg.epochs / 2)
     cfg.snapshot_start_step = int(round(cfg.snapshot_start * spe))
@@ -524,10 +541,7 @@ def main(argv=None):
           f"from step {cfg.snapshot_start_step} (~{snapshot_span // cfg.snapshot_steps} snapshots), "
           f"twa_epochs={cfg.twa_epochs:g}", flush=True)
 
-    inits = {}
-    for seed in cfg.seeds:
-        torch.manual_seed(seed)
-        inits[seed] = copy.deepcopy(SmallCNN(cfg.channels).state_dict())
+    inits = {seed: initial_state(cfg, seed) for seed in cfg.seeds}
     num_params = sum(p.numel() for p in SmallCNN(cfg.channels).parameters())
 
     workroot = tempfile.mkdtemp(prefix="bench_twa_")
@@ -557,7 +571,7 @@ def main(argv=None):
         tqdm.write(f"seed {seed}: " + "  ".join(f"{a} {res[a]['test_acc']:.2f}% ({res[a]['seconds']:.0f}s)"
                                                  for a in ("sgd", "twa", "swa", "sgd_short", "half") if a in res))
         # write partial results as we go
-        json.dump({"partial": True, "per_seed": per_seed}, open(out / "twa.partial.json", "w"), indent=1, default=str)
+        (out / "twa.partial.json").write_text(json.dumps({"partial": True, "per_seed": per_seed}, indent=1, default=str))
 
     arms = ("sgd", "twa", "swa", "sgd_short", "half")
     summary = summarize(per_seed, arms)
@@ -593,13 +607,11 @@ def main(argv=None):
         "total_seconds": time.perf_counter() - started, "loadavg_end": list(os.getloadavg()),
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    (out / "twa.json").write_text(json.dumps(report, indent=1, default=str))
-    write_markdown(out / "twa.md", report)
+    write_report(out, "twa", report, markdown_report(report))
     shutil.rmtree(workroot, ignore_errors=True)  # the Trainers' output_dirs (nothing is saved there)
     partial = out / "twa.partial.json"
     if partial.exists():
         partial.unlink()
-    print((out / "twa.md").read_text())
     return report
 
 

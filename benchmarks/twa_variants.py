@@ -30,7 +30,6 @@ from pathlib import Path
 import _setup  # noqa: F401  (REPO on sys.path, offline environment)
 import torch
 from tqdm.auto import tqdm
-from transformers import Trainer
 
 import bench_twa as B
 from hf_subspace.trainer import run_twa_phase
@@ -79,19 +78,13 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(ns.threads)
     cfg = B.parse_args(["--epochs", str(ns.epochs), "--train-size", str(ns.train_size), "--seeds", str(ns.seed),
                         "--threads", str(ns.threads), "--twa-lr", "1"])
-    data = B.load_data(cfg.train_size, cfg.val_size, cfg.test_size, cfg.augment)
-    cfg.train_size_actual = len(data["train"])
+    data = B.cfg_data(cfg)
     cfg.snapshot_steps, cfg.snapshot_start_step, cfg.twa_batch_size = ns.snapshot_every, 0, None
     half = math.ceil(B.steps_per_epoch(cfg) * cfg.epochs / 2)
     print(f"ordinary phase: {half} steps, a snapshot every {ns.snapshot_every} (~{half // ns.snapshot_every})",
           flush=True)
-    torch.manual_seed(ns.seed)
-    init = copy.deepcopy(B.SmallCNN(cfg.channels).state_dict())
-    model = B.fresh_model(cfg, init)
-    args = B.make_args(cfg, ns.seed, f"/tmp/twa_variants_seed{ns.seed}", cfg.epochs / 2, **B.twa_extra(cfg, 1.0))
-    trainer = B.SubspaceTrainer(model=model, args=args, train_dataset=data["train"],
-                                optimizers=B.make_sgd(model, cfg, None))
-    Trainer.train(trainer)  # the ordinary phase only
+    trainer = B.twa_trainer(cfg, data, B.initial_state(cfg, ns.seed), ns.seed, 1.0, f"/tmp/twa_variants_seed{ns.seed}")
+    B.ordinary_phase(trainer)
     store = trainer.snapshot_callback.store
     base = copy.deepcopy(trainer.model)
     defaults = {k: copy.deepcopy(getattr(trainer.args, k)) for k in PHASE_FIELDS}
