@@ -126,6 +126,16 @@ def train_step(model, opt, batch: dict):
     return loss
 
 
+def meminfo(key: str) -> int | None:
+    """A line of /proc/meminfo in bytes (``"MemTotal"``, ``"MemAvailable"``), or None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info[key].split()[0]) * 1024
+    except (OSError, KeyError):
+        return None
+
+
 def machine_info() -> dict:
     cpu_model = ""
     try:
@@ -133,14 +143,7 @@ def machine_info() -> dict:
             cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
-    mem_total = mem_available = None
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        mem_total = int(info["MemTotal"].split()[0]) * 1024
-        mem_available = int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError):
-        pass
+    mem_total, mem_available = meminfo("MemTotal"), meminfo("MemAvailable")
     import numpy
     import peft
     import transformers

@@ -194,13 +194,17 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None):
     ap = benchmark_parser(__doc__.split("\n\n")[0], out=None, rounds=3, threads=1)
     ap.add_argument("--models", nargs="+", default=["llama", "gpt2", "bert", "vit"])
     ap.add_argument("--no-7b", action="store_true", help="skip the Llama-2-7B-shape counts (~2.6 GB of RAM)")
     ap.add_argument("--no-time", action="store_true", help="skip the step-time ratios")
     ap.add_argument("--no-tiny", action="store_true", help="skip the tiny-model counts")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
     results = {"machine": {**machine_info(), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},

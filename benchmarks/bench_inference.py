@@ -90,7 +90,7 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = benchmark_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, out=None, threads=2,
                          rounds=3)
     p.add_argument("--dim", type=int, default=10_000)
@@ -101,6 +101,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.dim, args.rounds, args.repeats = 100, 1, 1
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = {k: getattr(args, k) for k in ("dim", "rounds", "repeats", "threads", "out")}
     report = {"settings": settings, "torch": torch.__version__}

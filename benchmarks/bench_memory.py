@@ -22,8 +22,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-import _setup  # noqa: F401  (puts the checkout on sys.path, sets offline defaults)
-import _models  # noqa: E402
+import _models  # noqa: E402  (puts the checkout on sys.path, sets offline defaults)
 from _harness import (MIB, PeakMemory, add_ratios, benchmark_parser, fmt_bytes, fmt_int, fmt_mb,  # noqa: E402
                       fmt_ratio, fmt_s, interleaved, machine_info, markdown_table, pool_rounds, read_results,
                       round_robin, run_worker, source_state, timed, train_step, write_report, write_worker_result)

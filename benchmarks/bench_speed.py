@@ -43,7 +43,7 @@ from pathlib import Path
 
 import _models  # noqa: E402  (puts the checkout on sys.path, sets offline defaults)
 from _harness import (MIB, PeakMemory, add_ratios, benchmark_parser, fmt_int, fmt_mb, fmt_ratio, fmt_s,  # noqa: E402
-                      machine_info, markdown_table, median_time, pool_rounds, read_results, source_state,
+                      machine_info, markdown_table, median_time, meminfo, pool_rounds, read_results, source_state,
                       write_report, write_worker_result)
 import _harness  # noqa: E402
 
@@ -924,9 +924,7 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.mem_budget_gb is None:
-        with open("/proc/meminfo") as f:
-            avail_kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
-        args.mem_budget_gb = round(avail_kb / 2**20 / 2, 1)
+        args.mem_budget_gb = round(meminfo("MemAvailable") / 2**30 / 2, 1)
     return args
 
 

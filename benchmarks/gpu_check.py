@@ -95,7 +95,7 @@ def check_method(args, method: str, device) -> dict:
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu", action="store_true", help="smoke test on the CPU at a tiny size")
     ap.add_argument("--dim", type=int, default=10_000)
@@ -104,8 +104,12 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--methods", nargs="+", default=["full", "lora", "hashing"])
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+    ap.add_argument("--out", default=None, help="also write the JSON to this file")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.cpu:
         device = torch.device("cpu")
         torch.set_num_threads(1)

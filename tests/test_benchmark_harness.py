@@ -152,3 +152,17 @@ def test_bench_memory_worker_and_interleaved_timing_on_a_tiny_gpt2(monkeypatch):
     assert row["trainable"] == 1_000 and row["projection_state_bytes"] > 0
     times = bench_memory.time_interleaved("gpt2", ["full", "lora", "global1k"], rounds=2)
     assert {k: len(v) for k, v in times.items()} == {"full": 2, "lora": 2, "global1k": 2}
+
+
+def test_readme_benchmark_commands_parse():
+    """Every ``python benchmarks/<script>.py ...`` command in the README is accepted by that script's options."""
+    import importlib
+    import shlex
+
+    readme = (BENCH.parent / "README.md").read_text()
+    commands = re.findall(r"python benchmarks/(\w+)\.py([^`#\n]*)", readme)
+    commands += re.findall(r"`python\s+benchmarks/(bench_comm)\.py( --only[^`]*)`", readme)  # across a line break
+    assert len(commands) >= 10 and "bench_comm" in {c[0] for c in commands}
+    for script, rest in commands:
+        module = importlib.import_module(script)
+        module.parse_args(shlex.split(rest.replace("\\", "")))
