@@ -796,8 +796,8 @@ def markdown_report(results: dict) -> str:
                            if "step_matvec_s" in r else "—")
                 table.append([r["label"], in_step, f"{100 * r['projection_share']:.1f}%", fmt_s(whole),
                               fmt_s(r["step_s"]), f"{100 * whole / r['step_s']:.1f}%", r["status"]])
-            out += markdown_table(["method", "in the step: P c + Pᵀ g (s)", "share of step", "whole θ: P c + Pᵀ g (s)",
-                                   "step (s)", "whole θ ÷ step", "status"], table, "lrrrrrl")
+            out += markdown_table(["method", "in the step: P c + Pᵀ g (s)", "share of step",
+                                   "whole θ: P c + Pᵀ g (s)", "step (s)", "whole θ ÷ step", "status"], table, "lrrrrrl")
             out.append("")
     acc = results.get("accuracy")
     if acc:

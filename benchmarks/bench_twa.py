@@ -571,7 +571,8 @@ def main(argv=None):
         tqdm.write(f"seed {seed}: " + "  ".join(f"{a} {res[a]['test_acc']:.2f}% ({res[a]['seconds']:.0f}s)"
                                                  for a in ("sgd", "twa", "swa", "sgd_short", "half") if a in res))
         # write partial results as we go
-        (out / "twa.partial.json").write_text(json.dumps({"partial": True, "per_seed": per_seed}, indent=1, default=str))
+        so_far = {"partial": True, "per_seed": per_seed}
+        (out / "twa.partial.json").write_text(json.dumps(so_far, indent=1, default=str))
 
     arms = ("sgd", "twa", "swa", "sgd_short", "half")
     summary = summarize(per_seed, arms)
