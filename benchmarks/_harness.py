@@ -293,15 +293,16 @@ def write_worker_result(path: str | Path, result: dict) -> None:
 _UNSET = object()
 
 
-def benchmark_parser(doc: str, *, out=_UNSET, threads=_UNSET, threads_help: str | None = None, rounds=_UNSET,
+def benchmark_parser(doc: str, *, out: bool | str = False, threads=_UNSET, threads_help: str | None = None, rounds=_UNSET,
                      rounds_help: str | None = None, timeout=_UNSET, worker: bool = False,
                      formatter_class=argparse.HelpFormatter) -> argparse.ArgumentParser:
-    """An ``ArgumentParser`` with the options the scripts share, each added when its default is given:
-    ``--out`` (a folder; default :data:`RESULTS`), ``--threads`` (torch threads), ``--rounds``, ``--timeout``
-    (seconds per worker subprocess), and with ``worker=True`` the hidden ``--result-file`` of :func:`run_worker`."""
+    """An ``ArgumentParser`` with the options the scripts share: ``--out`` (the output folder; ``out=True``: default
+    :data:`RESULTS`, a string: that default), and each of ``--threads`` (torch threads), ``--rounds`` and
+    ``--timeout`` (seconds per worker subprocess) when its default is given (``None`` is a default), and with
+    ``worker=True`` the hidden ``--result-file`` of :func:`run_worker`."""
     p = argparse.ArgumentParser(description=doc, formatter_class=formatter_class)
-    if out is not _UNSET:
-        p.add_argument("--out", default=str(RESULTS) if out is None else out, help="output folder")
+    if out:
+        p.add_argument("--out", default=str(RESULTS) if out is True else out, help="output folder")
     if threads is not _UNSET:
         p.add_argument("--threads", type=int, default=threads, help=threads_help or "torch threads")
     if rounds is not _UNSET:

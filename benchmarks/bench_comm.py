@@ -431,7 +431,7 @@ def llama_report(results: dict) -> list[str]:
 
 
 def parse_args(argv=None):
-    p = benchmark_parser(__doc__.split("\n\n")[0], out=None, timeout=900.0, worker=True)
+    p = benchmark_parser(__doc__.split("\n\n")[0], out=True, timeout=900.0, worker=True)
     p.add_argument("--only", nargs="*", choices=list(METHODS), help="methods to run (default: all)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)

@@ -195,7 +195,7 @@ def markdown(results: dict) -> str:
 
 
 def parse_args(argv=None):
-    ap = benchmark_parser(__doc__.split("\n\n")[0], out=None, rounds=3, threads=1)
+    ap = benchmark_parser(__doc__.split("\n\n")[0], out=True, rounds=3, threads=1)
     ap.add_argument("--models", nargs="+", default=["llama", "gpt2", "bert", "vit"])
     ap.add_argument("--no-7b", action="store_true", help="skip the Llama-2-7B-shape counts (~2.6 GB of RAM)")
     ap.add_argument("--no-time", action="store_true", help="skip the step-time ratios")

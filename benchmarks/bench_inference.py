@@ -91,7 +91,7 @@ def markdown_report(report: dict) -> str:
 
 
 def parse_args(argv=None):
-    p = benchmark_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, out=None, threads=2,
+    p = benchmark_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, out=True, threads=2,
                          rounds=3)
     p.add_argument("--dim", type=int, default=10_000)
     p.add_argument("--repeats", type=int, default=10)

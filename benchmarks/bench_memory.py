@@ -246,7 +246,7 @@ def markdown_report(results: dict) -> str:
 
 
 def parse_args(argv=None):
-    p = benchmark_parser(__doc__.split("\n\n")[0], out=None, rounds=2, timeout=1800.0, worker=True, threads=1,
+    p = benchmark_parser(__doc__.split("\n\n")[0], out=True, rounds=2, timeout=1800.0, worker=True, threads=1,
                          threads_help="torch threads per worker (default 1: fair on a shared machine, as the issue "
                                       "measured)")
     p.add_argument("--models", nargs="*", default=["gpt2", "minilm"], choices=list(MODELS),

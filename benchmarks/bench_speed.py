@@ -876,7 +876,7 @@ def worker_main(args) -> None:
 
 
 def parse_args(argv=None):
-    p = benchmark_parser(__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter, out=None,
+    p = benchmark_parser(__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter, out=True,
                          timeout=1800.0, worker=True, rounds=1,
                          rounds_help="(a): run every method this many times, round-robin, and pool the steps "
                                      "(default 1)", threads=None,

@@ -49,7 +49,7 @@ def test_medians_ratios_and_formats():
 
 
 def test_parser_and_report_files(tmp_path, capsys):
-    p = _harness.benchmark_parser("doc", out=None, threads=1, rounds=2, timeout=9.0, worker=True)
+    p = _harness.benchmark_parser("doc", out=True, threads=1, rounds=2, timeout=9.0, worker=True)
     args = p.parse_args([])
     assert (args.out, args.threads, args.rounds, args.timeout, args.result_file) == (
         str(_harness.RESULTS), 1, 2, 9.0, None)
