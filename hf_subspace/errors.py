@@ -3,17 +3,17 @@
 Every one derives from :class:`SubspaceError` *and* from the built-in type it has always been (``ValueError``;
 ``RuntimeError`` for :class:`ProjectionMismatchError`), so code written as ``except ValueError`` still catches them.
 
-========================== =====================================================================================
-:class:`SubspaceConfigError`  bad settings: ``dim``, the projection kind or mode, ``target_modules`` matching
-                              nothing, a module both in θ and in ``modules_to_save``, subspace settings without
-                              ``subspace_dim``
-:class:`AdapterMismatchError` an adapter loaded onto a base it was not trained on (names, shapes, weights)
-:class:`CorruptAdapterError`  a saved adapter that cannot be read: truncated, corrupt or missing files
-:class:`TWASnapshotError`     TWA snapshots that cannot span a subspace of this model (too few, other names or
-                              shapes)
+================================ =====================================================================================
+:class:`SubspaceConfigError`     bad settings: ``dim``, the projection kind or mode, ``target_modules`` matching
+                                 nothing, a module both in θ and in ``modules_to_save``, subspace settings without
+                                 ``subspace_dim``
+:class:`AdapterMismatchError`    an adapter loaded onto a base it was not trained on (names, shapes, weights)
+:class:`CorruptAdapterError`     a saved adapter that cannot be read: truncated, corrupt or missing files
+:class:`TWASnapshotError`        TWA snapshots that cannot span a subspace of this model (too few, other names or
+                                 shapes)
 :class:`ProjectionMismatchError` the processes of one run built different projections
-:class:`NonFiniteTrainingError` too many optimizer steps in a row had a NaN/Inf loss or gradient (a RuntimeError)
-========================== =====================================================================================
+:class:`NonFiniteTrainingError`  too many optimizer steps in a row had a NaN/Inf loss or gradient (a RuntimeError)
+================================ =====================================================================================
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ of ``4·d`` bytes (c's and λ's gradients), done right after each backward (befo
   plugin's ``reshard_after_forward``, mixed-precision and offload policies and its ``transformer_cls_names_to_wrap``;
   every other model goes to accelerate's own function.
 * :func:`shard_stats` / :func:`sharded_rows` / :func:`adapted_shard` / :func:`sum_of_squares` — a whole
-  tensor's strided sample and mean |value| from shards, the rows a rank's shard of a dim-0-sharded tensor holds,
+  tensor's strided sample and mean ``|value|`` from shards, the rows a rank's shard of a dim-0-sharded tensor holds,
   θ0 + δ on that shard (what reading a weight outside its module's forward returns: a DTensor), ‖θ0‖² from the
   shards: the fingerprint of θ0, the plain state dict and the Trainer's learning-rate check work on DTensors
   without gathering anything of size D.
@@ -280,8 +280,8 @@ def sharded_rows(t) -> tuple[int, int] | None:
 
 
 def shard_stats(t, samples: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """The strided sample ``flat[::step][:samples]`` (float64) and the mean |value| of a whole tensor, from a
-    DTensor's shards: each rank contributes the sampled entries it holds and its sum of |values|, and one
+    """The strided sample ``flat[::step][:samples]`` (float64) and the mean ``|value|`` of a whole tensor, from a
+    DTensor's shards: each rank contributes the sampled entries it holds and its sum of ``|values|``, and one
     all-reduce of ``samples + 1`` numbers completes them (a collective: every rank calls it). The sample equals the
     unsharded one exactly; the mean differs only by the order of a float64 sum."""
     import torch.distributed as dist
