@@ -53,7 +53,7 @@ def minilm_arms(dim: int):
     from transformers import AutoModelForSequenceClassification
 
     import hf_subspace as hs
-    from hf_subspace.data import minilm_path
+    from hf_subspace.demo.data import minilm_path
     from hf_subspace.engine import find_engine
 
     plain = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).eval()

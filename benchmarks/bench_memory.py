@@ -81,7 +81,7 @@ def build_model(name: str):
         return GPT2LMHeadModel(GPT2Config())
     from transformers import AutoModelForSequenceClassification
 
-    from hf_subspace.data import minilm_path
+    from hf_subspace.demo.data import minilm_path
 
     return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
 

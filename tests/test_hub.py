@@ -242,8 +242,8 @@ def test_pushed_card_names_hub_ids_and_its_snippet_runs_with_local_copies(tmp_pa
 def test_card_of_the_packaged_minilm_names_its_hub_id_and_runs(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from hf_subspace import data
-    from hf_subspace.data import DataUnavailableError, minilm_path
+    from hf_subspace.demo import data
+    from hf_subspace.demo.data import DataUnavailableError, minilm_path
 
     assert getattr(data, "MINILM_HUB_ID", MINILM_HUB_ID) == MINILM_HUB_ID
 
