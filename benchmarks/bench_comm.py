@@ -134,7 +134,7 @@ def llama_worker(method: str, steps: int, result_file: str) -> None:
     from peft import LoraConfig, get_peft_model
 
     import hf_subspace as hs
-    from hf_subspace.distributed import CommCounter
+    from _comm import CommCounter
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -195,7 +195,7 @@ def worker(method: str, steps: int, result_file: str) -> None:
     from peft import LoraConfig, get_peft_model
 
     from hf_subspace import SubspaceTrainer, SubspaceTrainingArguments
-    from hf_subspace.distributed import CommCounter
+    from _comm import CommCounter
 
     torch.set_num_threads(1)
     world = int(os.environ["WORLD_SIZE"])

@@ -64,7 +64,7 @@ def train(out, world_size, counter=None, **kw):
     """Train the tiny BERT with ``SubspaceTrainer`` (a subspace when ``subspace_dim`` is given, else in full);
     returns the trainer. ``counter`` (a CommCounter) is attached to DDP when training starts."""
     from hf_subspace import SubspaceTrainer
-    from hf_subspace.distributed import CommCountCallback
+    from benchmarks._comm import CommCountCallback
 
     trainer = SubspaceTrainer(model=tiny_bert(), args=trainer_args(out, world_size, **kw),
                               train_dataset=text_dataset())
@@ -90,7 +90,7 @@ def trainable_numel(model) -> int:
 # scenarios (every rank runs each; each returns what rank r records)
 # ------------------------------------------------------------------------------------------------------------
 def scenario_subspace(out, rank, world):
-    from hf_subspace.distributed import CommCounter
+    from benchmarks._comm import CommCounter
 
     counter = CommCounter()
     with counter.counting():
@@ -120,7 +120,7 @@ def twa_state(trainer) -> dict:
 
 
 def scenario_twa(out, rank, world, shard=True):
-    from hf_subspace.distributed import CommCounter
+    from benchmarks._comm import CommCounter
 
     counter = CommCounter()
     with counter.counting():  # attaches to both DDPs: the ordinary phase's and the TWA phase's inner Trainer's
@@ -195,7 +195,7 @@ def accelerate_loop(world_size, counter=None):
 
 
 def scenario_accelerate(out, rank, world):
-    from hf_subspace.distributed import CommCounter
+    from benchmarks._comm import CommCounter
 
     counter = CommCounter()
     c, losses = accelerate_loop(world, counter)
@@ -234,7 +234,7 @@ def scenario_twa_batchnorm(out, rank, world):
 
 
 def scenario_full(out, rank, world):
-    from hf_subspace.distributed import CommCounter
+    from benchmarks._comm import CommCounter
 
     counter = CommCounter()
     trainer = train(os.path.join(out, "full"), world, counter, max_steps=2)

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import hf_subspace as hs
-from hf_subspace.distributed import (CommCounter, fingerprint_differences, projection_fingerprint,
-                                     refuse_sharded_training, sharding_in_use)
+from hf_subspace.distributed import (fingerprint_differences, projection_fingerprint, refuse_sharded_training,
+                                     sharding_in_use)
+from benchmarks._comm import CommCounter
 
 import distributed_worker as worker
 
