@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import ProjectionMismatchError  # a RuntimeError, importable from here as before
+from .fsdp import TWA_SHARDED_HELP  # importable from here as before
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def projection_entries(projection, rows: int = FINGERPRINT_ROWS) -> list[float]:
 def projection_fingerprint(model: nn.Module) -> dict[str, Any]:
     """What this rank's subspace is (see the module docstring): ``{"adapters": {name: {...}}, "trainable": hash,
     "active": [...]}``; ``{}`` for a model without a subspace adapter."""
-    from . import __version__
+    from ._version import __version__
     from .engine import find_engine
 
     model = _unwrap(model)
@@ -217,11 +218,6 @@ SHARDED_HELP = (
     "a loop of one's own — which shards θ0 and keeps c whole on every rank; or DDP (`accelerate launch "
     "--config_file examples/accelerate/multi_gpu.yaml`, distributed_type: MULTI_GPU), which sends only the "
     "gradient of c (4·d bytes per step) and keeps a whole θ0 on each rank.")
-
-TWA_SHARDED_HELP = (
-    "TWA under FSDP is not supported: its snapshots and basis hold whole tensors of θ on every rank. Use DDP for "
-    "TWA (`accelerate launch --config_file examples/accelerate/multi_gpu.yaml`; the basis is sharded by "
-    "coordinates over the ranks with twa_shard_basis=True), or a random projection (hashing, fastfood) under FSDP2")
 
 
 def _is_fsdp_module(module: nn.Module) -> bool:

@@ -14,7 +14,7 @@ Each concern has one home; :class:`SubspaceEngine` puts them together:
   blocks; :mod:`hf_subspace.products` — the autograd products of P (autocast off);
 * :mod:`hf_subspace.merging` — merge / unmerge, removing the parametrizations, restoring requires_grad.
 
-Each tensor of θ carries one :class:`~hf_subspace.tuner.layer.SubspaceLayer` (a ``torch.nn.utils.parametrize``
+Each tensor of θ carries one :class:`~hf_subspace.layer.SubspaceLayer` (a ``torch.nn.utils.parametrize``
 parametrization and a peft ``BaseTunerLayer``), so every read of ``module.weight`` inside the module's forward
 returns ``θ0 + Σ_active λ_i P_i c``: non-reentrant activation checkpointing recomputes it correctly, and code that
 reads a weight directly (tied heads, ``cls_token``) sees the adapted value. The layers hold the engine by a plain
@@ -33,12 +33,13 @@ from torch.nn.utils import parametrize
 
 from .cache import InferenceCacheMixin, theta0_token, track
 from .delta import AdapterSubspace, Scratch
+from .dtensor import adapted_shard, is_dtensor
 from . import quantized
-from .errors import SubspaceConfigError
 from .layout import ThetaLayout, holder_names, original_tensor
 from .merging import MergeMixin, is_subspace_parametrized  # noqa: F401  (importable from here as before)
 from .projections import Projection
 from .recompute import SavedWeightsMixin
+from .validation import validate_dim_fits
 
 
 class SubspaceEngine(SavedWeightsMixin, InferenceCacheMixin, MergeMixin, nn.Module):
@@ -95,19 +96,13 @@ class SubspaceEngine(SavedWeightsMixin, InferenceCacheMixin, MergeMixin, nn.Modu
                     projection_options: dict | None = None) -> AdapterSubspace:
         """Reparameterize ``model``'s tensors in ``layout`` for adapter ``name``; returns its state."""
         from .projections import make_projection
-        from .tuner.layer import SubspaceLayer
+        from .layer import SubspaceLayer
 
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists")
+        validate_dim_fits(dim, mode, layout, what=f"the {len(layout.slots)} tensors of its layout")
         n_scales = len(layout.slots) if mode == "said" else 0
         d_c = dim - n_scales
-        if d_c <= 0:
-            raise SubspaceConfigError(
-                f"SAID mode spends one of the dim={dim} trainable numbers on each of the {n_scales} tensors of θ, "
-                f"leaving none for c; use dim > {n_scales} or mode='global'"
-            )
-        if dim > layout.D:
-            raise SubspaceConfigError(f"dim={dim} is larger than the number of weights in θ (D={layout.D})")
         self.record_base(model)
         first = original_tensor(model, layout.slots[0])
         device = first.device
@@ -197,10 +192,8 @@ class SubspaceEngine(SavedWeightsMixin, InferenceCacheMixin, MergeMixin, nn.Modu
         live = self._live(slot_name)
         if not live:
             return original
-        if type(original) is not torch.Tensor and _is_dtensor(original):
+        if type(original) is not torch.Tensor and is_dtensor(original):
             # FSDP2's sharded θ0 read outside its module's forward: this rank's shard of θ0 + δ (hf_subspace.fsdp)
-            from .fsdp import adapted_shard
-
             return adapted_shard(self, slot_name, original, live)
         cache = self._inference_cache(live, original)
         if cache is not None:
@@ -310,14 +303,6 @@ class SubspaceEngine(SavedWeightsMixin, InferenceCacheMixin, MergeMixin, nn.Modu
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: {st.projection.kind} d={st.projection.d} D={st.layout.D} {st.mode}"
                          for n, st in self.adapters.items())
-
-
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
 
 
 class AdapterVectors(nn.Module):

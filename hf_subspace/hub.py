@@ -21,6 +21,8 @@ from importlib import resources
 
 from huggingface_hub import HfApi, ModelCardData
 
+from .auto_classes import auto_class_for, auto_for_class_name
+
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_FILE_BIN = "adapter_model.bin"  # what PEFT writes with safe_serialization=False
@@ -35,31 +37,6 @@ _CLASSIFICATION_AUTO = {
     "AutoModelForSequenceClassification", "AutoModelForTokenClassification", "AutoModelForImageClassification",
     "AutoModelForAudioClassification", "AutoModelForVideoClassification",
 }
-# (auto class, transformers mapping of model type -> class name); the first that lists a class name wins
-_AUTO_MAPPINGS = (
-    ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
-    ("AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
-    ("AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
-    ("AutoModelForAudioClassification", "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES"),
-    ("AutoModelForQuestionAnswering", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
-    ("AutoModelForMultipleChoice", "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES"),
-    ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
-    ("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
-    ("AutoModelForSeq2SeqLM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
-    ("AutoModelForObjectDetection", "MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES"),
-    ("AutoModelForSemanticSegmentation", "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES"),
-    ("AutoModel", "MODEL_MAPPING_NAMES"),
-)
-# used when a class name is in none of transformers' mappings (a custom subclass, an older/newer version)
-_AUTO_SUFFIXES = (
-    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
-    ("ForTokenClassification", "AutoModelForTokenClassification"),
-    ("ForImageClassification", "AutoModelForImageClassification"),
-    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
-    ("ForCausalLM", "AutoModelForCausalLM"), ("LMHeadModel", "AutoModelForCausalLM"),
-    ("ForMaskedLM", "AutoModelForMaskedLM"),
-    ("ForObjectDetection", "AutoModelForObjectDetection"),
-)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?")
 
 
@@ -94,29 +71,6 @@ def _base_of(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _auto_for_class_name(name: str | None) -> str | None:
-    """The transformers auto class that builds the class called ``name``; None if no mapping or suffix knows it."""
-    if not name:
-        return None
-    try:
-        from transformers.models.auto import modeling_auto
-    except ImportError:  # pragma: no cover
-        modeling_auto = None
-    for auto, mapping in _AUTO_MAPPINGS:
-        for value in getattr(modeling_auto, mapping, {}).values():
-            if name == value or (isinstance(value, (tuple, list)) and name in value):
-                return auto
-    for suffix, auto in _AUTO_SUFFIXES:
-        if name.endswith(suffix):
-            return auto
-    return None
-
-
-def auto_class_for(class_name: str | None) -> str:
-    """The transformers auto class that builds the class called ``class_name`` (``"AutoModel"`` if none is known)."""
-    return _auto_for_class_name(class_name) or "AutoModel"
-
-
 def _transformers_classes(obj) -> list[str]:
     """Names of ``obj``'s class and of the transformers classes it derives from, nearest first."""
     mro = type(obj).__mro__
@@ -136,7 +90,7 @@ def _auto_class(model, config=None) -> str:
     """
     base = _base_of(model)
     for name in _transformers_classes(base):  # a subclass of a transformers model: its nearest known class
-        auto = _auto_for_class_name(name)  # authoritative even when it is the plain AutoModel (e.g. BertModel)
+        auto = auto_for_class_name(name)  # authoritative even when it is the plain AutoModel (e.g. BertModel)
         if auto:
             return auto
     recorded = getattr(config, "base_model_class", None) if config is not None else None
@@ -144,7 +98,7 @@ def _auto_class(model, config=None) -> str:
         return auto_class_for(recorded)
     archs = getattr(getattr(base, "config", None), "architectures", None) or []
     for name in [type(base).__name__, *archs]:
-        auto = _auto_for_class_name(name)
+        auto = auto_for_class_name(name)
         if auto:
             return auto
     return "AutoModel"

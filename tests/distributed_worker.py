@@ -452,7 +452,7 @@ def scenario_fsdp_accelerate(out, rank, world):
     from torch.distributed.fsdp import FSDPModule
 
     import hf_subspace as hs
-    from hf_subspace.layout import fingerprints_match
+    from hf_subspace.fingerprint import fingerprints_match
 
     accelerator, model = fsdp_accelerate_loop(world, rank)
     engine = hs.find_engine(model)
@@ -475,7 +475,7 @@ def scenario_fsdp_accelerate(out, rank, world):
     whole = {k: plain["base_model.model." + k].full_tensor() for k in keys}
     # the fingerprint of θ0 from the shards (one all-reduce of 65 numbers per tensor) fits the one recorded whole
     slots = engine.adapters["default"].layout.slots
-    from hf_subspace.layout import fingerprint_tensors
+    from hf_subspace.fingerprint import fingerprint_tensors
 
     fp = fingerprint_tensors([engine.original(s.name) for s in slots])
     got["fingerprint_matches"] = fingerprints_match(model.peft_config["default"].base_fingerprint,

@@ -178,7 +178,7 @@ def test_fsdp2_through_accelerate_trains_saves_on_rank0_and_loads_on_one_process
     state dict and the base fingerprint come from the shards."""
     from peft import PeftModel
 
-    from hf_subspace.layout import fingerprint_tensors, fingerprints_match
+    from hf_subspace.fingerprint import fingerprint_tensors, fingerprints_match
 
     r0, r1 = launched.ranks[0]["fsdp_accelerate"], launched.ranks[1]["fsdp_accelerate"]
     assert r0["units"] == ["FSDPLlamaDecoderLayer"] * 2 + ["FSDPParametrizedEmbedding", "FSDPParametrizedLinear",
