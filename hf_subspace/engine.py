@@ -12,7 +12,8 @@ Each concern has one home; :class:`SubspaceEngine` puts them together:
   the bit-for-bit recompute (autocast's casts included), refusing a θ0 changed in between;
 * :mod:`hf_subspace.embedding` / :mod:`hf_subspace.blocked` — embeddings' per-token rows and huge linears' row
   blocks; :mod:`hf_subspace.products` — the autograd products of P (autocast off);
-* :mod:`hf_subspace.merging` — merge / unmerge, removing the parametrizations, restoring requires_grad.
+* :mod:`hf_subspace.merging` — merge / unmerge, removing the parametrizations, restoring requires_grad;
+* :mod:`hf_subspace.dtensor` — reading FSDP2's shards of θ0; :mod:`hf_subspace.validation` — whether d fits θ.
 
 Each tensor of θ carries one :class:`~hf_subspace.layer.SubspaceLayer` (a ``torch.nn.utils.parametrize``
 parametrization and a peft ``BaseTunerLayer``), so every read of ``module.weight`` inside the module's forward

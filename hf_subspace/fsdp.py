@@ -23,7 +23,8 @@ of ``4·d`` bytes (c's and λ's gradients), done right after each backward (befo
   hf_subspace is imported, a model holding a subspace engine is prepared by :func:`shard_model` instead, with the
   plugin's ``reshard_after_forward``, mixed-precision and offload policies and its ``transformer_cls_names_to_wrap``;
   every other model goes to accelerate's own function.
-* :func:`shard_stats` / :func:`sharded_rows` / :func:`adapted_shard` / :func:`sum_of_squares` — a whole
+* :func:`shard_stats` / :func:`sharded_rows` / :func:`adapted_shard` / :func:`sum_of_squares` (their home is
+  :mod:`hf_subspace.dtensor`, below the engine; importable from here) — a whole
   tensor's strided sample and mean |value| from shards, the rows a rank's shard of a dim-0-sharded tensor holds,
   θ0 + δ on that shard (what reading a weight outside its module's forward returns: a DTensor), ‖θ0‖² from the
   shards: the fingerprint of θ0, the plain state dict and the Trainer's learning-rate check work on DTensors

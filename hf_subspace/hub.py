@@ -9,6 +9,9 @@ training data, d, D, projection, seed, exact sizes, metrics, how to load) and up
 PEFT's ``save_pretrained`` writes the card *before* the adapter file, so a card written there cannot know the
 adapter's size; :mod:`hf_subspace._registry` therefore rewrites the cards (:func:`write_adapter_cards`) once
 ``save_pretrained`` has written every adapter folder.
+
+A card's ``base_model:`` is the base's Hub id; for a base loaded from a local folder, the id registered for that
+folder with :func:`register_local_model` (if any).
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 The pieces live in their own modules: :mod:`hf_subspace.layout` (which tensors form θ), :mod:`hf_subspace.products`
 (the autograd products of P), :mod:`hf_subspace.engine` (c, λ and θ0 + δ), :mod:`hf_subspace.embedding` (the
-row path of embeddings), :mod:`hf_subspace.layer` (the per-tensor layer).
+row path of embeddings), :mod:`hf_subspace.layer` (the per-tensor layer), :mod:`hf_subspace.validation` (d, the
+projection kind and the mode).
 """
 from __future__ import annotations
 

@@ -169,6 +169,12 @@ def test_every_module_is_on_a_floor():
     assert not unknown, f"FLOORS names modules that do not exist: {unknown}"
 
 
+def test_every_module_says_what_it_owns():
+    missing = [m or "__init__" for m, (path, _) in MODULES.items()
+               if not (ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or "").strip()]
+    assert not missing, f"modules without a docstring saying what they own: {missing}"
+
+
 def test_no_module_imports_from_a_higher_floor():
     upward = []
     for edge in sorted(EDGES):
