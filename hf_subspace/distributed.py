@@ -29,8 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._version import __version__
+from .engine import find_engine
 from .errors import ProjectionMismatchError  # a RuntimeError, importable from here as before
-from .fsdp import TWA_SHARDED_HELP  # importable from here as before
+from .fsdp import TWA_SHARDED_HELP, refuse_unsupported, sync_subspace_gradients  # TWA_SHARDED_HELP: as before
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +76,6 @@ def projection_entries(projection, rows: int = FINGERPRINT_ROWS) -> list[float]:
 def projection_fingerprint(model: nn.Module) -> dict[str, Any]:
     """What this rank's subspace is (see the module docstring): ``{"adapters": {name: {...}}, "trainable": hash,
     "active": [...]}``; ``{}`` for a model without a subspace adapter."""
-    from ._version import __version__
-    from .engine import find_engine
-
     model = _unwrap(model)
     engine = find_engine(model)
     if engine is None:
@@ -284,9 +283,6 @@ def sharding_kind(model: nn.Module | None = None, accelerator=None) -> str | Non
 def check_fsdp2_model(model: nn.Module) -> None:
     """A subspace model under FSDP2: refuse c sharded into an FSDP group (``fully_shard`` applied without
     ``ignored_params``), make sure c's gradient is averaged after each backward and the inference cache is off."""
-    from .engine import find_engine
-    from .fsdp import refuse_unsupported, sync_subspace_gradients
-
     engine = find_engine(_unwrap(model))
     if engine is None:
         return

@@ -26,10 +26,6 @@ def is_dtensor(t) -> bool:
     return bool(cls) and isinstance(t, cls)
 
 
-
-# ------------------------------------------------------------------------------------------------------------
-# reading shards: fingerprint statistics and the rows of a shard
-# ------------------------------------------------------------------------------------------------------------
 def sharded_rows(t) -> tuple[int, int] | None:
     """``(start, stop)`` of the dim-0 rows this rank's local shard of ``t`` holds, for a DTensor sharded on dim 0
     over a 1-D mesh (what FSDP2 makes), else None."""

@@ -32,13 +32,16 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .blocked import output_heads, use_blocked_path_if_huge_linear
 from .cache import InferenceCacheMixin, theta0_token, track
 from .delta import AdapterSubspace, Scratch
 from .dtensor import adapted_shard, is_dtensor
+from .embedding import use_row_path_if_embedding
 from . import quantized
+from .layer import SubspaceLayer
 from .layout import ThetaLayout, holder_names, original_tensor
 from .merging import MergeMixin, is_subspace_parametrized  # noqa: F401  (importable from here as before)
-from .projections import Projection
+from .projections import Projection, make_projection
 from .recompute import SavedWeightsMixin
 from .validation import validate_dim_fits
 
@@ -96,9 +99,6 @@ class SubspaceEngine(SavedWeightsMixin, InferenceCacheMixin, MergeMixin, nn.Modu
                     projection: "str | Projection" = "hashing", mode: str = "global", seed: int = 0,
                     projection_options: dict | None = None) -> AdapterSubspace:
         """Reparameterize ``model``'s tensors in ``layout`` for adapter ``name``; returns its state."""
-        from .projections import make_projection
-        from .layer import SubspaceLayer
-
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists")
         validate_dim_fits(dim, mode, layout, what=f"the {len(layout.slots)} tensors of its layout")
@@ -124,9 +124,6 @@ class SubspaceEngine(SavedWeightsMixin, InferenceCacheMixin, MergeMixin, nn.Modu
             self.scales[name] = track(nn.Parameter(torch.ones(n_scales, device=device, dtype=torch.float32)))
         self.adapters[name] = state
         from peft.utils.integrations import _skip_init_on_device
-
-        from .blocked import output_heads, use_blocked_path_if_huge_linear
-        from .embedding import use_row_path_if_embedding
 
         heads = output_heads(model)
 

@@ -43,6 +43,8 @@ import torch
 from torch import nn
 
 from .dtensor import adapted_shard, is_dtensor, shard_stats, sharded_rows, sum_of_squares  # noqa: F401
+from .engine import find_engine
+from .fingerprint import fingerprint_tensors
 
 
 #: why TWA is refused under FSDP2, and what to use instead
@@ -65,8 +67,6 @@ def is_fsdp2_sharded(model: nn.Module) -> bool:
 
 def subspace_vectors(model: nn.Module) -> list[nn.Parameter]:
     """c and λ of every adapter of ``model``'s engine (the parameters kept out of FSDP's groups)."""
-    from .engine import find_engine
-
     engine = find_engine(model)
     return [] if engine is None else list(engine.vectors.parameters())
 
@@ -147,8 +147,6 @@ def sync_subspace_gradients(model: nn.Module, group=None) -> list[nn.Parameter]:
     """Register (once) on c and λ of ``model``'s engine a hook that all-reduces (averages) their gradient as soon
     as autograd has accumulated it, i.e. at the end of every backward, before any clipping or optimizer step.
     Returns the parameters hooked."""
-    from .engine import find_engine
-
     engine = find_engine(model)
     if engine is None:
         return []
@@ -183,8 +181,6 @@ def shard_model(model: nn.Module, *, mesh=None, reshard_after_forward: bool | in
     """
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
-    from .engine import find_engine
 
     engine = find_engine(model)
     if engine is None:
@@ -234,8 +230,6 @@ def shard_model(model: nn.Module, *, mesh=None, reshard_after_forward: bool | in
 def _record_fingerprints(model: nn.Module, engine) -> None:
     """An adapter created on the meta device has no base fingerprint yet: record it while θ0 is whole (after
     sharding it is a collective, and saving happens on rank 0 alone)."""
-    from .fingerprint import fingerprint_tensors
-
     cfgs = getattr(model, "peft_config", None)
     for name, cfg in (cfgs.items() if isinstance(cfgs, dict) else ()):
         if name in engine.adapters and getattr(cfg, "layout_hash", None) is not None \
@@ -247,8 +241,6 @@ def _record_fingerprints(model: nn.Module, engine) -> None:
 
 def refuse_unsupported(model: nn.Module) -> None:
     """Under FSDP2, a TWA adapter is refused with what to do; FSDP1 / ZeRO-3 are refused elsewhere."""
-    from .engine import find_engine
-
     engine = find_engine(model)
     if engine is None:
         return
@@ -316,8 +308,6 @@ def install_accelerate_hook() -> bool:
         return True
 
     def fsdp2_prepare_model(accelerator, model, _orig=current):
-        from .engine import find_engine
-
         if find_engine(model) is not None:
             return prepare_with_accelerate(accelerator, model)
         return _orig(accelerator, model)

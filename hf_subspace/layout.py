@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 
 from .errors import SubspaceConfigError
 from .fingerprint import fingerprint_tensors, fingerprints_match  # noqa: F401  (importable from here as before)
+from .quantized import UNSUPPORTED_HELP, bnb_kind, is_quantized_weight, logical_shape, unsupported_quantization
 
 ALL_LINEAR = "all-linear"
 
@@ -111,8 +112,6 @@ def _quantized_names(pairs: Sequence[tuple[str, str]], n: int = 3) -> str:
 
 
 def _refuse_unsupported_quantization(pairs: Sequence[tuple[str, str]], what: str) -> None:
-    from .quantized import UNSUPPORTED_HELP
-
     if pairs:
         raise SubspaceConfigError(f"{what} {len(pairs)} layer(s) with quantized weights of an unsupported kind "
                                   f"({_quantized_names(pairs)}): {UNSUPPORTED_HELP}")
@@ -122,8 +121,6 @@ def _kbit_frozen(model: nn.Module, trainable) -> bool:
     """Whether ``model`` holds bitsandbytes quantized layers and no trainable floating-point parameter: what
     peft's ``prepare_model_for_kbit_training`` leaves (it freezes every parameter). θ is then chosen as on the
     model before that call (every floating-point parameter), so both orders give the same θ."""
-    from .quantized import bnb_kind, is_quantized_weight
-
     if not any(bnb_kind(m) is not None for m in model.modules()):
         return False
     return not any(trainable(name, p) for name, (_, _, p) in holder_names(model).items()
@@ -176,8 +173,6 @@ def select_parameters(
     trainable = trainable or (lambda name, p: p.requires_grad)
     if _kbit_frozen(model, trainable):
         trainable = lambda name, p: True  # noqa: E731 (see _kbit_frozen)
-    from .quantized import bnb_kind, logical_shape, unsupported_quantization
-
     skip = _wrapper_prefixes(model)
     slots: dict[int, ParamSlot] = {}
     order: list[int] = []
@@ -286,8 +281,6 @@ def check_targets(model: nn.Module, target_modules, exclude_modules=None, module
     modules = list(model.named_modules())
     owners = {name for name, module in modules
               if any(p.is_floating_point() for _, p in own_tensors(module))}
-    from .quantized import bnb_kind, unsupported_quantization
-
     owners |= {name for name, module in modules if bnb_kind(module) is not None}
     quantized = {name: kind for name, module in modules if (kind := unsupported_quantization(module)) is not None}
     for entry in entries:

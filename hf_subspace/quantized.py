@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layer import SubspaceLayer
+
 #: the attribute of a quantized layer that holds its :class:`~hf_subspace.layer.SubspaceLayer` (a submodule,
 #: so peft's ``disable_adapter()`` / ``get_layer_status()`` find it; it has no parameters)
 LAYER_ATTR = "subspace_layer"
@@ -167,8 +169,6 @@ def round_trip(values: torch.Tensor, s: dict) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 def attach(engine, module: nn.Module, slot_name: str) -> None:
     """Make ``module`` (a bitsandbytes quantized linear layer) compute with ``dequant(W) + δ`` of ``slot_name``."""
-    from .layer import SubspaceLayer
-
     if isinstance(module._modules.get(LAYER_ATTR), SubspaceLayer):
         return
     module.add_module(LAYER_ATTR, SubspaceLayer(engine, slot_name))
