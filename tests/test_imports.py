@@ -254,6 +254,11 @@ def test_the_core_imports_no_example_code():
     offending = [_where(e) for e in sorted(EDGES)
                  if _in(e[1], DEMO) and not _outside_floors(e[0]) and e[0] not in DEMO_IMPORTERS]
     assert not offending, "the core imports hf_subspace.demo (example code):\n" + "\n".join(offending)
+    # nothing imports the deprecated aliases (they only warn), and they import nothing but their new module
+    via_alias = [_where(e) for e in sorted(EDGES) if e[1] in DEMO_SHIMS]
+    assert not via_alias, "imports of the deprecated aliases:\n" + "\n".join(via_alias)
+    assert {e for e in EDGES if e[0] in DEMO_SHIMS} == {(old, new) for old, new in DEMO_SHIMS.items()} | {
+        (old, DEMO) for old in DEMO_SHIMS}
     # and the demo tasks allowed to, do (so the allow-list does not outlive them)
     assert {e[0] for e in EDGES if _in(e[1], DEMO) and e[0] in DEMO_IMPORTERS} == DEMO_IMPORTERS
 
