@@ -18,7 +18,7 @@ def minilm_classifier(num_labels: int = 2):
     """MiniLM-L6 (sentence-transformers/all-MiniLM-L6-v2, shipped on PyPI) for sequence classification."""
     from transformers import AutoModelForSequenceClassification
 
-    from hf_subspace.data import minilm_path
+    from hf_subspace.demo.data import minilm_path
 
     return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=num_labels)
 

@@ -5,7 +5,7 @@
 writes ``<out>/comm.json`` and ``<out>/comm.md``. Each method runs in its own ``torchrun --nproc_per_node 2`` launch
 (through the shared harness: a fresh process per method) and trains a small BERT (hidden 128, 4 layers, vocab 2,000:
 D ≈ 1.1M weights, sequence classification) for a few steps with the ``SubspaceTrainer`` / ``Trainer`` as a user
-would. What crosses the network is counted on rank 0 by :class:`hf_subspace.distributed.CommCounter`: DDP's gradient
+would. What crosses the network is counted on rank 0 by :class:`CommCounter` (benchmarks/_comm.py): DDP's gradient
 buckets through a communication hook (``DistributedDataParallel.register_comm_hook``), and every collective called
 outside DDP (``torch.distributed.all_reduce`` / ``all_gather`` / ``broadcast`` and DDP's buffer broadcasts) by
 wrapping it. A count is a collective's payload; a ring all-reduce puts ``2 (N-1)/N`` times that on each link.
@@ -133,7 +133,7 @@ def llama_worker(method: str, steps: int, result_file: str) -> None:
     import torch.distributed as dist
 
     import hf_subspace as hs
-    from hf_subspace.distributed import CommCounter
+    from _comm import CommCounter
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -193,7 +193,7 @@ def worker(method: str, steps: int, result_file: str) -> None:
     import torch.distributed as dist
 
     from hf_subspace import SubspaceTrainer, SubspaceTrainingArguments
-    from hf_subspace.distributed import CommCounter
+    from _comm import CommCounter
 
     torch.set_num_threads(1)
     world = int(os.environ["WORLD_SIZE"])
@@ -320,7 +320,7 @@ def fmt_time(t: float) -> str:
 def markdown_report(results: dict, steps: int) -> str:
     lines = ["# Bytes per training step on 2 processes (DDP, gloo, CPU)", "",
              f"Small BERT (hidden 128, 4 layers, vocab 2,000), sequence classification, {PER_DEVICE_BATCH} × {SEQ} "
-             f"tokens per process, {steps} steps; counted on rank 0 by `hf_subspace.distributed.CommCounter` "
+             f"tokens per process, {steps} steps; counted on rank 0 by `benchmarks/_comm.py`'s `CommCounter` "
              "(`python benchmarks/bench_comm.py`). Gradient bytes are the payload DDP all-reduces per optimizer step "
              "(its buckets, seen by a communication hook); buffers are DDP's broadcast of the model's buffers "
              "before each forward (BERT's position_ids / token_type_ids, int64); at start DDP broadcasts the "

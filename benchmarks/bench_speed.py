@@ -69,7 +69,7 @@ def tokenized_batches(n_examples: int, split: str = "train", seed: int = 0, n_tr
     """Rotten Tomatoes sentences tokenized to exactly SEQ_LEN tokens: ``(input_ids, attention_mask, labels)``."""
     from transformers import AutoTokenizer
 
-    from hf_subspace.data import ROTTEN_TOMATOES_SIZE, load_rotten_tomatoes, minilm_path
+    from hf_subspace.demo.data import ROTTEN_TOMATOES_SIZE, load_rotten_tomatoes, minilm_path
 
     # the sentences after train and test (605 with the defaults) are the validation split that picks the lr
     train, rest = load_rotten_tomatoes(n_train=n_train, n_test=ROTTEN_TOMATOES_SIZE - n_train, seed=seed)

@@ -54,7 +54,7 @@ from torch import nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
-from hf_subspace.data import load_image_classification  # noqa: E402
+from hf_subspace.demo.data import load_image_classification  # noqa: E402
 from hf_subspace.trainer import (TWA_LR_SCHEDULES, TWA_OPTIMIZERS, SubspaceTrainer,  # noqa: E402
                                  SubspaceTrainingArguments, run_twa_phase)
 from hf_subspace.twa import recalibrate_batchnorm  # noqa: E402

@@ -3,7 +3,7 @@
 Importing it registers the ``SUBSPACE`` method with peft, so ``peft.get_peft_model(model, SubspaceConfig(...))``
 and ``PeftModel.from_pretrained(base, path)`` work.
 """
-__version__ = "0.2.0"
+from ._version import __version__  # noqa: E402,F401
 
 import logging as _logging
 

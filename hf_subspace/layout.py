@@ -5,15 +5,14 @@
   minus ``exclude_modules`` and anything under ``modules_to_save`` or a peft ``ModulesToSaveWrapper``.
 * :class:`ThetaLayout` lays them end to end; a parameter shared by several modules (tied embeddings) is one
   tensor of θ with several holders.
-* :func:`fingerprint_tensors` summarizes θ0 so that a loaded adapter can refuse another checkpoint, while the
-  same weights in another dtype or on another device still match.
+
+The fingerprint of θ0 (is this the base trained on?) is in :mod:`hf_subspace.fingerprint`.
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Callable, Iterable, Sequence
@@ -23,6 +22,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import SubspaceConfigError
+from .fingerprint import fingerprint_tensors, fingerprints_match  # noqa: F401  (importable from here as before)
+from .quantized import UNSUPPORTED_HELP, bnb_kind, is_quantized_weight, logical_shape, unsupported_quantization
 
 ALL_LINEAR = "all-linear"
 
@@ -111,8 +112,6 @@ def _quantized_names(pairs: Sequence[tuple[str, str]], n: int = 3) -> str:
 
 
 def _refuse_unsupported_quantization(pairs: Sequence[tuple[str, str]], what: str) -> None:
-    from .quantized import UNSUPPORTED_HELP
-
     if pairs:
         raise SubspaceConfigError(f"{what} {len(pairs)} layer(s) with quantized weights of an unsupported kind "
                                   f"({_quantized_names(pairs)}): {UNSUPPORTED_HELP}")
@@ -122,8 +121,6 @@ def _kbit_frozen(model: nn.Module, trainable) -> bool:
     """Whether ``model`` holds bitsandbytes quantized layers and no trainable floating-point parameter: what
     peft's ``prepare_model_for_kbit_training`` leaves (it freezes every parameter). θ is then chosen as on the
     model before that call (every floating-point parameter), so both orders give the same θ."""
-    from .quantized import bnb_kind, is_quantized_weight
-
     if not any(bnb_kind(m) is not None for m in model.modules()):
         return False
     return not any(trainable(name, p) for name, (_, _, p) in holder_names(model).items()
@@ -176,8 +173,6 @@ def select_parameters(
     trainable = trainable or (lambda name, p: p.requires_grad)
     if _kbit_frozen(model, trainable):
         trainable = lambda name, p: True  # noqa: E731 (see _kbit_frozen)
-    from .quantized import bnb_kind, logical_shape, unsupported_quantization
-
     skip = _wrapper_prefixes(model)
     slots: dict[int, ParamSlot] = {}
     order: list[int] = []
@@ -286,8 +281,6 @@ def check_targets(model: nn.Module, target_modules, exclude_modules=None, module
     modules = list(model.named_modules())
     owners = {name for name, module in modules
               if any(p.is_floating_point() for _, p in own_tensors(module))}
-    from .quantized import bnb_kind, unsupported_quantization
-
     owners |= {name for name, module in modules if bnb_kind(module) is not None}
     quantized = {name: kind for name, module in modules if (kind := unsupported_quantization(module)) is not None}
     for entry in entries:
@@ -375,92 +368,3 @@ def holder_names(model: nn.Module) -> dict[str, tuple[nn.Module, str, torch.Tens
         for attr, p in own_tensors(module):
             out[f"{module_name}.{attr}" if module_name else attr] = (module, attr, p)
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# fingerprint of θ0
-# ----------------------------------------------------------------------------------------------------------------
-FINGERPRINT_SKETCHES = 16
-#: half an ulp, relative: the largest rounding error of one value stored in this dtype
-_HALF_ULP = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-
-
-def _is_dtensor(t) -> bool:
-    from .fsdp import is_dtensor
-
-    return is_dtensor(t)
-
-
-def fingerprint_tensors(tensors: Sequence[torch.Tensor]) -> str | None:
-    """A dtype-tolerant fingerprint of ``tensors`` (θ0): ``"fp2:<dtype>:<16 numbers>"``; None on the meta device.
-
-    A strided sample of 64 values and the mean absolute value of every tensor form a vector ``s`` (float64);
-    the fingerprint is 16 fixed random ±1 sketches of ``s / ‖s‖``. Rounding every weight to a dtype of relative
-    precision ``ε`` moves each sketch by about ``ε/√3`` (at most ``ε``), while another checkpoint moves them by
-    its relative distance — O(1) for an unrelated one. :func:`fingerprints_match` compares within ``4ε`` of the
-    coarser of the two dtypes. A bitsandbytes quantized weight is fingerprinted by its dequantized values (what the
-    layer computes with, and what ``model.dequantize()`` gives).
-    """
-    if any(t.is_meta for t in tensors):
-        return None
-    from .quantized import float_values
-
-    tensors = [float_values(t) for t in tensors]  # a quantized weight: its dequantized values (what θ0 is)
-    parts, dtypes = [], set()
-    for t in tensors:
-        dtypes.add(t.dtype)
-        if type(t) is not torch.Tensor and _is_dtensor(t):
-            # FSDP2's shard of θ0: the same sample and mean from the shards (one all-reduce of 65 numbers; a
-            # collective: every rank computes the fingerprint). See hf_subspace.fsdp.shard_stats.
-            from .fsdp import shard_stats
-
-            parts.extend(shard_stats(t, 64))
-            continue
-        flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() // 64)
-        parts.append(flat[::step][:64].double().cpu())
-        parts.append(_abs_mean(flat).reshape(1).cpu())
-    s = torch.cat(parts)
-    g = torch.Generator().manual_seed(20_260_101)
-    signs = torch.randint(0, 2, (FINGERPRINT_SKETCHES, s.numel()), generator=g, dtype=torch.int8).double() * 2 - 1
-    sketch = signs @ (s / s.norm().clamp_min(1e-300))
-    coarsest = max(dtypes, key=lambda d: _HALF_ULP.get(d, 0.0))
-    return f"fp2:{str(coarsest).removeprefix('torch.')}:" + ",".join(f"{v:.9g}" for v in sketch.tolist())
-
-
-def _abs_mean(flat: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
-    """``flat.double().abs().mean()`` a chunk at a time (float64 sums): no float64 copy of a whole tensor (an LM
-    head's would be 8 B per weight), and the same value to float64 rounding."""
-    total = torch.zeros((), dtype=torch.float64, device=flat.device)
-    for start in range(0, flat.numel(), chunk):
-        total += flat[start:start + chunk].double().abs().sum()
-    return total / max(flat.numel(), 1)
-
-
-def fingerprints_match(saved: str, tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether ``tensors`` fit the fingerprint ``saved`` (an old-format fingerprint is compared exactly)."""
-    if not saved.startswith("fp2:"):
-        return _fingerprint_v1(tensors) == saved
-    current = fingerprint_tensors(tensors)
-    if current is None:
-        return True  # nothing to compare on the meta device
-    _, saved_dtype, saved_vals = saved.split(":", 2)
-    _, cur_dtype, cur_vals = current.split(":", 2)
-    eps = max(_HALF_ULP.get(getattr(torch, saved_dtype, None), 2.0**-8),
-              _HALF_ULP.get(getattr(torch, cur_dtype, None), 2.0**-8))
-    tol = max(4 * eps, 1e-7)
-    a = [float(v) for v in saved_vals.split(",")]
-    b = [float(v) for v in cur_vals.split(",")]
-    return len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b))
-
-
-def _fingerprint_v1(tensors: Sequence[torch.Tensor]) -> str:
-    """The fingerprint of hf_subspace 0.1.0 adapters (4 significant digits: exact only in the dtype saved)."""
-    h = hashlib.sha256()
-    for t in tensors:
-        flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() // 64)
-        sample = flat[::step][:64].double().cpu()
-        stats = torch.stack([sample.sum(), sample.abs().sum(), flat.double().abs().sum().cpu() / flat.numel()])
-        h.update(("|".join(f"{v:.4g}" for v in sample.tolist() + stats.tolist())).encode())
-    return h.hexdigest()[:16]

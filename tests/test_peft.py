@@ -169,7 +169,7 @@ def test_loading_onto_other_weights_is_refused_with_an_opt_out(tmp_out):
 def test_minilm_adapter_is_a_few_kilobytes(tmp_out):
     from transformers import AutoModel
 
-    from hf_subspace.data import minilm_path
+    from hf_subspace.demo.data import minilm_path
 
     base = AutoModel.from_pretrained(minilm_path())
     D = sum(p.numel() for p in base.parameters())

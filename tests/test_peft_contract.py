@@ -163,7 +163,7 @@ def test_fp32_adapter_loads_onto_the_same_weights_in_half_precision(tmp_out, dty
 
 
 def test_fingerprint_tells_a_slightly_trained_checkpoint_apart_in_fp32():
-    from hf_subspace.layout import fingerprint_tensors, fingerprints_match
+    from hf_subspace.fingerprint import fingerprint_tensors, fingerprints_match
 
     ws = [torch.randn(64, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     fp = fingerprint_tensors(ws)

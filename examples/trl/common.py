@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 import hf_subspace
-from hf_subspace.data import SMOLLM2_HUB_ID, load_smollm2
+from hf_subspace.demo.data import SMOLLM2_HUB_ID, load_smollm2
 
 
 @dataclass

@@ -20,7 +20,7 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from common import Stopwatch, finish, load_model, parse, subspace_config
-from hf_subspace.data import load_kjv_split
+from hf_subspace.demo.data import load_kjv_split
 
 MODERN = {"thou": "you", "thee": "you", "ye": "you", "thy": "your", "thine": "your", "hath": "has", "hast": "have",
           "doth": "does", "dost": "do", "saith": "says", "unto": "to", "shalt": "shall", "wilt": "will",

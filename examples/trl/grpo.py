@@ -18,7 +18,7 @@ from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 from common import Stopwatch, finish, load_model, parse, subspace_config
-from hf_subspace.data import load_kjv, load_kjv_split
+from hf_subspace.demo.data import load_kjv, load_kjv_split
 
 _WORD = re.compile(r"[A-Za-z]+")
 KJV_TOP_WORDS = frozenset(w for w, _ in Counter(

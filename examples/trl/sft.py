@@ -14,7 +14,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from common import Stopwatch, finish, load_model, parse, subspace_config
-from hf_subspace.data import load_kjv_split
+from hf_subspace.demo.data import load_kjv_split
 
 
 def verses(sub, seed):

@@ -67,7 +67,7 @@ class MnistTask:
         self.projection, self.mode, self.threads = projection, mode, threads
         self.name = f"mnist-{arch}"
         self.metric_label = "test accuracy"
-        from ..data import load_mnist_digits
+        from ..demo.data import load_mnist_digits
 
         train, test = (load_mnist_digits(s, n_test=n_test, seed=0) for s in ("train", "test"))
         x = train.images.float().div(255.0).unsqueeze(1)  # (N, 1, 28, 28), a fixed shuffle of the digits

@@ -19,17 +19,17 @@ from peft.tuners.tuners_utils import BaseTuner, _check_adapters_not_merged, _del
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, set_additional_trainable_modules
 from peft.utils import other as peft_other
 
-from .. import __version__
+from .._version import __version__
+from ..auto_classes import auto_class_for
 from ..engine import SubspaceEngine, find_engine, vector_key
 from ..errors import AdapterMismatchError, CorruptAdapterError
-from ..hub import auto_class_for
-from ..layout import (check_targets, expand_all_linear, fingerprint_tensors, fingerprints_match, original_tensor,
-                      refuse_offloaded_theta0, select_parameters)
-from ..quantized import check_quantized_base, quantization_record
+from ..fingerprint import check_quantized_base, fingerprint_tensors, fingerprints_match, quantization_record
+from ..layer import SubspaceLayer
+from ..layout import check_targets, expand_all_linear, original_tensor, refuse_offloaded_theta0, select_parameters
 from ..plain import install_plain_save, uninstall_plain_save
 from ..projections import PROJECTION_KINDS, STORED_KINDS, latest_format
-from .config import SubspaceConfig, validate_dim_fits
-from .layer import SubspaceLayer
+from ..validation import validate_dim_fits
+from .config import SubspaceConfig
 
 ENGINE_PREFIX = "base_model.subspace."
 
