@@ -26,6 +26,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from transformers import TrainerCallback
 
+from .checkpoints import last_complete_checkpoint
 from .errors import NonFiniteTrainingError  # noqa: F401  (raised here; importable from here as before)
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ class NonFiniteGuard(TrainerCallback):
     micro-batch's loss through :meth:`observe_loss` (:class:`NonFiniteMixin` does). ``max_consecutive=0`` never
     stops. Counts: ``skipped`` (in total), ``in_a_row``, ``skipped_steps`` (the global steps skipped, the last 100).
     """
+
+    hf_subspace_internal = True  # a trainer's own: the TWA phase installs its own guard
 
     def __init__(self, trainer, max_consecutive: int = 10):
         if isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int) or max_consecutive < 0:
@@ -159,6 +162,5 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def _last_checkpoint(output_dir) -> Optional[str]:
-    from .trainer import last_complete_checkpoint  # the newest checkpoint whose save was not cut short
-
+    """The newest checkpoint of ``output_dir`` whose save was not cut short."""
     return last_complete_checkpoint(output_dir) if output_dir else None
