@@ -97,20 +97,19 @@ class SubspaceTrainingArguments(TWAArguments, SharedTrainingArguments):
         every weight at the subspace's learning rate), and so is one given ``twa=True`` (it runs no TWA)."""
         if getattr(trainer, "_reads_subspace_arguments", False) or getattr(trainer, "_reads_twa_arguments", False):
             return
-        if self.subspace_dim is None and not self.twa:
+        if self.twa:
+            raise SubspaceConfigError(f"{type(trainer).__name__} does not run TWA (twa=True): use "
+                                      "hf_subspace.TWATrainer with hf_subspace.TWATrainingArguments")
+        if self.subspace_dim is None:
             return
         model = getattr(trainer, "model", None)
-        what = f"subspace_dim={self.subspace_dim}" if self.subspace_dim is not None else "twa=True"
         if model is not None and find_engine(model) is None:
             raise SubspaceConfigError(
-                f"{type(trainer).__name__} was given SubspaceTrainingArguments({what}) and a plain "
+                f"{type(trainer).__name__} was given SubspaceTrainingArguments(subspace_dim={self.subspace_dim}) and a plain "
                 f"{type(model).__name__}: it does not read the subspace settings, so it would fine-tune all "
                 f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} weights. Use "
                 "hf_subspace.SubspaceTrainer (it wraps the model), or wrap the model first with "
                 "peft.get_peft_model(model, hf_subspace.SubspaceConfig(dim=...))")
-        if self.twa:
-            raise SubspaceConfigError(f"{type(trainer).__name__} does not run TWA (twa=True): use "
-                                      "hf_subspace.TWATrainer with hf_subspace.TWATrainingArguments")
 
 #: the settings that only a random subspace (subspace_dim) uses
 SUBSPACE_ONLY = ("subspace_projection", "subspace_mode", "subspace_seed", "subspace_projection_format",
