@@ -277,7 +277,7 @@ class SnapshotCallback(TrainerCallback):
         start_step: record nothing before this optimizer step (the first, far-from-converged part of a run
             spends directions of the subspace on a path training has left).
         min_snapshots: when training starts, raise :class:`~hf_subspace.TWASnapshotError` if the run cannot record
-            this many (SubspaceTrainer's one-run TWA asks for 2).
+            this many (TWATrainer's one-run TWA asks for 2).
 
     A per-epoch snapshot is taken at the epoch's last optimizer step, before that step's checkpoint is saved.
 
