@@ -35,8 +35,7 @@ from .reparam import find_engine, validate_subspace_args
 from .tuner.config import PEFT_TYPE, SubspaceConfig, is_subspace_model
 # TWA lives in hf_subspace.twa; these names stay importable from here for the deprecated path (until 0.4)
 from .twa.arguments import TWA_LR_SCHEDULES, TWA_OPTIMIZERS, TWAArguments, as_twa_arguments  # noqa: F401
-from .twa.trainer import (TWATrainer, _twa_optimizer, _twa_scheduler, run_twa_phase,  # noqa: F401
-                          twa_from_checkpoints)
+from .twa.trainer import TWATrainer, run_twa_phase, twa_from_checkpoints  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -393,3 +392,8 @@ def _check_resumed_adapter(model, checkpoint: str) -> None:
                 f"{checkpoint} holds adapter {name!r} trained with other subspace settings ({shown}); resuming would "
                 f"train its coefficients as those of another subspace. Resume with the settings it was trained with"
                 + (f" ({', '.join(flags)})" if flags else "") + ", or start a new run in another output_dir")
+
+
+__all__ = ["SubspaceTrainer", "SubspaceTrainingArguments", "wrap_model",
+           # importable from here as before (TWA lives in hf_subspace.twa; checkpoints in hf_subspace.checkpoints)
+           "TWA_LR_SCHEDULES", "TWA_OPTIMIZERS", "last_complete_checkpoint", "run_twa_phase", "twa_from_checkpoints"]
