@@ -159,3 +159,20 @@ def test_twa_nonfinite_and_checkpoints_do_not_import_the_random_subspace_trainer
     for path in files:
         assert "hf_subspace.trainer" not in _imports(path), path
     assert not {m for m in _imports(os.path.join(ROOT, "hf_subspace", "checkpoints.py")) if m.startswith("hf_subspace")}
+
+
+def test_the_cli_twa_command_runs_on_twa_arguments(tmp_path, capsys):
+    """``hf-subspace twa RUN --dataset D -o OUT``: post-hoc TWA through TWATrainingArguments, no FutureWarning."""
+    from hf_subspace.cli import main
+
+    run_dir = str(tmp_path / "run")
+    trainer = hs.SubspaceTrainer(model=tiny_resnet(), args=args(run_dir, num_train_epochs=2, save_strategy="epoch"),
+                                 train_dataset=image_dataset())
+    trainer.train()
+    image_dataset().save_to_disk(str(tmp_path / "data"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        code = main(["twa", run_dir, "--dataset", str(tmp_path / "data"), "-o", str(tmp_path / "out"), "--cpu",
+                     "--epochs", "0.5", "--batch_size", "16", "--lr", "0.3"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "twa_summary.json").is_file()
