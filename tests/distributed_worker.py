@@ -511,7 +511,7 @@ def llama_trainer_args(out, world_size, **kw):
                 seed=0, dataloader_num_workers=0, train_sampling_strategy="sequential", max_grad_norm=FSDP_CLIP,
                 subspace_dim=FSDP_DIM, subspace_projection="fastfood", subspace_mode="said")
     base.update(kw)
-    return base
+    return SubspaceTrainingArguments(**base)
 
 
 def train_llama(out, world_size, fsdp=False, resume=None, **kw):
