@@ -24,8 +24,8 @@ from .engine import SubspaceEngine, find_engine  # noqa: E402
 from .layout import ThetaLayout, select_parameters  # noqa: E402
 from .reparam import plain_state_dict, reparameterize  # noqa: E402
 from .tuner import SubspaceConfig, SubspaceModel  # noqa: E402
-from .trainer import SubspaceTrainer, SubspaceTrainingArguments, twa_from_checkpoints  # noqa: E402
-from .twa import save_twa_adapter  # noqa: E402
+from .trainer import SubspaceTrainer, SubspaceTrainingArguments  # noqa: E402
+from .twa import TWATrainer, TWATrainingArguments, save_twa_adapter, twa_from_checkpoints  # noqa: E402
 from .distributed import ProjectionMismatchError, check_projections_match  # noqa: E402
 from .fsdp import install_accelerate_hook as _install_accelerate_hook, shard_model  # noqa: E402
 from .errors import (AdapterMismatchError, CorruptAdapterError, NonFiniteTrainingError,  # noqa: E402
@@ -58,6 +58,8 @@ __all__ = [
     "SubspaceTrainer",
     "SubspaceTrainingArguments",
     "TWASnapshotError",
+    "TWATrainer",
+    "TWATrainingArguments",
     "save_twa_adapter",
     "twa_from_checkpoints",
     "ThetaLayout",

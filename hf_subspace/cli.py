@@ -194,7 +194,7 @@ def _load_dataset(spec: str):
 
 
 def cmd_twa(ns) -> int:
-    from .trainer import SubspaceTrainingArguments, twa_from_checkpoints
+    from .twa import TWATrainingArguments, twa_from_checkpoints
 
     _run_dir(ns.run_dir, 2)
     _output_folder(ns.output, "-o/--output")
@@ -209,7 +209,7 @@ def cmd_twa(ns) -> int:
     train = _load_dataset(ns.dataset)  # the datasets before the model: their checks are cheaper
     eval_ds = _load_dataset(ns.eval_dataset) if ns.eval_dataset else None
     model = _load_model(ns.model or _latest_checkpoint(ns.run_dir))
-    args = SubspaceTrainingArguments(
+    args = TWATrainingArguments(
         output_dir=ns.output, per_device_train_batch_size=ns.batch_size, per_device_eval_batch_size=ns.batch_size,
         twa_epochs=ns.epochs, twa_learning_rate=ns.lr, twa_momentum=ns.momentum, twa_weight_decay=ns.weight_decay,
         twa_basis=ns.basis, twa_num_components=ns.k, twa_lr_schedule=ns.schedule, twa_optimizer=ns.optimizer,
@@ -408,7 +408,7 @@ def cmd_effective_rank(ns) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .trainer import TWA_LR_SCHEDULES, TWA_OPTIMIZERS  # already imported with the package
+    from .twa.arguments import TWA_LR_SCHEDULES, TWA_OPTIMIZERS  # already imported with the package
 
     p = argparse.ArgumentParser(prog="hf-subspace", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,12 +1,16 @@
 """Skipping optimizer steps whose loss or gradient is not finite (NaN or ±Inf).
 
+This module owns :class:`NonFiniteGuard` (the callback) and :class:`NonFiniteMixin` (what a Trainer subclass adds to
+report its losses to it), used by :class:`~hf_subspace.SubspaceTrainer`, :class:`~hf_subspace.TWATrainer` and the
+TWA phase's inner trainer. It imports only :mod:`hf_subspace.errors` and :mod:`hf_subspace.checkpoints` (for the
+checkpoint to name when training stops), never a trainer module.
+
 One bad batch (a NaN in the data, an overflow in half precision, a loss spike) must not make c non-finite for the
-rest of a run. :class:`NonFiniteGuard` (a Trainer callback, installed by :class:`~hf_subspace.SubspaceTrainer` and
-by the TWA phase) looks at the accumulated loss and the gradients just before the optimizer step. When one of them
-is not finite it drops every gradient (``p.grad = None``), so the optimizer's ``step()`` leaves the parameters and
-its own state (Adam's moments and step counts, SGD's momentum) exactly as they were, and BatchNorm running
-statistics are put back as they were when the step began; the step still counts, so the
-learning-rate schedule and ``global_step`` move on as they would after a step skipped by fp16's GradScaler. Skips
+rest of a run. :class:`NonFiniteGuard` (a Trainer callback) looks at the accumulated loss and the gradients just
+before the optimizer step. When one of them is not finite it drops every gradient (``p.grad = None``), so the
+optimizer's ``step()`` leaves the parameters and its own state (Adam's moments and step counts, SGD's momentum)
+exactly as they were, and BatchNorm running statistics are put back as they were when the step began; the step
+still counts, so the learning-rate schedule and ``global_step`` move on as they would after a step skipped by fp16's GradScaler. Skips
 are counted and logged (``nonfinite_steps_skipped`` in the logs); ``max_consecutive`` skips in a row stop training
 with :class:`NonFiniteTrainingError` before anything further is saved, so the last checkpoint is the last good
 state.
@@ -26,6 +30,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from transformers import TrainerCallback
 
+from .checkpoints import last_complete_checkpoint
 from .errors import NonFiniteTrainingError  # noqa: F401  (raised here; importable from here as before)
 
 logger = logging.getLogger(__name__)
@@ -38,6 +43,8 @@ class NonFiniteGuard(TrainerCallback):
     micro-batch's loss through :meth:`observe_loss` (:class:`NonFiniteMixin` does). ``max_consecutive=0`` never
     stops. Counts: ``skipped`` (in total), ``in_a_row``, ``skipped_steps`` (the global steps skipped, the last 100).
     """
+
+    hf_subspace_internal = True  # a trainer's own: the TWA phase installs its own guard
 
     def __init__(self, trainer, max_consecutive: int = 10):
         if isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int) or max_consecutive < 0:
@@ -159,6 +166,5 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def _last_checkpoint(output_dir) -> Optional[str]:
-    from .trainer import last_complete_checkpoint  # the newest checkpoint whose save was not cut short
-
+    """The newest checkpoint of ``output_dir`` whose save was not cut short."""
     return last_complete_checkpoint(output_dir) if output_dir else None

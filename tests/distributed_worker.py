@@ -49,6 +49,16 @@ def text_dataset(n=GLOBAL_BATCH * STEPS, seed=0):
 def trainer_args(out, world_size, **kw):
     from hf_subspace import SubspaceTrainingArguments
 
+    return SubspaceTrainingArguments(**_base_args(out, world_size, **kw))
+
+
+def twa_trainer_args(out, world_size, **kw):
+    from hf_subspace import TWATrainingArguments
+
+    return TWATrainingArguments(**_base_args(out, world_size, **kw))
+
+
+def _base_args(out, world_size, **kw):
     base = dict(output_dir=out, per_device_train_batch_size=GLOBAL_BATCH // world_size, learning_rate=1e-2,
                 max_steps=STEPS, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
                 seed=0, dataloader_num_workers=0, train_sampling_strategy="sequential",
@@ -57,7 +67,7 @@ def trainer_args(out, world_size, **kw):
                 # plain mean, so its DDP gradients would be N times one process's (grad clipping then differs)
                 average_tokens_across_devices=False)
     base.update(kw)
-    return SubspaceTrainingArguments(**base)
+    return base
 
 
 def train(out, world_size, counter=None, **kw):
@@ -104,12 +114,12 @@ def scenario_subspace(out, rank, world):
 def train_twa(out, world_size, **kw):
     """One-run TWA on the tiny BERT: 4 ordinary steps with a snapshot after each, then one epoch (4 steps) on the
     coefficients; returns the trainer (``trainer.model`` merged, ``trainer.twa_result.coefficients``)."""
-    from hf_subspace import SubspaceTrainer
+    from hf_subspace import TWATrainer
 
     # SGD in the ordinary phase too: Adam turns rounding-level differences of near-zero gradients into ±lr steps
-    args = trainer_args(out, world_size, twa=True, twa_snapshot_steps=1, twa_learning_rate=0.5, learning_rate=0.5,
-                        optim="sgd", **kw)
-    trainer = SubspaceTrainer(model=tiny_bert(), args=args, train_dataset=text_dataset())
+    args = twa_trainer_args(out, world_size, twa_snapshot_steps=1, twa_learning_rate=0.5, learning_rate=0.5,
+                            optim="sgd", **kw)
+    trainer = TWATrainer(model=tiny_bert(), args=args, train_dataset=text_dataset())
     trainer.train()
     return trainer
 
@@ -151,7 +161,7 @@ def train_posthoc(out, world_size):
         import torch.distributed as dist
 
         dist.barrier()  # every checkpoint written (rank 0 writes them) before any rank reads them
-    args = trainer_args(os.path.join(out, "twa"), world_size, twa_learning_rate=0.5)
+    args = twa_trainer_args(os.path.join(out, "twa"), world_size, twa_learning_rate=0.5)
     trainer, result = twa_from_checkpoints(run_dir, tiny_bert(), args, train_dataset=text_dataset())
     trainer.twa_result = result
     return trainer
@@ -219,14 +229,14 @@ def scenario_twa_batchnorm(out, rank, world):
     are averaged, so all ranks end with the same model. Returns a digest of the final buffers and weights."""
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    from hf_subspace import SubspaceTrainer
+    from hf_subspace import TWATrainer
 
     torch.manual_seed(0)
     model = ResNetForImageClassification(ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16],
                                                       depths=[1, 1], layer_type="basic", num_labels=3))
-    args = trainer_args(os.path.join(out, "twa-bn"), world, twa=True, twa_snapshot_steps=1, optim="sgd",
-                        learning_rate=0.1, twa_learning_rate=0.1)
-    trainer = SubspaceTrainer(model=model, args=args, train_dataset=image_dataset())
+    args = twa_trainer_args(os.path.join(out, "twa-bn"), world, twa_snapshot_steps=1, optim="sgd",
+                            learning_rate=0.1, twa_learning_rate=0.1)
+    trainer = TWATrainer(model=model, args=args, train_dataset=image_dataset())
     trainer.train()
     bufs = {n: b.detach().double() for n, b in trainer.model.named_buffers() if "running" in n}
     return {"buffers": {n: [float(b.sum()), float(b.abs().max())] for n, b in bufs.items()},
@@ -560,8 +570,8 @@ def scenario_fsdp_refusals(out, rank, world):
     sharded = hs.shard_model(subspace_llama())
     got["merge"] = message(sharded.merge_and_unload)
     with fsdp_on_cpu():
-        got["twa"] = message(lambda: hs.SubspaceTrainer(model=tiny_llama(), args=trainer_args(
-            os.path.join(out, "fsdp-twa"), world, twa=True, fsdp=True, fsdp_config={"version": 2}),
+        got["twa"] = message(lambda: hs.TWATrainer(model=tiny_llama(), args=twa_trainer_args(
+            os.path.join(out, "fsdp-twa"), world, fsdp=True, fsdp_config={"version": 2}),
             train_dataset=llama_dataset()))
     got["check"] = message(lambda: hs.check_projections_match(by_hand))
     # fully_shard by hand with c ignored: check_projections_match adds the average of c's gradient after backward

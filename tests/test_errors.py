@@ -24,6 +24,14 @@ def args(tmp_path, **kw):
     return hs.SubspaceTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **kw)
 
 
+def twa_args(tmp_path, **kw):
+    return hs.TWATrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **kw)
+
+
+def deprecated_twa_args(tmp_path, **kw):
+    return args(tmp_path, twa=True, **kw)
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A SEQ_CLS adapter of the tiny BERT (seed 0), saved."""
@@ -279,38 +287,38 @@ def _data():
 
 
 def test_twa_with_fewer_than_2_snapshots(tmp_path):
-    from hf_subspace.trainer import run_twa_phase
+    from hf_subspace.twa import run_twa_phase
 
     model = tiny_bert_cls()
-    trainer = hs.SubspaceTrainer(model=model, args=args(tmp_path, twa=True), train_dataset=_data())
+    trainer = hs.TWATrainer(model=model, args=twa_args(tmp_path), train_dataset=_data())
     with pytest.raises(TWASnapshotError, match=r"TWA needs at least 2 snapshots to span a subspace, got 1; record "
                                                r"more \(a smaller twa_snapshot_steps"):
         run_twa_phase(trainer, [{n: p.detach().clone() for n, p in model.named_parameters()}])
     _checkpoints(tmp_path / "run", [tiny_bert_cls()])
     with pytest.raises(TWASnapshotError, match=r"need at least 2 checkpoints to build a trajectory, found 1"):
-        hs.twa_from_checkpoints(str(tmp_path / "run"), tiny_bert_cls(), args(tmp_path / "out", twa=True), _data())
+        hs.twa_from_checkpoints(str(tmp_path / "run"), tiny_bert_cls(), twa_args(tmp_path / "out"), _data())
 
 
 def test_twa_snapshots_of_another_shape(tmp_path):
     _checkpoints(tmp_path / "run", [tiny_bert_cls(seed=1, hidden=16), tiny_bert_cls(seed=2, hidden=16)])
     with pytest.raises(TWASnapshotError, match=r"snapshot tensor 'bert\.embeddings\.word_embeddings\.weight' has "
                                                r"shape \(99, 16\) but the model's parameter has shape \(99, 32\)"):
-        hs.twa_from_checkpoints(str(tmp_path / "run"), tiny_bert_cls(), args(tmp_path / "out", twa=True), _data())
+        hs.twa_from_checkpoints(str(tmp_path / "run"), tiny_bert_cls(), twa_args(tmp_path / "out"), _data())
 
 
 def test_twa_snapshots_with_other_names(tmp_path):
-    from hf_subspace.trainer import run_twa_phase
+    from hf_subspace.twa import run_twa_phase
 
     model = tiny_bert_cls()
     snaps = [{"other." + n: p.detach().clone() for n, p in model.named_parameters()} for _ in range(2)]
-    trainer = hs.SubspaceTrainer(model=model, args=args(tmp_path, twa=True), train_dataset=_data())
+    trainer = hs.TWATrainer(model=model, args=twa_args(tmp_path), train_dataset=_data())
     with pytest.raises(TWASnapshotError, match=r"the snapshots have no tensor for the model's parameter "
                                                r"'bert\.embeddings\.word_embeddings\.weight'; they were taken from "
                                                r"another model"):
         run_twa_phase(trainer, snaps)
     _checkpoints(tmp_path / "run", [tiny_bert_cls().bert, tiny_bert_cls(seed=1).bert])
     with pytest.raises(TWASnapshotError, match=r"has no floating-point tensor named 'bert\."):
-        hs.twa_from_checkpoints(str(tmp_path / "run"), tiny_bert_cls(), args(tmp_path / "out", twa=True), _data())
+        hs.twa_from_checkpoints(str(tmp_path / "run"), tiny_bert_cls(), twa_args(tmp_path / "out"), _data())
 
 
 @pytest.mark.parametrize("kw,words", [
@@ -323,9 +331,10 @@ def test_twa_snapshots_with_other_names(tmp_path):
     ({"twa_snapshot_steps": 0}, "twa_snapshot_steps must be a positive integer or None"),
     ({"twa_num_components": 3}, "twa_num_components=3 only applies to twa_basis='pca'"),
 ])
-def test_bad_twa_settings_fail_before_the_ordinary_phase(tmp_path, kw, words):
+@pytest.mark.parametrize("make", [twa_args, deprecated_twa_args])
+def test_bad_twa_settings_fail_before_the_ordinary_phase(tmp_path, kw, words, make):
     with pytest.raises(SubspaceConfigError, match=words):
-        args(tmp_path, twa=True, **kw)
+        make(tmp_path, **kw)
 
 
 def test_a_twa_run_that_cannot_record_2_snapshots_fails_when_training_starts(tmp_path):
@@ -334,9 +343,9 @@ def test_a_twa_run_that_cannot_record_2_snapshots_fails_when_training_starts(tmp
 
     from conftest import tiny_resnet
 
-    a = args(tmp_path, twa=True, max_steps=4, twa_snapshot_steps=2, twa_snapshot_start_step=10,
-             per_device_train_batch_size=8, disable_tqdm=True)
-    trainer = hs.SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset())
+    a = twa_args(tmp_path, max_steps=4, twa_snapshot_steps=2, twa_snapshot_start_step=10,
+                 per_device_train_batch_size=8, disable_tqdm=True)
+    trainer = hs.TWATrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset())
     with pytest.raises(TWASnapshotError, match=r"would record only 0 weight snapshot\(s\) \(every 2 steps from step "
                                                r"10 to step 4\), and TWA needs at least 2"):
         trainer.train()
@@ -353,7 +362,7 @@ def test_an_already_wrapped_model_with_another_subspace_dim(tmp_path):
     with pytest.raises(SubspaceConfigError, match="already a subspace model with dim=10, but subspace_dim=500"):
         hs.SubspaceTrainer(model=wrapped, args=args(tmp_path, subspace_dim=500))
     with pytest.raises(SubspaceConfigError, match="pass the plain model, not one already wrapped"):
-        hs.SubspaceTrainer(model=wrapped, args=args(tmp_path, twa=True))
+        hs.TWATrainer(model=wrapped, args=twa_args(tmp_path))
 
 
 @pytest.mark.parametrize("kw,words", [({"seed": 1.5}, r"seed must be an integer .*got 1.5 \(float\)"),
@@ -369,8 +378,8 @@ def test_bad_config_fields(kw, words):
 def test_numpy_numbers_sets_and_none_are_accepted_where_they_mean_the_same(tmp_path):
     import numpy as np
 
-    a = args(tmp_path, twa=True, twa_momentum=np.float32(0.9), twa_learning_rate=np.float32(1),
-             twa_batch_size=np.int64(4), twa_snapshot_steps=np.int64(5))
+    a = twa_args(tmp_path, twa_momentum=np.float32(0.9), twa_learning_rate=np.float32(1),
+                 twa_batch_size=np.int64(4), twa_snapshot_steps=np.int64(5))
     assert a.twa_batch_size == 4 and type(a.twa_snapshot_steps) is int
     config = hs.SubspaceConfig(dim=50, exclude_modules={"classifier"}, projection_format=np.int64(1),
                                projection_options=None)
@@ -379,4 +388,4 @@ def test_numpy_numbers_sets_and_none_are_accepted_where_they_mean_the_same(tmp_p
     with pytest.raises(SubspaceConfigError, match="projection_options must be a dict"):
         hs.SubspaceConfig(dim=50, projection_options=["block"])
     with pytest.raises(SubspaceConfigError, match="twa_epochs must be a positive number"):
-        args(tmp_path, twa=True, twa_epochs=float("nan"))
+        twa_args(tmp_path, twa_epochs=float("nan"))

@@ -50,6 +50,7 @@ def test_example_trains_and_saves_its_adapter(task, tmp_path):
 def test_example_refuses_an_unknown_subspace(tmp_path, capsys):
     from dataclasses import dataclass
 
+    from hf_subspace import TWATrainingArguments
     from hf_subspace.demo import examples as examples_support
 
     @dataclass
@@ -61,7 +62,8 @@ def test_example_refuses_an_unknown_subspace(tmp_path, capsys):
     assert "invalid choice: 'lora'" in capsys.readouterr().err
     example, _, args = examples_support.parse_args(
         Nothing, {"subspace_dim": 7}, argv=["--subspace", "twa", "--output_dir", str(tmp_path), "--seed", "3"])
-    assert args.twa and args.subspace_dim is None and args.subspace_seed == 3
+    assert isinstance(args, TWATrainingArguments) and args.seed == 3  # --subspace twa: TWATrainer's arguments
+    assert not hasattr(args, "subspace_dim") and not hasattr(args, "subspace_seed")  # no random-subspace settings
 
 
 def test_image_example_twa(tmp_path):

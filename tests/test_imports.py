@@ -25,7 +25,7 @@ PACKAGE = "hf_subspace"
 #: (a subpackage covers all of its modules; ``""`` is the root ``__init__``, the facade).
 FLOORS: list[tuple[str, list[str]]] = [
     ("foundation: no hf_subspace import but each other",
-     ["_version", "errors", "atomic", "opcount", "cache", "auto_classes"]),
+     ["_version", "errors", "atomic", "opcount", "cache", "auto_classes", "checkpoints"]),
     ("the maps P and their autograd products; what a valid request is",
      ["projections", "products", "validation"]),
     ("per tensor of θ: which tensors, their parametrization, quantized and sharded θ0, the delta, fingerprints",
@@ -35,8 +35,8 @@ FLOORS: list[tuple[str, list[str]]] = [
      ["engine", "plain", "reparam", "fsdp", "distributed"]),
     ("PEFT: the tuner, model cards and the Hub, the registration with peft",
      ["tuner", "hub", "_registry"]),
-    ("training: TWA, the Trainer, non-finite steps",
-     ["twa", "nonfinite", "trainer"]),
+    ("training: the arguments both trainers share, TWA, the Trainer, non-finite steps",
+     ["arguments", "twa", "nonfinite", "trainer"]),
     ("analysis: intrinsic-dimension sweeps, effective rank", ["analysis"]),
     ("the command line", ["cli"]),
     ("the public facade", [""]),
@@ -49,12 +49,6 @@ DEMO_IMPORTERS = {"analysis.tasks", "cli"}
 #: the deprecated aliases of the modules that moved into ``hf_subspace.demo`` (kept for one release)
 DEMO_SHIMS = {"data": "demo.data", "examples_support": "demo.examples", "vision": "demo.vision"}
 
-#: Import edges allowed for now because another branch removes them: ``(importer, imported)``.
-KNOWN_ON_OTHER_BRANCH = {
-    # nonfinite -> trainer (last_complete_checkpoint / _read_json) closes the cycle trainer <-> nonfinite; branch
-    # `twa` moves those helpers down to hf_subspace/checkpoints.py. Delete this entry when it is merged.
-    ("nonfinite", "trainer"),
-}
 
 
 # -- the import graph ----------------------------------------------------------------------------------------------
@@ -179,7 +173,7 @@ def test_no_module_imports_from_a_higher_floor():
     upward = []
     for edge in sorted(EDGES):
         importer, imported = edge
-        if edge in KNOWN_ON_OTHER_BRANCH or _outside_floors(importer) or _outside_floors(imported):
+        if _outside_floors(importer) or _outside_floors(imported):
             continue
         low, high = _floor(importer), _floor(imported)
         if high > low:
@@ -190,8 +184,7 @@ def test_no_module_imports_from_a_higher_floor():
 def test_no_import_cycle():
     graph: dict[str, set[str]] = {m: set() for m in MODULES}
     for importer, imported in EDGES:
-        if (importer, imported) not in KNOWN_ON_OTHER_BRANCH:
-            graph[importer].add(imported)
+        graph[importer].add(imported)
     # Tarjan's strongly connected components
     index: dict[str, int] = {}
     low: dict[str, int] = {}
@@ -261,12 +254,6 @@ def test_the_core_imports_no_example_code():
         (old, DEMO) for old in DEMO_SHIMS}
     # and the demo tasks allowed to, do (so the allow-list does not outlive them)
     assert {e[0] for e in EDGES if _in(e[1], DEMO) and e[0] in DEMO_IMPORTERS} == DEMO_IMPORTERS
-
-
-def test_the_known_cycle_is_still_there_until_the_other_branch_lands():
-    # when branch `twa` is merged this fails: delete the entry from KNOWN_ON_OTHER_BRANCH (and this test)
-    stale = [e for e in KNOWN_ON_OTHER_BRANCH if e not in EDGES]
-    assert not stale, f"KNOWN_ON_OTHER_BRANCH lists imports that are gone, delete them: {stale}"
 
 
 def test_importing_the_package_loads_no_example_code():

@@ -10,9 +10,10 @@ from transformers import TrainerCallback
 
 from hf_subspace.nonfinite import NonFiniteTrainingError
 from hf_subspace.trainer import SubspaceTrainer, SubspaceTrainingArguments
+from hf_subspace.twa import TWATrainer
 
 from conftest import tiny_bert_cls, tiny_resnet
-from test_trainer import args, image_dataset, text_dataset
+from test_trainer import args, image_dataset, text_dataset, twa_args
 
 
 class NaNLossTrainer(SubspaceTrainer):
@@ -110,8 +111,8 @@ def test_the_twa_phase_skips_non_finite_coefficient_gradients(tmp_out):
             if os.path.basename(a.output_dir) == "twa" and state.global_step in (1, 2):
                 model.subspace.coeffs["twa"].grad.fill_(float("nan"))
 
-    a = args(tmp_out, twa=True, num_train_epochs=1, twa_snapshot_steps=2, twa_epochs=1, twa_learning_rate=0.5)
-    trainer = SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset(), callbacks=[NaNInTWA()])
+    a = twa_args(tmp_out, num_train_epochs=1, twa_snapshot_steps=2, twa_epochs=1, twa_learning_rate=0.5)
+    trainer = TWATrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset(), callbacks=[NaNInTWA()])
     trainer.train()
     assert torch.isfinite(trainer.twa_result.coefficients).all()
     assert trainer.twa_result.coefficients.abs().sum() > 0

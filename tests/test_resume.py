@@ -8,9 +8,10 @@ import torch
 from transformers import TrainerCallback
 
 from hf_subspace.trainer import SubspaceTrainer, last_complete_checkpoint
+from hf_subspace.twa import TWATrainer
 
 from conftest import tiny_bert_cls, tiny_resnet
-from test_trainer import args, image_dataset, text_dataset
+from test_trainer import args, image_dataset, text_dataset, twa_args
 
 
 class Interrupted(Exception):
@@ -51,9 +52,9 @@ def test_random_subspace_interrupted_and_resumed_is_bit_identical(tmp_path):
 
 
 def twa_run(out, storage="memory", callbacks=(), resume=None):
-    a = args(str(out), twa=True, num_train_epochs=2, learning_rate=0.05, twa_snapshot_steps=2,
-             twa_snapshot_storage=storage, save_strategy="steps", save_steps=4, twa_epochs=1, twa_learning_rate=0.5)
-    t = SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset(), callbacks=list(callbacks))
+    a = twa_args(str(out), num_train_epochs=2, learning_rate=0.05, twa_snapshot_steps=2,
+                 twa_snapshot_storage=storage, save_strategy="steps", save_steps=4, twa_epochs=1, twa_learning_rate=0.5)
+    t = TWATrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset(), callbacks=list(callbacks))
     t.train(resume_from_checkpoint=resume)
     return t
 
@@ -172,9 +173,9 @@ def test_per_epoch_snapshots_survive_a_checkpoint_at_the_end_of_an_epoch(tmp_pat
     """The default per-epoch snapshot is taken at the epoch's last step, before that step's checkpoint: a run
     resumed from checkpoint-8 (the end of epoch 1) keeps it instead of losing it."""
     def run(out, callbacks=(), resume=None):
-        a = args(str(out), twa=True, num_train_epochs=3, learning_rate=0.05, save_strategy="steps", save_steps=4,
-                 twa_epochs=1, twa_learning_rate=0.5)
-        t = SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset(), callbacks=list(callbacks))
+        a = twa_args(str(out), num_train_epochs=3, learning_rate=0.05, save_strategy="steps", save_steps=4,
+                     twa_epochs=1, twa_learning_rate=0.5)
+        t = TWATrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset(), callbacks=list(callbacks))
         t.train(resume_from_checkpoint=resume)
         return t
 
@@ -217,8 +218,8 @@ def test_resuming_with_other_subspace_settings_is_refused(tmp_path, change, word
 
 
 def per_epoch_twa(out, callbacks=(), resume=None, **kw):
-    a = args(str(out), twa=True, learning_rate=0.05, twa_epochs=1, twa_learning_rate=0.5, **kw)
-    t = SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset(), callbacks=list(callbacks))
+    a = twa_args(str(out), learning_rate=0.05, twa_epochs=1, twa_learning_rate=0.5, **kw)
+    t = TWATrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset(), callbacks=list(callbacks))
     t.train(resume_from_checkpoint=resume)
     return t
 
@@ -258,7 +259,7 @@ def test_an_iterable_dataset_does_not_stall_the_early_check(tmp_path):
         def on_step_end(self, a, state, control, **kwargs):
             raise Interrupted("started")
 
-    a = args(str(tmp_path), twa=True, max_steps=4)
-    trainer = SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=Stream(), callbacks=[StopAtOne()])
+    a = twa_args(str(tmp_path), max_steps=4)
+    trainer = TWATrainer(model=tiny_resnet(), args=a, train_dataset=Stream(), callbacks=[StopAtOne()])
     with pytest.raises(Interrupted, match="started"):
         trainer.train()

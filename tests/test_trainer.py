@@ -8,7 +8,8 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 import hf_subspace as hs
-from hf_subspace.trainer import SubspaceTrainer, SubspaceTrainingArguments, twa_from_checkpoints
+from hf_subspace.trainer import SubspaceTrainer, SubspaceTrainingArguments
+from hf_subspace.twa import TWATrainer, TWATrainingArguments, twa_from_checkpoints
 
 from conftest import tiny_bert_cls, tiny_resnet
 
@@ -43,6 +44,15 @@ def args(out, **kw):
                 disable_tqdm=True, seed=0, dataloader_num_workers=0)
     base.update(kw)
     return SubspaceTrainingArguments(**base)
+
+
+def twa_args(out, **kw):
+    """The settings of args(), as TWATrainingArguments (one-run TWA)."""
+    base = dict(output_dir=out, per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=5e-2,
+                num_train_epochs=1, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    base.update(kw)
+    return TWATrainingArguments(**base)
 
 
 def test_random_subspace_trainer_end_to_end(tmp_out):
@@ -115,11 +125,11 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="cannot be combined"):
         args("x", subspace_dim=10, twa=True)
     with pytest.raises(ValueError, match="twa_basis"):
-        args("x", twa=True, twa_basis="svd")
+        twa_args("x", twa_basis="svd")
     with pytest.raises(ValueError, match="twa_lr_schedule"):
-        args("x", twa=True, twa_lr_schedule="exp")
+        twa_args("x", twa_lr_schedule="exp")
     with pytest.raises(ValueError, match="twa_optimizer"):
-        args("x", twa=True, twa_optimizer="lbfgs")
+        twa_args("x", twa_optimizer="lbfgs")
 
 
 @pytest.mark.parametrize("schedule, expected", [
@@ -129,11 +139,11 @@ def test_bad_arguments():
     ("constant", [1.0, 1.0, 1.0, 1.0]),
 ])
 def test_twa_learning_rate_schedules(schedule, expected):
-    from hf_subspace.trainer import _twa_scheduler
+    from hf_subspace.twa.trainer import _twa_scheduler
 
     c = torch.nn.Parameter(torch.zeros(3))
     opt = torch.optim.SGD([c], lr=1.0)
-    sched = _twa_scheduler(opt, args("x", twa=True, twa_lr_schedule=schedule), total=8)
+    sched = _twa_scheduler(opt, twa_args("x", twa_lr_schedule=schedule), total=8)
     seen = []
     for step in range(8):
         if step % 2 == 0:
@@ -159,11 +169,11 @@ def test_twa_one_run_stays_in_the_span_and_recalibrates_bn(tmp_out):
         def on_step_end(self, args, state, control, **kwargs):
             CountSteps.steps += 1
 
-    a = args(tmp_out, twa=True, num_train_epochs=4, learning_rate=0.05, twa_epochs=1, twa_learning_rate=0.5,
+    a = twa_args(tmp_out, num_train_epochs=4, learning_rate=0.05, twa_epochs=1, twa_learning_rate=0.5,
              eval_strategy="no", twa_snapshot_steps=2)
     model = tiny_resnet()
-    trainer = SubspaceTrainer(model=model, args=a, train_dataset=image_dataset(), eval_dataset=image_dataset(32, 1),
-                              compute_metrics=accuracy, callbacks=[CountSteps()])
+    trainer = TWATrainer(model=model, args=a, train_dataset=image_dataset(), eval_dataset=image_dataset(32, 1),
+                         compute_metrics=accuracy, callbacks=[CountSteps()])
     trainer.train()
     assert CountSteps.steps == 4 * 8 + 8  # user callbacks see the TWA phase too
     result = trainer.twa_result
@@ -190,24 +200,24 @@ def test_twa_phase_batch_size(tmp_out):
         def on_step_end(self, args, state, control, **kwargs):
             Steps.seen.append(args.per_device_train_batch_size)
 
-    a = args(tmp_out, twa=True, num_train_epochs=2, twa_snapshot_steps=4, twa_batch_size=4, twa_learning_rate=0.3)
-    trainer = SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset(), callbacks=[Steps()])
+    a = twa_args(tmp_out, num_train_epochs=2, twa_snapshot_steps=4, twa_batch_size=4, twa_learning_rate=0.3)
+    trainer = TWATrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset(), callbacks=[Steps()])
     trainer.train()
     assert Steps.seen == [8] * 16 + [4] * 16  # 64 images: 8 steps of 8 per ordinary epoch, 16 of 4 in the TWA one
 
 
 def test_twa_phase_with_adamw_stays_in_the_span(tmp_out):
-    from hf_subspace.trainer import _twa_optimizer
+    from hf_subspace.twa.trainer import _twa_optimizer
 
     c = torch.nn.Parameter(torch.zeros(3))
-    opt = _twa_optimizer([c], args("x", twa=True, twa_optimizer="adamw", twa_learning_rate=0.03, twa_weight_decay=0.0))
+    opt = _twa_optimizer([c], twa_args("x", twa_optimizer="adamw", twa_learning_rate=0.03, twa_weight_decay=0.0))
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["lr"] == 0.03
-    opt = _twa_optimizer([c], args("x", twa=True, twa_momentum=0.5))
+    opt = _twa_optimizer([c], twa_args("x", twa_momentum=0.5))
     assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.5
 
-    a = args(tmp_out, twa=True, num_train_epochs=2, learning_rate=0.05, twa_snapshot_steps=2,
+    a = twa_args(tmp_out, num_train_epochs=2, learning_rate=0.05, twa_snapshot_steps=2,
              twa_optimizer="adamw", twa_learning_rate=0.05)
-    trainer = SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset())
+    trainer = TWATrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset())
     trainer.train()
     result = trainer.twa_result
     assert result.coefficients.abs().min() > 0  # Adam moves every coefficient from the first step
@@ -219,8 +229,8 @@ def test_twa_result_saves_as_an_adapter_that_holds_the_basis(tmp_out, tmp_path):
     from peft import PeftModel
     from safetensors import safe_open
 
-    a = args(tmp_out, twa=True, num_train_epochs=3, learning_rate=0.05, twa_learning_rate=0.5, twa_snapshot_steps=2)
-    trainer = SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset())
+    a = twa_args(tmp_out, num_train_epochs=3, learning_rate=0.05, twa_learning_rate=0.5, twa_snapshot_steps=2)
+    trainer = TWATrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset())
     trainer.train()
     result = trainer.twa_result
     paths = hs.save_twa_adapter(trainer.model, result, tmp_path / "twa")
@@ -244,8 +254,8 @@ def test_twa_result_saves_as_an_adapter_that_holds_the_basis(tmp_out, tmp_path):
 
 def test_twa_starts_exactly_at_the_snapshot_mean(tmp_out):
     # with a zero learning rate the coefficients stay 0: the result must be the mean of the snapshots
-    a = args(tmp_out, twa=True, num_train_epochs=3, learning_rate=0.05, twa_learning_rate=0.0, twa_momentum=0.0)
-    trainer = SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset())
+    a = twa_args(tmp_out, num_train_epochs=3, learning_rate=0.05, twa_learning_rate=0.0, twa_momentum=0.0)
+    trainer = TWATrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset())
     bn = trainer.model.resnet.embedder.embedder.normalization
     trainer.train()
     store = trainer.snapshot_callback.store
@@ -280,8 +290,8 @@ def test_twa_from_trainer_checkpoints(tmp_path):
     from transformers import ResNetForImageClassification
 
     model = ResNetForImageClassification.from_pretrained(os.path.join(run_dir, "checkpoint-24"))
-    twa_args = args(str(tmp_path / "twa"), twa_learning_rate=0.3, twa_epochs=1)
-    t2, result = twa_from_checkpoints(run_dir, model, twa_args, train_dataset=image_dataset(),
+    post = twa_args(str(tmp_path / "twa"), twa_learning_rate=0.3, twa_epochs=1)
+    t2, result = twa_from_checkpoints(run_dir, model, post, train_dataset=image_dataset(),
                                       eval_dataset=image_dataset(32, 1), compute_metrics=accuracy)
     assert result.num_snapshots == 3 and result.k == 2
     residual, _ = _span_residual(result, t2.model)
@@ -293,8 +303,8 @@ def test_twa_from_trainer_checkpoints(tmp_path):
 
 
 def test_twa_needs_two_snapshots(tmp_out):
-    a = args(tmp_out, twa=True, num_train_epochs=1)
-    trainer = SubspaceTrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset())
+    a = twa_args(tmp_out, num_train_epochs=1)
+    trainer = TWATrainer(model=tiny_resnet(), args=a, train_dataset=image_dataset())
     with pytest.raises(ValueError, match=r"would record only 1 weight snapshot\(s\) \(one per epoch \(epochs of 8 steps; "):
         trainer.train()  # when training starts, not after the ordinary phase
     assert trainer.state.global_step == 0
@@ -360,9 +370,11 @@ def test_plain_trainer_refuses_subspace_arguments_with_an_unwrapped_model(tmp_ou
     from peft import get_peft_model
     from transformers import Trainer
 
-    for kw in ({"subspace_dim": 50}, {"twa": True}):
-        with pytest.raises(hs.SubspaceConfigError, match="Trainer was given SubspaceTrainingArguments.*SubspaceTrainer"):
-            Trainer(model=tiny_bert_cls(), args=args(tmp_out, **kw), train_dataset=text_dataset())
+    with pytest.raises(hs.SubspaceConfigError, match="Trainer was given SubspaceTrainingArguments.*SubspaceTrainer"):
+        Trainer(model=tiny_bert_cls(), args=args(tmp_out, subspace_dim=50), train_dataset=text_dataset())
+    for a in (args(tmp_out, twa=True), twa_args(tmp_out)):  # TWA arguments: it runs no TWA either
+        with pytest.raises(hs.SubspaceConfigError, match="Trainer does not run TWA.*hf_subspace.TWATrainer"):
+            Trainer(model=tiny_bert_cls(), args=a, train_dataset=text_dataset())
     # a model the user wrapped is trained in its subspace by the plain Trainer: accepted
     wrapped = get_peft_model(tiny_bert_cls(), hs.SubspaceConfig(dim=50))
     Trainer(model=wrapped, args=args(tmp_out, subspace_dim=50), train_dataset=text_dataset())

@@ -136,7 +136,9 @@ def main(argv=None):
     train, test, classes, words, ids = load_data(example, image, args.seed)
     torch.manual_seed(args.seed)  # the from-scratch initialization
     model, processor = build_model(example, image, classes)
-    trainer = hf_subspace.SubspaceTrainer(
+    # one-run TWA has its own trainer (TWATrainingArguments, made by ex.parse_args for --subspace twa)
+    trainer_class = hf_subspace.TWATrainer if example.subspace == "twa" else hf_subspace.SubspaceTrainer
+    trainer = trainer_class(
         model=model, args=args, train_dataset=model_input(train, processor, image),
         eval_dataset=model_input(test, processor, image), data_collator=collate, compute_metrics=ex.accuracy_metrics)
     where = example.model_name_or_path or f"a {image.model_type} built from a small config (random init)"

@@ -142,8 +142,10 @@ def main(argv=None):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
     train_texts, held_texts, words, ids = load_texts(example, lm, args.seed)
     train, held = blocks(train_texts, tokenizer, lm.block_size), blocks(held_texts, tokenizer, lm.block_size)
-    trainer = hf_subspace.SubspaceTrainer(model=model, args=args, train_dataset=train, eval_dataset=held,
-                                          processing_class=tokenizer)
+    # one-run TWA has its own trainer (TWATrainingArguments, made by ex.parse_args for --subspace twa)
+    trainer_class = hf_subspace.TWATrainer if example.subspace == "twa" else hf_subspace.SubspaceTrainer
+    trainer = trainer_class(model=model, args=args, train_dataset=train, eval_dataset=held,
+                            processing_class=tokenizer)
 
     def evaluate(prefix):
         metrics = trainer.evaluate(metric_key_prefix=prefix)

@@ -239,8 +239,10 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model, channels, normalize = build_model(example, det, train.classes)
     datasets = {k: Boxes(v, det.image_size, channels, normalize) for k, v in {"train": train, **evals}.items()}
-    trainer = hf_subspace.SubspaceTrainer(model=model, args=args, train_dataset=datasets["train"],
-                                          eval_dataset=datasets["eval"], data_collator=collate)
+    # one-run TWA has its own trainer (TWATrainingArguments, made by ex.parse_args for --subspace twa)
+    trainer_class = hf_subspace.TWATrainer if example.subspace == "twa" else hf_subspace.SubspaceTrainer
+    trainer = trainer_class(model=model, args=args, train_dataset=datasets["train"],
+                            eval_dataset=datasets["eval"], data_collator=collate)
 
     def evaluate(prefix):
         metrics = trainer.evaluate(metric_key_prefix=prefix)

@@ -67,7 +67,9 @@ def main(argv=None):
     keep = {"label"}
     train, test = (d.map(tokenize, batched=True, remove_columns=[c for c in d.column_names if c not in keep])
                    .rename_column("label", "labels") for d in (train, test))
-    trainer = hf_subspace.SubspaceTrainer(
+    # one-run TWA has its own trainer (TWATrainingArguments, made by ex.parse_args for --subspace twa)
+    trainer_class = hf_subspace.TWATrainer if example.subspace == "twa" else hf_subspace.SubspaceTrainer
+    trainer = trainer_class(
         model=model, args=args, train_dataset=train, eval_dataset=test, data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer, compute_metrics=ex.accuracy_metrics)
     return ex.run_example(trainer, example, task="text classification (sentiment)", metric="accuracy",

@@ -112,22 +112,27 @@ def _keep_earlier_result(example: ExampleArguments, training: SubspaceTrainingAr
 
 
 def subspace_training_args(example: ExampleArguments, training: SubspaceTrainingArguments):
-    """``training`` with ``example.subspace`` and ``example.target_modules`` applied (``--subspace`` decides)."""
+    """``training`` with ``example.subspace`` and ``example.target_modules`` applied (``--subspace`` decides; for
+    ``twa`` it becomes :class:`~hf_subspace.TWATrainingArguments`)."""
     changes = {}
+    # --push_to_hub uploads the final result with our card at the end (run_example), not the Trainer's checkpoints
+    example.push_at_end = bool(training.push_to_hub or getattr(example, "push_at_end", False))
+    if example.subspace == "twa":  # TWATrainingArguments: the Trainer's and the twa_* settings, no subspace_* ones
+        from ..twa.arguments import as_twa_arguments
+
+        return dataclasses.replace(as_twa_arguments(training), push_to_hub=False)
     if example.subspace in RANDOM_SUBSPACES:
         if training.subspace_dim is None:
             raise ValueError(f"--subspace {example.subspace} needs --subspace_dim")
         changes.update(subspace_projection=example.subspace)
     else:
-        changes.update(subspace_dim=None, twa=example.subspace == "twa")
+        changes.update(subspace_dim=None)
     if example.subspace == "none":  # every weight: the example's subspace defaults (and --seed's) do not apply
         from ..trainer import _subspace_defaults
 
         changes.update(_subspace_defaults())
     elif example.target_modules:
         changes.update(subspace_target_modules=list(example.target_modules))
-    # --push_to_hub uploads the final result with our card at the end (run_example), not the Trainer's checkpoints
-    example.push_at_end = bool(training.push_to_hub or getattr(example, "push_at_end", False))
     changes.update(push_to_hub=False)
     return dataclasses.replace(training, **changes)
 

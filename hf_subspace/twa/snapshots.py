@@ -20,13 +20,13 @@ from safetensors import safe_open
 from transformers import TrainerCallback
 
 from ..atomic import save_safetensors
+from ..checkpoints import CHECKPOINT_RE as _CHECKPOINT_RE
 from .basis import name_difference
 
 STORAGE_KINDS = ("memory", "disk")
 STORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _FILE_RE = re.compile(r"snapshot-(\d+)\.safetensors")
-_CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -277,13 +277,15 @@ class SnapshotCallback(TrainerCallback):
         start_step: record nothing before this optimizer step (the first, far-from-converged part of a run
             spends directions of the subspace on a path training has left).
         min_snapshots: when training starts, raise :class:`~hf_subspace.TWASnapshotError` if the run cannot record
-            this many (SubspaceTrainer's one-run TWA asks for 2).
+            this many (TWATrainer's one-run TWA asks for 2).
 
     A per-epoch snapshot is taken at the epoch's last optimizer step, before that step's checkpoint is saved.
 
     In a multi-process run every process records its own copy (all hold the same weights); give each process
     its own ``directory`` when storing on disk.
     """
+
+    hf_subspace_internal = True  # a TWATrainer's own: not carried into its TWA phase
 
     def __init__(self, every_n_steps: int | None = None, per_epoch: bool = True, storage: str = "memory",
                  directory: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
