@@ -4,7 +4,7 @@
 
 writes ``<out>/comm.json`` and ``<out>/comm.md``. Each method runs in its own ``torchrun --nproc_per_node 2`` launch
 (through the shared harness: a fresh process per method) and trains a small BERT (hidden 128, 4 layers, vocab 2,000:
-D ≈ 1.1M weights, sequence classification) for a few steps with the ``SubspaceTrainer`` / ``Trainer`` as a user
+D ≈ 1.1M weights, sequence classification) for a few steps with the ``SubspaceTrainer`` / ``TWATrainer`` / ``Trainer`` as a user
 would. What crosses the network is counted on rank 0 by :class:`CommCounter` (benchmarks/_comm.py): DDP's gradient
 buckets through a communication hook (``DistributedDataParallel.register_comm_hook``), and every collective called
 outside DDP (``torch.distributed.all_reduce`` / ``all_gather`` / ``broadcast`` and DDP's buffer broadcasts) by
@@ -192,7 +192,7 @@ def worker(method: str, steps: int, result_file: str) -> None:
         return
     import torch.distributed as dist
 
-    from hf_subspace import SubspaceTrainer, SubspaceTrainingArguments
+    from hf_subspace import SubspaceTrainer, SubspaceTrainingArguments, TWATrainer, TWATrainingArguments
     from _comm import CommCounter
 
     torch.set_num_threads(1)
@@ -207,11 +207,13 @@ def worker(method: str, steps: int, result_file: str) -> None:
     elif method == "lora":
         model = _models.lora(model, ["query", "value"], "SEQ_CLS", alpha=None)
     elif method == "twa":
-        kw.update(twa=True, twa_snapshot_steps=max(1, steps // 4), twa_epochs=1.0, twa_learning_rate=0.5)
+        kw.update(twa_snapshot_steps=max(1, steps // 4), twa_epochs=1.0, twa_learning_rate=0.5)
     n_examples = PER_DEVICE_BATCH * world * steps
     counter = CommCounter()
     with counter.counting():
-        trainer = SubspaceTrainer(model=model, args=SubspaceTrainingArguments(**kw), train_dataset=dataset(n_examples))
+        trainer_cls, args_cls = (TWATrainer, TWATrainingArguments) if method == "twa" else (SubspaceTrainer,
+                                                                                         SubspaceTrainingArguments)
+        trainer = trainer_cls(model=model, args=args_cls(**kw), train_dataset=dataset(n_examples))
         trainer.train()
     if dist.get_rank() != 0:
         return

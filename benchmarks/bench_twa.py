@@ -11,7 +11,7 @@ snapshots. This script repeats that protocol with E epochs instead of 200::
 Arms (for each seed: the same model initialization, the same data and the same data order):
 
 * **SGD** — SGD (momentum 0.9, weight decay 1e-4) for E epochs, lr 0.1 divided by 10 at E/2 and 3E/4.
-* **TWA** — ``SubspaceTrainer(twa=True)``: E/2 epochs of that run (the lr is still constant there), a snapshot
+* **TWA** — ``TWATrainer``: E/2 epochs of that run (the lr is still constant there), a snapshot
   every ``twa_snapshot_steps`` steps, then ``twa_epochs`` = E/10 epochs of TWA coefficient training (SGD
   momentum 0.9, lr ``twa_learning_rate`` divided by 10 at 50% and 75%, weight decay 1e-5); BatchNorm is
   recalibrated after averaging and at the end. This is the library's one-run TWA code path, unchanged.
@@ -55,8 +55,9 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from hf_subspace.demo.data import load_image_classification  # noqa: E402
-from hf_subspace.trainer import (TWA_LR_SCHEDULES, TWA_OPTIMIZERS, SubspaceTrainer,  # noqa: E402
-                                 SubspaceTrainingArguments, run_twa_phase)
+from hf_subspace import SubspaceTrainer, SubspaceTrainingArguments, TWATrainer, TWATrainingArguments  # noqa: E402
+from hf_subspace.twa import run_twa_phase  # noqa: E402
+from hf_subspace.twa.arguments import TWA_LR_SCHEDULES, TWA_OPTIMIZERS  # noqa: E402
 from hf_subspace.twa import recalibrate_batchnorm  # noqa: E402
 
 DATA_SPLIT_SEED = 1234  # the train/validation split is the same for every seed and arm
@@ -160,7 +161,7 @@ class PhaseProbe(TrainerCallback):
     """Times the ordinary phase, and evaluates the model where it ends (evaluation time is recorded apart).
 
     ``at_step``: probe after that optimizer step (for the SGD arm: where TWA's ordinary phase would stop);
-    otherwise probe at ``on_train_end`` of the ordinary phase (SubspaceTrainer runs TWA after it).
+    otherwise probe at ``on_train_end`` of the ordinary phase (TWATrainer runs TWA after it).
     """
 
     def __init__(self, data, at_step: int | None = None):
@@ -192,8 +193,9 @@ def steps_per_epoch(cfg) -> int:
     return math.ceil(cfg.train_size_actual / cfg.batch_size)
 
 
-def make_args(cfg, seed: int, out_dir: str, epochs: float, **extra) -> SubspaceTrainingArguments:
-    return SubspaceTrainingArguments(
+def make_args(cfg, seed: int, out_dir: str, epochs: float, cls=SubspaceTrainingArguments, **extra):
+    """The Trainer settings every arm shares (``cls``: TWATrainingArguments for the TWA arms, with ``extra``)."""
+    return cls(
         output_dir=out_dir, per_device_train_batch_size=cfg.batch_size, num_train_epochs=epochs,
         learning_rate=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=0.0,  # plain SGD, no clipping
         lr_scheduler_type="constant", warmup_steps=0, save_strategy="no", eval_strategy="no",
@@ -251,7 +253,7 @@ def run_sgd(cfg, data, init_state, seed: int, epochs: float, workdir: str, probe
 
 
 def twa_extra(cfg, twa_lr: float) -> dict:
-    return dict(twa=True, twa_snapshot_steps=cfg.snapshot_steps, twa_epochs=cfg.twa_epochs,
+    return dict(twa_snapshot_steps=cfg.snapshot_steps, twa_epochs=cfg.twa_epochs,
                 twa_snapshot_start_step=cfg.snapshot_start_step, twa_center=not cfg.uncentered,
                 twa_lr_schedule=cfg.twa_schedule, twa_batch_size=cfg.twa_batch_size,
                 twa_learning_rate=twa_lr, twa_optimizer=cfg.twa_optimizer, twa_momentum=0.9, twa_weight_decay=1e-5,
@@ -259,17 +261,17 @@ def twa_extra(cfg, twa_lr: float) -> dict:
                 twa_lr_gamma=0.1)
 
 
-def twa_trainer(cfg, data, init_state, seed: int, twa_lr: float, workdir: str, callbacks=None) -> SubspaceTrainer:
-    """``SubspaceTrainer(twa=True)`` on a fresh model from ``init_state``: E/2 epochs at the constant lr with
+def twa_trainer(cfg, data, init_state, seed: int, twa_lr: float, workdir: str, callbacks=None) -> TWATrainer:
+    """``TWATrainer`` on a fresh model from ``init_state``: E/2 epochs at the constant lr with
     snapshots, then (in ``train()``) the TWA phase with ``twa_learning_rate`` = ``twa_lr``."""
     model = fresh_model(cfg, init_state)
-    args = make_args(cfg, seed, workdir, cfg.epochs / 2, **twa_extra(cfg, twa_lr))
-    return SubspaceTrainer(model=model, args=args, train_dataset=data["train"],
+    args = make_args(cfg, seed, workdir, cfg.epochs / 2, cls=TWATrainingArguments, **twa_extra(cfg, twa_lr))
+    return TWATrainer(model=model, args=args, train_dataset=data["train"],
                            optimizers=make_sgd(model, cfg, None), callbacks=callbacks)
 
 
 def ordinary_phase(trainer) -> float:
-    """Run only the ordinary phase of a :func:`twa_trainer` (``SubspaceTrainer.train`` would add the TWA phase);
+    """Run only the ordinary phase of a :func:`twa_trainer` (``TWATrainer.train`` would add the TWA phase);
     returns its seconds."""
     t0 = time.perf_counter()
     Trainer.train(trainer)
@@ -319,7 +321,7 @@ def run_twa(cfg, data, init_state, seed: int, twa_lr: float, workdir: str) -> di
 
 def tune_twa_lr(cfg, data, init_state, seed: int, grid, workdir: str) -> dict:
     """Choose twa_learning_rate on the validation split: one ordinary phase (seed ``seed``), then the TWA phase
-    (``run_twa_phase``, the code ``SubspaceTrainer.train`` calls) once per learning rate from a copy of it."""
+    (``run_twa_phase``, the code ``TWATrainer.train`` calls) once per learning rate from a copy of it."""
     trainer = twa_trainer(cfg, data, init_state, seed, grid[0], workdir)
     ordinary_seconds = ordinary_phase(trainer)
     store = trainer.snapshot_callback.store
@@ -442,7 +444,7 @@ def markdown_report(report: dict) -> str:
         f"(all parameters), batch {cfg['batch_size']}, no gradient clipping, augmentation "
         f"{'random crop (pad 2) + horizontal flip' if cfg['augment'] else 'none'}; "
         f"SGD arm: {E:g} epochs, lr ÷10 at {E * 0.5:g} and {E * 0.75:g} epochs",
-        f"- TWA: SubspaceTrainer(twa=True), num_train_epochs {E / 2:g} at constant lr {cfg['lr']} (= the first half "
+        f"- TWA: TWATrainer, num_train_epochs {E / 2:g} at constant lr {cfg['lr']} (= the first half "
         f"of the SGD arm), twa_snapshot_steps {cfg['snapshot_steps']}, twa_snapshot_start_step "
         f"{cfg.get('snapshot_start_step', 0)} ({cfg.get('snapshot_start', 0):g} epochs), twa_basis {cfg['twa_basis']}"
         + (f" (k = {cfg['twa_k']})" if cfg["twa_k"] else "")

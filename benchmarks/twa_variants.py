@@ -1,7 +1,7 @@
 """TWA-phase variants on the validation split, from one ordinary phase (the exploration behind bench_twa's settings).
 
 One seed's ordinary phase of ``bench_twa.py`` (E/2 epochs at the constant lr) runs once with a dense snapshot
-schedule; then each variant runs the TWA phase (``run_twa_phase``, the code ``SubspaceTrainer.train`` calls) from a
+schedule; then each variant runs the TWA phase (``run_twa_phase``, the code ``TWATrainer.train`` calls) from a
 copy of the model over a subset of those snapshots, with its own TWA settings, and reports validation accuracy.
 The test set is never read. Variants are JSON objects::
 
@@ -9,7 +9,7 @@ The test set is never read. Variants are JSON objects::
     {"start": 23, "every": 1, "args": {"twa_basis": "pca", "twa_num_components": 32}}
     {"start": 23, "args": {"twa_optimizer": "adamw", "twa_learning_rate": 0.05, "twa_epochs": 3}}
 
-``args`` are ``SubspaceTrainingArguments`` TWA-phase fields (:data:`PHASE_FIELDS`); the rest keep bench_twa's
+``args`` are ``TWATrainingArguments`` TWA-phase fields (:data:`PHASE_FIELDS`); the rest keep bench_twa's
 settings (lr 1, step schedule, one epoch, SGD momentum 0.9, weight decay 1e-5, centered ``twa`` basis)::
 
     python benchmarks/twa_variants.py --seed 0 --snapshot-every 10 \\
@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 import bench_twa as B
-from hf_subspace.trainer import run_twa_phase
+from hf_subspace.twa import run_twa_phase
 from hf_subspace.twa import SnapshotStore
 
 # the TWA-phase settings a variant may change; the others' values are bench_twa's (read off its arguments)

@@ -154,12 +154,13 @@ def test_bench_memory_worker_and_interleaved_timing_on_a_tiny_gpt2(monkeypatch):
     assert {k: len(v) for k, v in times.items()} == {"full": 2, "lora": 2, "global1k": 2}
 
 
-def test_readme_benchmark_commands_parse():
-    """Every ``python benchmarks/<script>.py ...`` command in the README is accepted by that script's options."""
+def test_readme_and_docs_benchmark_commands_parse():
+    """Every ``python benchmarks/<script>.py ...`` command in the README and the docs is accepted by that script's
+    options."""
     import importlib
     import shlex
 
-    readme = (BENCH.parent / "README.md").read_text()
+    readme = "\n".join(p.read_text() for p in [BENCH.parent / "README.md", *sorted((BENCH.parent / "docs").glob("*.md"))])
     commands = re.findall(r"python benchmarks/(\w+)\.py([^`#\n]*)", readme)
     commands += re.findall(r"`python\s+benchmarks/(bench_comm)\.py( --only[^`]*)`", readme)  # across a line break
     assert len(commands) >= 10 and "bench_comm" in {c[0] for c in commands}

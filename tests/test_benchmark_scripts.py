@@ -36,9 +36,9 @@ def test_variants_are_checked_before_any_training(variants, message, capsys):
 
 
 def test_variant_fields_are_trainer_fields():
-    from hf_subspace import SubspaceTrainingArguments
+    from hf_subspace import TWATrainingArguments
 
-    fields = SubspaceTrainingArguments.__dataclass_fields__
+    fields = TWATrainingArguments.__dataclass_fields__
     assert set(twa_variants.PHASE_FIELDS) <= set(fields)
 
 
