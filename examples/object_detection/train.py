@@ -20,11 +20,13 @@ random subspace of them; --subspace twa one-run Trainable Weight Averaging.
     python examples/object_detection/train.py --subspace twa
     python examples/object_detection/train.py --dataset_name deepforest --image_size 384
 """
+import resource
+import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForObjectDetection
+from transformers import AutoConfig, AutoModelForObjectDetection, TrainerCallback
 
 import hf_subspace
 from hf_subspace import examples_support as ex
@@ -215,6 +217,38 @@ def mean_average_precision(trainer, dataset, prefix, class_agnostic=False):
     return {f"{prefix}_{k}": v for k, v in result.items()}
 
 
+def cpu_seconds():
+    """User + system CPU time of this process so far (the cost measure that load on a shared machine leaves alone)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class PhaseClock(TrainerCallback):
+    """CPU seconds, wall seconds and steps of each training phase (one; a one-run TWA's ordinary phase, then its
+    coefficient phase: the Trainer hands its user callbacks to the phase's own Trainer).
+
+    ``at_second_phase()`` runs when the second phase begins, before its clock starts: in a one-run TWA the model is
+    then at the snapshots' mean with BatchNorm recalibrated and c = 0, i.e. SWA of the same snapshots."""
+
+    def __init__(self, at_second_phase=None):
+        self.phases, self.at_second_phase, self._start = [], at_second_phase, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if len(self.phases) == 1 and self.at_second_phase is not None:
+            self.at_second_phase()
+        self._start = (cpu_seconds(), time.perf_counter(), state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        cpu, wall, step = self._start
+        self.phases.append({"cpu_s": cpu_seconds() - cpu, "wall_s": time.perf_counter() - wall,
+                            "steps": state.global_step - step})
+
+    def metrics(self) -> dict:
+        names = ["train"] if len(self.phases) == 1 else ["ordinary", "twa"]
+        out = {f"{name}_{k}": round(v, 2) for name, phase in zip(names, self.phases) for k, v in phase.items()}
+        return out
+
+
 def xyxy(b):
     """normalized (cx, cy, w, h) -> (x_min, y_min, x_max, y_max)"""
     return torch.stack([b[..., 0] - b[..., 2] / 2, b[..., 1] - b[..., 3] / 2,
@@ -239,24 +273,47 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model, channels, normalize = build_model(example, det, train.classes)
     datasets = {k: Boxes(v, det.image_size, channels, normalize) for k, v in {"train": train, **evals}.items()}
+    swa = {}
+
+    def evaluate_swa():  # one-run TWA: the snapshots' mean (BatchNorm recalibrated), before the coefficient phase
+        spent = cpu_seconds()
+        swa.update(mean_average_precision(trainer, datasets["eval"], "swa"))
+        swa["swa_eval_cpu_s"] = round(cpu_seconds() - spent, 2)
+        trainer.log(dict(swa))
+
+    clock = PhaseClock(evaluate_swa if example.subspace == "twa" else None)
     trainer = hf_subspace.SubspaceTrainer(model=model, args=args, train_dataset=datasets["train"],
-                                          eval_dataset=datasets["eval"], data_collator=collate)
+                                          eval_dataset=datasets["eval"], data_collator=collate, callbacks=[clock])
+
+    marks = {}  # CPU seconds when training starts (after the first evaluation) and ends (before the last)
 
     def evaluate(prefix):
+        marks[prefix] = cpu_seconds()
         metrics = trainer.evaluate(metric_key_prefix=prefix)
         metrics.update(mean_average_precision(trainer, datasets["eval"], prefix))
         if "deepforest" in datasets:
             forest = mean_average_precision(trainer, datasets["deepforest"], f"{prefix}_deepforest", True)
             metrics.update(forest)
         trainer.log({k: v for k, v in metrics.items() if "map" in k})
+        marks[f"{prefix}_done"] = cpu_seconds()
         return metrics
 
     what = example.model_name_or_path or {
         "rtdetr_lite0": "RT-DETR, small config, on the ImageNet-pretrained EfficientNet-Lite0 backbone"
                         + (" (trained)" if det.train_backbone else " (frozen)")}.get(
         det.model_type, f"a {det.model_type} built from a small config (random init)")
+
+    def after_training(trainer):
+        # all of train(): the phases, and for TWA also the snapshots, the basis, both BatchNorm recalibrations and
+        # the library's loss evaluation after the coefficient phase (the SWA evaluation here is not counted)
+        total = marks["eval"] - marks["before_done"] - swa.get("swa_eval_cpu_s", 0)
+        extra = {**clock.metrics(), "train_total_cpu_s": round(total, 2), **swa}
+        trainer.save_metrics("cost", extra)  # into output_dir/all_results.json with the rest
+        return extra
+
     return ex.run_example(trainer, example, task=f"object detection ({what})", metric="map_50", training_data=words,
-                          evaluate=evaluate, save_base=example.model_name_or_path is None)
+                          evaluate=evaluate, save_base=example.model_name_or_path is None,
+                          after_training=after_training)
 
 
 if __name__ == "__main__":
