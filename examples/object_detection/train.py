@@ -23,6 +23,7 @@ random subspace of them; --subspace twa one-run Trainable Weight Averaging.
 import resource
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,17 @@ class DetectionArguments:
     detector_layers: list[int] = field(default_factory=lambda: [1, 3], metadata={
         "help": "rtdetr_lite0: encoder and decoder layers"})
     eval_deepforest: bool = field(default=True, metadata={"help": "also report class-agnostic mAP on deepforest"})
+    task: str = field(default="digits", metadata={
+        "choices": ["digits", "shifted"],
+        "help": "digits: the canvases above; shifted: the same ten digit classes, but dark digits on a bright, "
+                "noisy background (each canvas its own gray level), 20-40 px, up to 4 per canvas (held out as the "
+                "digits are; --digit_size and --max_digits do not apply)"})
+    init_from: Optional[str] = field(default=None, metadata={
+        "help": "start from a detector an earlier run saved (its OUTPUT_DIR/final; rtdetr_lite0 only), e.g. to "
+                "adapt it to --task shifted; its BatchNorm statistics are kept as they are (not updated)"})
+    lora_rank: int = field(default=0, metadata={
+        "help": "with --subspace none: train LoRA adapters of this rank (peft; on every linear layer of the "
+                "detector, lora_alpha = 2 x rank) instead of the weights; 0: off"})
 
 
 def scale_255_to_unit(pixels):
@@ -93,8 +105,39 @@ def collate(items):
     return {"pixel_values": torch.stack([i["pixel_values"] for i in items]), "labels": [i["labels"] for i in items]}
 
 
+SHIFTED = dict(max_digits=4, digit_sizes=(20, 40), background=(150, 255), noise=20.0)
+
+
+def shifted_canvases(n, split, size, seed):
+    """The shifted task: digit canvases (other draws, same held-out digit split) turned into dark digits on a bright
+    background: each canvas a gray level drawn from ``SHIFTED["background"]``, Gaussian pixel noise, ink darkening
+    it. Deterministic in (n, split, size, seed); boxes and labels are those of the digits."""
+    data = make_digit_canvases(n, split, size, SHIFTED["max_digits"], SHIFTED["digit_sizes"], seed=seed + 1000)
+    gen = torch.Generator().manual_seed(int(seed) * 2 + (split == "test") + 7919)
+    lo, hi = SHIFTED["background"]
+    images = []
+    for image in data.images:
+        level = float(torch.randint(lo, hi + 1, (1,), generator=gen))
+        noise = torch.randn(image.shape, generator=gen) * SHIFTED["noise"]
+        images.append((level * (1 - image.float() / 255) + noise).round().clamp(0, 255).to(torch.uint8))
+    return type(data)(data.name, data.classes, images, data.boxes, data.labels,
+                      data.source + f"; shifted: dark digits on gray levels {lo}-{hi} with noise (std "
+                                    f"{SHIFTED['noise']:g}), {SHIFTED['digit_sizes'][0]}-{SHIFTED['digit_sizes'][1]} px,"
+                                    f" up to {SHIFTED['max_digits']} a canvas")
+
+
 def load_data(example, det, seed):
     """(train DetectionData, {name: eval DetectionData}, description)."""
+    if det.task == "shifted":
+        if example.dataset_name not in (None, "digit_canvases"):
+            raise ValueError(f"--task shifted is made from the digit canvases; drop --dataset_name "
+                             f"{example.dataset_name}")
+        train = shifted_canvases(example.max_train_samples or det.train_canvases, "train", det.image_size, seed)
+        evals = {"eval": shifted_canvases(example.max_eval_samples or det.eval_canvases, "test", det.image_size,
+                                          seed)}
+        words = (f"{len(train):,} shifted training canvases ({train.source}); {len(evals['eval']):,} test canvases "
+                 "made the same way from the 1,000 test digits")
+        return train, evals, words
     if example.dataset_name in (None, "digit_canvases"):
         train = make_digit_canvases(example.max_train_samples or det.train_canvases, "train", det.image_size,
                                     det.max_digits, tuple(det.digit_size), seed=seed)
@@ -129,6 +172,15 @@ def build_model(example, det, classes):
         model = AutoModelForObjectDetection.from_pretrained(example.model_name_or_path, ignore_mismatched_sizes=True,
                                                             **labels)
         return model, model.config.num_channels, hub_normalization(example.model_name_or_path)
+    if det.init_from:
+        from hf_subspace.vision import lite0_pixel_values, load_rtdetr_lite0
+
+        model = load_rtdetr_lite0(det.init_from)
+        saved = [model.config.id2label[i] for i in range(len(model.config.id2label))]
+        if saved != list(classes):
+            raise ValueError(f"--init_from {det.init_from} detects {saved}, not this task's classes {list(classes)}")
+        keep_batchnorm_statistics(model)
+        return model, 3, lite0_pixel_values
     if det.model_type == "rtdetr_lite0":
         from hf_subspace.vision import lite0_pixel_values, rtdetr_lite0
 
@@ -150,6 +202,50 @@ def build_model(example, det, classes):
         settings["backbone_config"] = AutoConfig.for_model(backbone.pop("model_type"), num_channels=3, **backbone)
     config = AutoConfig.for_model(kind, **labels, **settings)
     return AutoModelForObjectDetection.from_config(config), config.num_channels, scale_255_to_unit
+
+
+def keep_batchnorm_statistics(model):
+    """Every ``nn.BatchNorm2d`` normalizes with its running statistics and never updates them, in training too
+    (their affine weights stay trainable): a LoRA or subspace adapter then reproduces the trained model on its
+    base, which statistics updated in training (buffers, in no adapter) would not. Applied to all three ways of
+    fine-tuning (--init_from) alike."""
+    def use_running_statistics(module, args):
+        module.training = False
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.register_forward_pre_hook(use_running_statistics)
+    return model
+
+
+def add_lora(model, rank):
+    """peft's LoRA (rank ``rank``, alpha 2 x rank, no dropout) on every ``nn.Linear`` of the detector (the frozen
+    Lite0 backbone has none); everything else frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    # full names: short ones ("0" of an MLP's layers.0) would also match the backbone's blocks.0
+    targets = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, bias="none")
+    return get_peft_model(model, config)
+
+
+def check_arguments(example, det):
+    """One-line errors for combinations the flags cannot mean."""
+    if det.lora_rank < 0:
+        raise ValueError(f"--lora_rank must be a positive rank (or 0: no LoRA), got {det.lora_rank}")
+    if det.lora_rank and example.subspace != "none":
+        raise ValueError(f"--lora_rank trains LoRA adapters instead of the weights: use it with --subspace none, not "
+                         f"--subspace {example.subspace}")
+    if det.init_from:
+        import os
+
+        if example.model_name_or_path:
+            raise ValueError("--init_from and --model_name_or_path both name the model to start from: pass one")
+        if det.model_type != "rtdetr_lite0":
+            raise ValueError(f"--init_from reads an rtdetr_lite0 detector, not --model_type {det.model_type}")
+        if not os.path.isfile(os.path.join(det.init_from, "config.json")):
+            raise ValueError(f"--init_from {det.init_from} holds no saved detector (no config.json): pass the final/ "
+                             "folder of a --subspace none run")
 
 
 def hub_normalization(name):
@@ -269,9 +365,13 @@ def main(argv=None):
         twa_defaults=dict(learning_rate=2e-3, num_train_epochs=0.7, twa_snapshot_steps=25,
                           twa_snapshot_start_step=100, twa_epochs=0.3, twa_learning_rate=0.3, twa_bn_batches=50),
         argv=argv)
+    check_arguments(example, det)
     train, evals, words = load_data(example, det, args.seed)
     torch.manual_seed(args.seed)
     model, channels, normalize = build_model(example, det, train.classes)
+    if det.lora_rank:
+        model = add_lora(model, det.lora_rank)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     datasets = {k: Boxes(v, det.image_size, channels, normalize) for k, v in {"train": train, **evals}.items()}
     swa = {}
 
@@ -298,7 +398,7 @@ def main(argv=None):
         marks[f"{prefix}_done"] = cpu_seconds()
         return metrics
 
-    what = example.model_name_or_path or {
+    what = example.model_name_or_path or (f"the detector of {det.init_from}" if det.init_from else None) or {
         "rtdetr_lite0": "RT-DETR, small config, on the ImageNet-pretrained EfficientNet-Lite0 backbone"
                         + (" (trained)" if det.train_backbone else " (frozen)")}.get(
         det.model_type, f"a {det.model_type} built from a small config (random init)")
@@ -307,13 +407,24 @@ def main(argv=None):
         # all of train(): the phases, and for TWA also the snapshots, the basis, both BatchNorm recalibrations and
         # the library's loss evaluation after the coefficient phase (the SWA evaluation here is not counted)
         total = marks["eval"] - marks["before_done"] - swa.get("swa_eval_cpu_s", 0)
-        extra = {**clock.metrics(), "train_total_cpu_s": round(total, 2), **swa}
+        extra = {**clock.metrics(), "train_total_cpu_s": round(total, 2), **swa, "trainable_numbers": trainable}
         trainer.save_metrics("cost", extra)  # into output_dir/all_results.json with the rest
         return extra
 
-    return ex.run_example(trainer, example, task=f"object detection ({what})", metric="map_50", training_data=words,
-                          evaluate=evaluate, save_base=example.model_name_or_path is None,
-                          after_training=after_training)
+    how = f", LoRA r={det.lora_rank}" if det.lora_rank else ""
+    result = ex.run_example(trainer, example, task=f"object detection ({what}{', shifted task' if det.task == 'shifted' else ''}{how})",
+                            metric="map_50", training_data=words, evaluate=evaluate,
+                            save_base=example.model_name_or_path is None and not det.init_from,
+                            base_model_id=det.init_from, after_training=after_training)
+    if det.lora_rank and trainer.is_world_process_zero():  # the card save_result wrote says "every weight trained"
+        import os
+
+        with open(os.path.join(args.output_dir, "final", "README.md"), "w", encoding="utf-8") as f:
+            f.write(f"---\nlibrary_name: peft\nbase_model: {det.init_from or 'rtdetr_lite0'}\n---\n\n# LoRA "
+                    f"(r={det.lora_rank}) on {what}\n\n{trainable:,} trainable numbers; the base is frozen. Read "
+                    f"back with `PeftModel.from_pretrained(hf_subspace.vision.load_rtdetr_lite0(BASE), "
+                    f"FOLDER)`.\n\n## Training data\n\n{words}\n")
+    return result
 
 
 if __name__ == "__main__":
