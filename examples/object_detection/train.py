@@ -371,7 +371,6 @@ def main(argv=None):
     model, channels, normalize = build_model(example, det, train.classes)
     if det.lora_rank:
         model = add_lora(model, det.lora_rank)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     datasets = {k: Boxes(v, det.image_size, channels, normalize) for k, v in {"train": train, **evals}.items()}
     swa = {}
 
@@ -384,6 +383,8 @@ def main(argv=None):
     clock = PhaseClock(evaluate_swa if example.subspace == "twa" else None)
     trainer = hf_subspace.SubspaceTrainer(model=model, args=args, train_dataset=datasets["train"],
                                           eval_dataset=datasets["eval"], data_collator=collate, callbacks=[clock])
+    # what the optimizer trains (a random subspace: d; TWA: the weights, then its k coefficients)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
 
     marks = {}  # CPU seconds when training starts (after the first evaluation) and ends (before the last)
 
