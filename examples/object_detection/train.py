@@ -13,12 +13,19 @@ budget; use --image_size 32 --digit_size 12 22 --max_digits 2 --num_queries 4, t
 any Hub detector (--model_name_or_path, e.g. an RT-DETR checkpoint) where the Hub is reachable.
 
 --subspace none (the default here) trains the detector's weights in full; --subspace hashing --subspace_dim d a
-random subspace of them; --subspace twa one-run Trainable Weight Averaging.
+random subspace of them; --subspace twa one-run Trainable Weight Averaging (it also reports SWA of the same
+snapshots, swa_map_50). Fine-tuning: --init_from DIR starts from a detector an earlier run saved (OUTPUT_DIR/final)
+and --task shifted trains it on dark digits on bright noisy canvases, in full, in a random subspace, or with LoRA
+(--subspace none --lora_rank R). Every run logs its training CPU seconds (train_total_cpu_s). The measured runs:
+docs/object_detection_study.md.
 
     python examples/object_detection/train.py
     python examples/object_detection/train.py --subspace hashing --subspace_dim 100000
     python examples/object_detection/train.py --subspace twa
     python examples/object_detection/train.py --dataset_name deepforest --image_size 384
+    python examples/object_detection/train.py --init_from outputs/object_detection/final --task shifted \
+        --train_canvases 1000 --warmup_steps 10 --subspace hashing --subspace_dim 10000 --learning_rate 1.9e-2 \
+        --output_dir outputs/detection_shifted_hashing        # or --subspace none [--lora_rank 16]
 """
 import resource
 import time
