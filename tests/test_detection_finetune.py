@@ -62,7 +62,7 @@ def _base_name(name):
 @pytest.mark.parametrize("method", ["none", "lora", "hashing"])
 def test_shifted_task_fine_tuning_keeps_the_base_frozen_with_lora_and_subspace(example, pretrained, start, method,
                                                                                monkeypatch, tmp_path):
-    how = {"none": ["--subspace", "none"], "lora": ["--subspace", "none", "--lora_rank", "2"],
+    how = {"none": ["--subspace", "none"], "lora": ["--subspace", "none", "--lora_rank", "2", "--lora_convs", "true"],
            "hashing": ["--subspace", "hashing", "--subspace_dim", "50", "--learning_rate", "0.5"]}[method]
     trainer, metrics = _train(example, monkeypatch, [*TINY, "--init_from", pretrained, "--task", "shifted", *how,
                                                       "--output_dir", str(tmp_path)])
@@ -80,6 +80,9 @@ def test_shifted_task_fine_tuning_keeps_the_base_frozen_with_lora_and_subspace(e
         assert torch.equal(value, start[name]), f"{method} changed the base weight {name}"
     if method == "lora":
         assert trained and all("lora_" in n for n in trained)
+        kinds = {type(m).__name__ for n, m in model.named_modules() if hasattr(m, "lora_A")}
+        assert {"Linear", "Conv2d"} <= kinds and not any("lora_" in n for n in dict(model.named_parameters())
+                                                         if ".backbone." in n)
         assert any(p.abs().sum() > 0 for n, p in trained.items() if "lora_B" in n)  # it learned (B starts at 0)
         assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
     else:
@@ -100,6 +103,7 @@ def test_shifted_canvases_are_deterministic_and_bright(example):
 @pytest.mark.parametrize("argv, message", [
     (["--lora_rank", "4", "--subspace", "hashing", "--subspace_dim", "10"], "use it with --subspace none"),
     (["--lora_rank", "-1", "--subspace", "none"], "--lora_rank must be"),
+    (["--lora_convs", "true", "--subspace", "none"], "give --lora_rank too"),
     (["--init_from", "/nonexistent", "--subspace", "none"], "holds no saved detector"),
     (["--init_from", "/nonexistent", "--model_type", "yolos", "--subspace", "none"], "rtdetr_lite0"),
 ])

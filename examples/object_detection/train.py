@@ -80,6 +80,9 @@ class DetectionArguments:
     lora_rank: int = field(default=0, metadata={
         "help": "with --subspace none: train LoRA adapters of this rank (peft; on every linear layer of the "
                 "detector, lora_alpha = 2 x rank) instead of the weights; 0: off"})
+    lora_convs: bool = field(default=False, metadata={
+        "help": "with --lora_rank: also on the detector's Conv2d layers (its encoder's input projections and "
+                "fusion blocks; not the frozen backbone)"})
 
 
 def scale_255_to_unit(pixels):
@@ -225,13 +228,15 @@ def keep_batchnorm_statistics(model):
     return model
 
 
-def add_lora(model, rank):
+def add_lora(model, rank, convs=False):
     """peft's LoRA (rank ``rank``, alpha 2 x rank, no dropout) on every ``nn.Linear`` of the detector (the frozen
-    Lite0 backbone has none); everything else frozen."""
+    Lite0 backbone has none) and, with ``convs``, every ``nn.Conv2d`` outside the backbone; everything else frozen."""
     from peft import LoraConfig, get_peft_model
 
+    kinds = (torch.nn.Linear, torch.nn.Conv2d) if convs else (torch.nn.Linear,)
     # full names: short ones ("0" of an MLP's layers.0) would also match the backbone's blocks.0
-    targets = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    targets = [name for name, module in model.named_modules()
+               if isinstance(module, kinds) and not name.startswith("model.backbone.")]
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, bias="none")
     return get_peft_model(model, config)
 
@@ -240,6 +245,8 @@ def check_arguments(example, det):
     """One-line errors for combinations the flags cannot mean."""
     if det.lora_rank < 0:
         raise ValueError(f"--lora_rank must be a positive rank (or 0: no LoRA), got {det.lora_rank}")
+    if det.lora_convs and not det.lora_rank:
+        raise ValueError("--lora_convs adds Conv2d layers to LoRA's targets: give --lora_rank too")
     if det.lora_rank and example.subspace != "none":
         raise ValueError(f"--lora_rank trains LoRA adapters instead of the weights: use it with --subspace none, not "
                          f"--subspace {example.subspace}")
@@ -377,7 +384,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model, channels, normalize = build_model(example, det, train.classes)
     if det.lora_rank:
-        model = add_lora(model, det.lora_rank)
+        model = add_lora(model, det.lora_rank, det.lora_convs)
     datasets = {k: Boxes(v, det.image_size, channels, normalize) for k, v in {"train": train, **evals}.items()}
     swa = {}
 
@@ -419,7 +426,7 @@ def main(argv=None):
         trainer.save_metrics("cost", extra)  # into output_dir/all_results.json with the rest
         return extra
 
-    how = f", LoRA r={det.lora_rank}" if det.lora_rank else ""
+    how = f", LoRA r={det.lora_rank}{' (linear and conv layers)' if det.lora_convs else ''}" if det.lora_rank else ""
     result = ex.run_example(trainer, example, task=f"object detection ({what}{', shifted task' if det.task == 'shifted' else ''}{how})",
                             metric="map_50", training_data=words, evaluate=evaluate,
                             save_base=example.model_name_or_path is None and not det.init_from,
