@@ -78,6 +78,16 @@ def test_shifted_task_fine_tuning_keeps_the_base_frozen_with_lora_and_subspace(e
     assert set(frozen) == set(start)  # every weight of the detector is still there, frozen
     for name, value in frozen.items():
         assert torch.equal(value, start[name]), f"{method} changed the base weight {name}"
+    # the saved adapter on the saved base is the trained model (BatchNorm statistics were kept, not updated)
+    from peft import PeftModel
+
+    import hf_subspace  # noqa: F401  (registers the SUBSPACE adapter type with peft)
+    from hf_subspace.vision import load_rtdetr_lite0
+
+    reloaded = PeftModel.from_pretrained(load_rtdetr_lite0(pretrained), str(tmp_path / "final")).eval()
+    pixels = torch.stack([trainer.eval_dataset[i]["pixel_values"] for i in range(2)])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=pixels).logits, model.eval()(pixel_values=pixels).logits)
     if method == "lora":
         assert trained and all("lora_" in n for n in trained)
         kinds = {type(m).__name__ for n, m in model.named_modules() if hasattr(m, "lora_A")}
