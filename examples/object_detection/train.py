@@ -390,7 +390,8 @@ def main(argv=None):
 
     def evaluate_swa():  # one-run TWA: the snapshots' mean (BatchNorm recalibrated), before the coefficient phase
         spent = cpu_seconds()
-        swa.update(mean_average_precision(trainer, datasets["eval"], "swa"))
+        with torch.random.fork_rng(devices=[]):  # its DataLoader draws a seed: leave the TWA phase's data order alone
+            swa.update(mean_average_precision(trainer, datasets["eval"], "swa"))
         swa["swa_eval_cpu_s"] = round(cpu_seconds() - spent, 2)
         trainer.log(dict(swa))
 
