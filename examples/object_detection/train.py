@@ -132,8 +132,8 @@ def shifted_canvases(n, split, size, seed):
         images.append((level * (1 - image.float() / 255) + noise).round().clamp(0, 255).to(torch.uint8))
     return type(data)(data.name, data.classes, images, data.boxes, data.labels,
                       data.source + f"; shifted: dark digits on gray levels {lo}-{hi} with noise (std "
-                                    f"{SHIFTED['noise']:g}), {SHIFTED['digit_sizes'][0]}-{SHIFTED['digit_sizes'][1]} px,"
-                                    f" up to {SHIFTED['max_digits']} a canvas")
+                                    f"{SHIFTED['noise']:g}), {'-'.join(map(str, SHIFTED['digit_sizes']))} px, up "
+                                    f"to {SHIFTED['max_digits']} a canvas")
 
 
 def load_data(example, det, seed):
@@ -427,8 +427,9 @@ def main(argv=None):
         trainer.save_metrics("cost", extra)  # into output_dir/all_results.json with the rest
         return extra
 
-    how = f", LoRA r={det.lora_rank}{' (linear and conv layers)' if det.lora_convs else ''}" if det.lora_rank else ""
-    result = ex.run_example(trainer, example, task=f"object detection ({what}{', shifted task' if det.task == 'shifted' else ''}{how})",
+    how = (", shifted task" if det.task == "shifted" else "") + (
+        f", LoRA r={det.lora_rank}{' (linear and conv layers)' if det.lora_convs else ''}" if det.lora_rank else "")
+    result = ex.run_example(trainer, example, task=f"object detection ({what}{how})",
                             metric="map_50", training_data=words, evaluate=evaluate,
                             save_base=example.model_name_or_path is None and not det.init_from,
                             base_model_id=det.init_from, after_training=after_training)
