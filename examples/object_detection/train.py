@@ -13,18 +13,28 @@ budget; use --image_size 32 --digit_size 12 22 --max_digits 2 --num_queries 4, t
 any Hub detector (--model_name_or_path, e.g. an RT-DETR checkpoint) where the Hub is reachable.
 
 --subspace none (the default here) trains the detector's weights in full; --subspace hashing --subspace_dim d a
-random subspace of them; --subspace twa one-run Trainable Weight Averaging.
+random subspace of them; --subspace twa one-run Trainable Weight Averaging (it also reports SWA of the same
+snapshots, swa_map_50). Fine-tuning: --init_from DIR starts from a detector an earlier run saved (OUTPUT_DIR/final)
+and --task shifted trains it on dark digits on bright noisy canvases, in full, in a random subspace, or with LoRA
+(--subspace none --lora_rank R). Every run logs its training CPU seconds (train_total_cpu_s). The measured runs:
+docs/object_detection_study.md.
 
     python examples/object_detection/train.py
     python examples/object_detection/train.py --subspace hashing --subspace_dim 100000
     python examples/object_detection/train.py --subspace twa
     python examples/object_detection/train.py --dataset_name deepforest --image_size 384
+    python examples/object_detection/train.py --init_from outputs/object_detection/final --task shifted \
+        --train_canvases 1000 --warmup_steps 10 --subspace hashing --subspace_dim 10000 --learning_rate 1.9e-2 \
+        --output_dir outputs/detection_shifted_hashing        # or --subspace none [--lora_rank 16]
 """
+import resource
+import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForObjectDetection
+from transformers import AutoConfig, AutoModelForObjectDetection, TrainerCallback
 
 import hf_subspace
 from hf_subspace.demo import examples as ex
@@ -59,6 +69,20 @@ class DetectionArguments:
     detector_layers: list[int] = field(default_factory=lambda: [1, 3], metadata={
         "help": "rtdetr_lite0: encoder and decoder layers"})
     eval_deepforest: bool = field(default=True, metadata={"help": "also report class-agnostic mAP on deepforest"})
+    task: str = field(default="digits", metadata={
+        "choices": ["digits", "shifted"],
+        "help": "digits: the canvases above; shifted: the same ten digit classes, but dark digits on a bright, "
+                "noisy background (each canvas its own gray level), 20-40 px, up to 4 per canvas (held out as the "
+                "digits are; --digit_size and --max_digits do not apply)"})
+    init_from: Optional[str] = field(default=None, metadata={
+        "help": "start from a detector an earlier run saved (its OUTPUT_DIR/final; rtdetr_lite0 only), e.g. to "
+                "adapt it to --task shifted; its BatchNorm statistics are kept as they are (not updated)"})
+    lora_rank: int = field(default=0, metadata={
+        "help": "with --subspace none: train LoRA adapters of this rank (peft; on every linear layer of the "
+                "detector, lora_alpha = 2 x rank) instead of the weights; 0: off"})
+    lora_convs: bool = field(default=False, metadata={
+        "help": "with --lora_rank: also on the detector's Conv2d layers (its encoder's input projections and "
+                "fusion blocks; not the frozen backbone)"})
 
 
 def scale_255_to_unit(pixels):
@@ -91,8 +115,39 @@ def collate(items):
     return {"pixel_values": torch.stack([i["pixel_values"] for i in items]), "labels": [i["labels"] for i in items]}
 
 
+SHIFTED = dict(max_digits=4, digit_sizes=(20, 40), background=(150, 255), noise=20.0)
+
+
+def shifted_canvases(n, split, size, seed):
+    """The shifted task: digit canvases (other draws, same held-out digit split) turned into dark digits on a bright
+    background: each canvas a gray level drawn from ``SHIFTED["background"]``, Gaussian pixel noise, ink darkening
+    it. Deterministic in (n, split, size, seed); boxes and labels are those of the digits."""
+    data = make_digit_canvases(n, split, size, SHIFTED["max_digits"], SHIFTED["digit_sizes"], seed=seed + 1000)
+    gen = torch.Generator().manual_seed(int(seed) * 2 + (split == "test") + 7919)
+    lo, hi = SHIFTED["background"]
+    images = []
+    for image in data.images:
+        level = float(torch.randint(lo, hi + 1, (1,), generator=gen))
+        noise = torch.randn(image.shape, generator=gen) * SHIFTED["noise"]
+        images.append((level * (1 - image.float() / 255) + noise).round().clamp(0, 255).to(torch.uint8))
+    return type(data)(data.name, data.classes, images, data.boxes, data.labels,
+                      data.source + f"; shifted: dark digits on gray levels {lo}-{hi} with noise (std "
+                                    f"{SHIFTED['noise']:g}), {'-'.join(map(str, SHIFTED['digit_sizes']))} px, up "
+                                    f"to {SHIFTED['max_digits']} a canvas")
+
+
 def load_data(example, det, seed):
     """(train DetectionData, {name: eval DetectionData}, description)."""
+    if det.task == "shifted":
+        if example.dataset_name not in (None, "digit_canvases"):
+            raise ValueError(f"--task shifted is made from the digit canvases; drop --dataset_name "
+                             f"{example.dataset_name}")
+        train = shifted_canvases(example.max_train_samples or det.train_canvases, "train", det.image_size, seed)
+        evals = {"eval": shifted_canvases(example.max_eval_samples or det.eval_canvases, "test", det.image_size,
+                                          seed)}
+        words = (f"{len(train):,} shifted training canvases ({train.source}); {len(evals['eval']):,} test canvases "
+                 "made the same way from the 1,000 test digits")
+        return train, evals, words
     if example.dataset_name in (None, "digit_canvases"):
         train = make_digit_canvases(example.max_train_samples or det.train_canvases, "train", det.image_size,
                                     det.max_digits, tuple(det.digit_size), seed=seed)
@@ -127,6 +182,15 @@ def build_model(example, det, classes):
         model = AutoModelForObjectDetection.from_pretrained(example.model_name_or_path, ignore_mismatched_sizes=True,
                                                             **labels)
         return model, model.config.num_channels, hub_normalization(example.model_name_or_path)
+    if det.init_from:
+        from hf_subspace.demo.vision import lite0_pixel_values, load_rtdetr_lite0
+
+        model = load_rtdetr_lite0(det.init_from)
+        saved = [model.config.id2label[i] for i in range(len(model.config.id2label))]
+        if saved != list(classes):
+            raise ValueError(f"--init_from {det.init_from} detects {saved}, not this task's classes {list(classes)}")
+        keep_batchnorm_statistics(model)
+        return model, 3, lite0_pixel_values
     if det.model_type == "rtdetr_lite0":
         from hf_subspace.demo.vision import lite0_pixel_values, rtdetr_lite0
 
@@ -148,6 +212,54 @@ def build_model(example, det, classes):
         settings["backbone_config"] = AutoConfig.for_model(backbone.pop("model_type"), num_channels=3, **backbone)
     config = AutoConfig.for_model(kind, **labels, **settings)
     return AutoModelForObjectDetection.from_config(config), config.num_channels, scale_255_to_unit
+
+
+def keep_batchnorm_statistics(model):
+    """Every ``nn.BatchNorm2d`` normalizes with its running statistics and never updates them, in training too
+    (their affine weights stay trainable): a LoRA or subspace adapter then reproduces the trained model on its
+    base, which statistics updated in training (buffers, in no adapter) would not. Applied to all three ways of
+    fine-tuning (--init_from) alike."""
+    def use_running_statistics(module, args):
+        module.training = False
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.register_forward_pre_hook(use_running_statistics)
+    return model
+
+
+def add_lora(model, rank, convs=False):
+    """peft's LoRA (rank ``rank``, alpha 2 x rank, no dropout) on every ``nn.Linear`` of the detector (the frozen
+    Lite0 backbone has none) and, with ``convs``, every ``nn.Conv2d`` outside the backbone; everything else frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    kinds = (torch.nn.Linear, torch.nn.Conv2d) if convs else (torch.nn.Linear,)
+    # full names: short ones ("0" of an MLP's layers.0) would also match the backbone's blocks.0
+    targets = [name for name, module in model.named_modules()
+               if isinstance(module, kinds) and not name.startswith("model.backbone.")]
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, bias="none")
+    return get_peft_model(model, config)
+
+
+def check_arguments(example, det):
+    """One-line errors for combinations the flags cannot mean."""
+    if det.lora_rank < 0:
+        raise ValueError(f"--lora_rank must be a positive rank (or 0: no LoRA), got {det.lora_rank}")
+    if det.lora_convs and not det.lora_rank:
+        raise ValueError("--lora_convs adds Conv2d layers to LoRA's targets: give --lora_rank too")
+    if det.lora_rank and example.subspace != "none":
+        raise ValueError(f"--lora_rank trains LoRA adapters instead of the weights: use it with --subspace none, not "
+                         f"--subspace {example.subspace}")
+    if det.init_from:
+        import os
+
+        if example.model_name_or_path:
+            raise ValueError("--init_from and --model_name_or_path both name the model to start from: pass one")
+        if det.model_type != "rtdetr_lite0":
+            raise ValueError(f"--init_from reads an rtdetr_lite0 detector, not --model_type {det.model_type}")
+        if not os.path.isfile(os.path.join(det.init_from, "config.json")):
+            raise ValueError(f"--init_from {det.init_from} holds no saved detector (no config.json): pass the final/ "
+                             "folder of a --subspace none run")
 
 
 def hub_normalization(name):
@@ -215,6 +327,38 @@ def mean_average_precision(trainer, dataset, prefix, class_agnostic=False):
     return {f"{prefix}_{k}": v for k, v in result.items()}
 
 
+def cpu_seconds():
+    """User + system CPU time of this process so far (the cost measure that load on a shared machine leaves alone)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class PhaseClock(TrainerCallback):
+    """CPU seconds, wall seconds and steps of each training phase (one; a one-run TWA's ordinary phase, then its
+    coefficient phase: the Trainer hands its user callbacks to the phase's own Trainer).
+
+    ``at_second_phase()`` runs when the second phase begins, before its clock starts: in a one-run TWA the model is
+    then at the snapshots' mean with BatchNorm recalibrated and c = 0, i.e. SWA of the same snapshots."""
+
+    def __init__(self, at_second_phase=None):
+        self.phases, self.at_second_phase, self._start = [], at_second_phase, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if len(self.phases) == 1 and self.at_second_phase is not None:
+            self.at_second_phase()
+        self._start = (cpu_seconds(), time.perf_counter(), state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        cpu, wall, step = self._start
+        self.phases.append({"cpu_s": cpu_seconds() - cpu, "wall_s": time.perf_counter() - wall,
+                            "steps": state.global_step - step})
+
+    def metrics(self) -> dict:
+        names = ["train"] if len(self.phases) == 1 else ["ordinary", "twa"]
+        out = {f"{name}_{k}": round(v, 2) for name, phase in zip(names, self.phases) for k, v in phase.items()}
+        return out
+
+
 def xyxy(b):
     """normalized (cx, cy, w, h) -> (x_min, y_min, x_max, y_max)"""
     return torch.stack([b[..., 0] - b[..., 2] / 2, b[..., 1] - b[..., 3] / 2,
@@ -235,30 +379,71 @@ def main(argv=None):
         twa_defaults=dict(learning_rate=2e-3, num_train_epochs=0.7, twa_snapshot_steps=25,
                           twa_snapshot_start_step=100, twa_epochs=0.3, twa_learning_rate=0.3, twa_bn_batches=50),
         argv=argv)
+    check_arguments(example, det)
     train, evals, words = load_data(example, det, args.seed)
     torch.manual_seed(args.seed)
     model, channels, normalize = build_model(example, det, train.classes)
+    if det.lora_rank:
+        model = add_lora(model, det.lora_rank, det.lora_convs)
     datasets = {k: Boxes(v, det.image_size, channels, normalize) for k, v in {"train": train, **evals}.items()}
+    swa = {}
+
+    def evaluate_swa():  # one-run TWA: the snapshots' mean (BatchNorm recalibrated), before the coefficient phase
+        spent = cpu_seconds()
+        with torch.random.fork_rng(devices=[]):  # its DataLoader draws a seed: leave the TWA phase's data order alone
+            swa.update(mean_average_precision(trainer, datasets["eval"], "swa"))
+        swa["swa_eval_cpu_s"] = round(cpu_seconds() - spent, 2)
+        trainer.log(dict(swa))
+
+    clock = PhaseClock(evaluate_swa if example.subspace == "twa" else None)
     # one-run TWA has its own trainer (TWATrainingArguments, made by ex.parse_args for --subspace twa)
     trainer_class = hf_subspace.TWATrainer if example.subspace == "twa" else hf_subspace.SubspaceTrainer
     trainer = trainer_class(model=model, args=args, train_dataset=datasets["train"],
-                            eval_dataset=datasets["eval"], data_collator=collate)
+                            eval_dataset=datasets["eval"], data_collator=collate, callbacks=[clock])
+    # what the optimizer trains (a random subspace: d; TWA: the weights, then its k coefficients)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+
+    marks = {}  # CPU seconds when training starts (after the first evaluation) and ends (before the last)
 
     def evaluate(prefix):
+        marks[prefix] = cpu_seconds()
         metrics = trainer.evaluate(metric_key_prefix=prefix)
         metrics.update(mean_average_precision(trainer, datasets["eval"], prefix))
         if "deepforest" in datasets:
             forest = mean_average_precision(trainer, datasets["deepforest"], f"{prefix}_deepforest", True)
             metrics.update(forest)
         trainer.log({k: v for k, v in metrics.items() if "map" in k})
+        marks[f"{prefix}_done"] = cpu_seconds()
         return metrics
 
-    what = example.model_name_or_path or {
+    what = example.model_name_or_path or (f"the detector of {det.init_from}" if det.init_from else None) or {
         "rtdetr_lite0": "RT-DETR, small config, on the ImageNet-pretrained EfficientNet-Lite0 backbone"
                         + (" (trained)" if det.train_backbone else " (frozen)")}.get(
         det.model_type, f"a {det.model_type} built from a small config (random init)")
-    return ex.run_example(trainer, example, task=f"object detection ({what})", metric="map_50", training_data=words,
-                          evaluate=evaluate, save_base=example.model_name_or_path is None)
+
+    def after_training(trainer):
+        # all of train(): the phases, and for TWA also the snapshots, the basis, both BatchNorm recalibrations and
+        # the library's loss evaluation after the coefficient phase (the SWA evaluation here is not counted)
+        total = marks["eval"] - marks["before_done"] - swa.get("swa_eval_cpu_s", 0)
+        extra = {**clock.metrics(), "train_total_cpu_s": round(total, 2), **swa, "trainable_numbers": trainable}
+        trainer.save_metrics("cost", extra)  # into output_dir/all_results.json with the rest
+        return extra
+
+    how = (", shifted task" if det.task == "shifted" else "") + (
+        f", LoRA r={det.lora_rank}{' (linear and conv layers)' if det.lora_convs else ''}" if det.lora_rank else "")
+    result = ex.run_example(trainer, example, task=f"object detection ({what}{how})",
+                            metric="map_50", training_data=words, evaluate=evaluate,
+                            save_base=example.model_name_or_path is None and not det.init_from,
+                            base_model_id=det.init_from, after_training=after_training)
+    if det.lora_rank and trainer.is_world_process_zero():  # the card save_result wrote says "every weight trained"
+        import os
+
+        with open(os.path.join(args.output_dir, "final", "README.md"), "w", encoding="utf-8") as f:
+            f.write(f"---\nlibrary_name: peft\nbase_model: {det.init_from or 'rtdetr_lite0'}\n---\n\n# LoRA "
+                    f"(r={det.lora_rank}) on {what}\n\n{trainable:,} trainable numbers; the base is frozen. Read "
+                    f"back with `PeftModel.from_pretrained(hf_subspace.demo.vision.load_rtdetr_lite0(BASE), "
+                    f"FOLDER)`.\n\n## Training data\n\n{words}\n")
+    return result
 
 
 if __name__ == "__main__":
