@@ -61,7 +61,7 @@ def _base_name(name):
 
 @pytest.mark.parametrize("method", ["none", "lora", "hashing"])
 def test_shifted_task_fine_tuning_keeps_the_base_frozen_with_lora_and_subspace(example, pretrained, start, method,
-                                                                               monkeypatch, tmp_path):
+                                                                               monkeypatch, tmp_path, capsys):
     how = {"none": ["--subspace", "none"], "lora": ["--subspace", "none", "--lora_rank", "2", "--lora_convs", "true"],
            "hashing": ["--subspace", "hashing", "--subspace_dim", "50", "--learning_rate", "0.5"]}[method]
     trainer, metrics = _train(example, monkeypatch, [*TINY, "--init_from", pretrained, "--task", "shifted", *how,
@@ -95,6 +95,9 @@ def test_shifted_task_fine_tuning_keeps_the_base_frozen_with_lora_and_subspace(e
                                                          if ".backbone." in n)
         assert any(p.abs().sum() > 0 for n, p in trained.items() if "lora_B" in n)  # it learned (B starts at 0)
         assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+        # reported and carded as what it is: a LoRA adapter, not a model whose every weight was trained
+        assert "LORA adapter (on the unchanged base)" in capsys.readouterr().out
+        assert "every weight" not in (tmp_path / "final" / "README.md").read_text()
     else:
         assert sum(p.numel() for p in trained.values()) == 50
         assert any(p.abs().sum() > 0 for p in trained.values())

@@ -320,6 +320,12 @@ def save_result(trainer: SubspaceTrainer, example: ExampleArguments, folder: str
         return {"folder": folder, "what": "TWA adapter (k x D basis and c; the base is the snapshot mean in base/)",
                 "size": _size(weights) if weights else "?", "card": os.path.join(adapter, "README.md")}
     trainer.save_model(folder)
+    peft_config = getattr(trainer.model, "peft_config", None)
+    if peft_config:  # an adapter of another PEFT method (the detection example's --lora_rank): peft's files and card
+        weights = adapter_file(folder)
+        kind = str(getattr(peft_config.get("default"), "peft_type", "PEFT")).split(".")[-1]
+        return {"folder": folder, "what": f"{kind} adapter (on the unchanged base)",
+                "size": _size(weights) if weights else "?", "card": os.path.join(folder, "README.md")}
     if trainer.is_world_process_zero():
         from ..atomic import write_text
 
