@@ -1,10 +1,10 @@
 """Deprecated alias of :mod:`hf_subspace.demo.data`, where this example code moved after 0.2.0 (it is not the
 library); kept for one release, it warns once on import."""
+import sys
 import warnings
 
 from .demo import data as _moved
 
 warnings.warn("hf_subspace.data moved to hf_subspace.demo.data; import it from there (this alias goes away in "
               "the next release)", FutureWarning, stacklevel=2)
-globals().update({k: v for k, v in vars(_moved).items() if not k.startswith("__")})
-del _moved
+sys.modules[__name__] = _moved  # the alias is the module itself: same objects, __all__, settings

@@ -353,3 +353,15 @@ __all__ = [
     "sharding_in_use",
     "sharding_kind",
 ]
+
+_MOVED_TO_BENCHMARKS = {"CommCounter", "CommCountCallback"}
+
+
+def __getattr__(name: str):
+    """``CommCounter`` / ``CommCountCallback`` were here up to 0.2.0: say where they went instead of a bare error."""
+    if name in _MOVED_TO_BENCHMARKS:
+        raise ImportError(
+            f"hf_subspace.distributed.{name} moved out of the library in 0.3.0: it is benchmark instrumentation and "
+            f"lives in the repository's benchmarks/_comm.py (`from _comm import {name}` with benchmarks/ on "
+            "sys.path); copy that file to use it outside the repository")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

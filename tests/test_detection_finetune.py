@@ -97,7 +97,9 @@ def test_shifted_task_fine_tuning_keeps_the_base_frozen_with_lora_and_subspace(e
         assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
         # reported and carded as what it is: a LoRA adapter, not a model whose every weight was trained
         assert "LORA adapter (on the unchanged base)" in capsys.readouterr().out
-        assert "every weight" not in (tmp_path / "final" / "README.md").read_text()
+        card = (tmp_path / "final" / "README.md").read_text()
+        assert "every weight" not in card and "library_name: peft" in card and "LORA adapter" in card
+        assert "base_model:" not in card  # the base is a local folder, not a Hub id
     else:
         assert sum(p.numel() for p in trained.values()) == 50
         assert any(p.abs().sum() > 0 for p in trained.values())
@@ -123,3 +125,9 @@ def test_shifted_canvases_are_deterministic_and_bright(example):
 def test_fine_tuning_flags_are_checked(example, argv, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         example.main([*TINY, *argv, "--output_dir", str(tmp_path)])
+
+
+def test_init_from_checks_the_image_size_before_building(example, pretrained, tmp_path):
+    argv = [*TINY, "--init_from", pretrained, "--task", "shifted", "--subspace", "none", "--image_size", "50"]
+    with pytest.raises(ValueError, match="--image_size must be a multiple of 32"):
+        example.main([*argv, "--output_dir", str(tmp_path)])

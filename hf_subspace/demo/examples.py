@@ -321,9 +321,13 @@ def save_result(trainer: SubspaceTrainer, example: ExampleArguments, folder: str
                 "size": _size(weights) if weights else "?", "card": os.path.join(adapter, "README.md")}
     trainer.save_model(folder)
     peft_config = getattr(trainer.model, "peft_config", None)
-    if peft_config:  # an adapter of another PEFT method (the detection example's --lora_rank): peft's files and card
+    if peft_config:  # an adapter of another PEFT method (the detection example's --lora_rank): peft's files, our card
         weights = adapter_file(folder)
         kind = str(getattr(peft_config.get("default"), "peft_type", "PEFT")).split(".")[-1]
+        if trainer.is_world_process_zero():
+            from ..atomic import write_text
+
+            write_text(os.path.join(folder, "README.md"), _plain_card(summary, training_data, adapter=kind))
         return {"folder": folder, "what": f"{kind} adapter (on the unchanged base)",
                 "size": _size(weights) if weights else "?", "card": os.path.join(folder, "README.md")}
     if trainer.is_world_process_zero():
@@ -335,12 +339,19 @@ def save_result(trainer: SubspaceTrainer, example: ExampleArguments, folder: str
             "card": os.path.join(folder, "README.md")}
 
 
-def _plain_card(summary: dict, training_data: str) -> str:
+def _plain_card(summary: dict, training_data: str, adapter: Optional[str] = None) -> str:
+    """The card of an example's baseline: every weight trained, or (``adapter``: its PEFT type) another PEFT
+    method's adapter on the frozen base."""
     rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
                      for k, v in summary.items() if v is not None)
-    return (f"---\nlibrary_name: transformers\ntags:\n- hf-subspace\n---\n\n# {summary['task']} (every weight "
-            f"trained)\n\nThe baseline of an hf_subspace example: ordinary training of all weights.\n\n"
-            f"## Training data\n\n{training_data}\n\n## Metrics\n\n| metric | value |\n|---|---|\n{rows}\n")
+    if adapter:
+        head = (f"---\nlibrary_name: peft\ntags:\n- hf-subspace\n- {adapter.lower()}\n---\n\n# {summary['task']} "
+                f"({adapter} adapter)\n\nA baseline of an hf_subspace example: a {adapter} adapter trained on the "
+                f"frozen base; read it back with `PeftModel.from_pretrained(base, FOLDER)`.\n\n")
+    else:
+        head = (f"---\nlibrary_name: transformers\ntags:\n- hf-subspace\n---\n\n# {summary['task']} (every weight "
+                f"trained)\n\nThe baseline of an hf_subspace example: ordinary training of all weights.\n\n")
+    return f"{head}## Training data\n\n{training_data}\n\n## Metrics\n\n| metric | value |\n|---|---|\n{rows}\n"
 
 
 def push_result(trainer: SubspaceTrainer, example: ExampleArguments, saved: dict):

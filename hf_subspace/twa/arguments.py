@@ -140,7 +140,7 @@ class TWATrainingArguments(TWAArguments, SharedTrainingArguments):
             raise SubspaceConfigError(
                 f"TWATrainingArguments got {shown}: {'that is a setting' if len(wrong) == 1 else 'those are settings'} "
                 "of a random subspace, which TWA does not use (it trains the ordinary model, then the subspace its "
-                "snapshots span; twa=True trains the ordinary model first, it cannot be combined with subspace_dim). "
+                "snapshots span, so it cannot be combined with a random subspace). "
                 "Leave them out, or train a random subspace with SubspaceTrainingArguments + SubspaceTrainer")
         if "twa" in kwargs:
             raise SubspaceConfigError(f"TWATrainingArguments got twa={kwargs['twa']!r}: it always runs TWA; leave "

@@ -54,7 +54,7 @@ class TWATrainer(NonFiniteMixin, Trainer):
         if not isinstance(args, TWATrainingArguments):
             raise ValueError(f"args must be TWATrainingArguments, got {type(args).__name__}")
         if model is not None and is_subspace_model(model):
-            raise SubspaceConfigError("twa=True trains the ordinary model and then its trajectory's subspace; pass "
+            raise SubspaceConfigError("TWATrainer trains the ordinary model and then its trajectory's subspace; pass "
                                       "the plain model, not one already wrapped as a random subspace")
         super().__init__(model, args, *targs, **kwargs)
         from ..distributed import refuse_sharded_training
