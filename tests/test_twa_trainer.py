@@ -22,8 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # -- the arguments ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw,words", [
-    ({"subspace_dim": 100}, r"subspace_dim=100: that is a setting of a random subspace.*cannot be combined with "
-                            r"subspace_dim.*SubspaceTrainingArguments \+ SubspaceTrainer"),
+    ({"subspace_dim": 100}, r"subspace_dim=100: that is a setting of a random subspace.*cannot be combined with a "
+                            r"random subspace.*SubspaceTrainingArguments \+ SubspaceTrainer"),
     ({"subspace_projection": "fastfood", "subspace_seed": 3},
      r"subspace_projection='fastfood', subspace_seed=3: those are settings of a random subspace"),
     ({"subspace_lr_check_steps": 5}, "subspace_lr_check_steps=5: that is a setting of a random subspace"),
