@@ -17,6 +17,17 @@ if REPO not in sys.path:
     sys.path.append(REPO)
 
 
+
+def load_example(task: str, module_name: str):
+    """``examples/<task>/train.py`` imported as a module named ``module_name`` (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(module_name, os.path.join(REPO, "examples", task, "train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_bert_cls(seed=0, hidden=32, layers=2):
     from transformers import BertConfig, BertForSequenceClassification
 

@@ -1,12 +1,9 @@
 """The detection example's fine-tuning case: a saved detector adapted to the shifted task in full, with LoRA and in a
 random subspace (tiny settings, in one process: a few seconds)."""
-import importlib.util
-import os
-
 import pytest
 import torch
+from conftest import load_example
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--train_canvases", "8", "--eval_canvases", "4",
         "--image_size", "64", "--eval_deepforest", "false", "--digit_size", "12", "20", "--num_queries", "8",
         "--detector_layers", "1", "1", "--report_to", "none", "--save_strategy", "no", "--warmup_steps", "0"]
@@ -14,11 +11,7 @@ TINY = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--train_canva
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("detection_example_finetune",
-                                                  os.path.join(ROOT, "examples", "object_detection", "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("object_detection", "detection_example_finetune")
 
 
 @pytest.fixture(scope="module")

@@ -156,13 +156,9 @@ def test_language_modeling_example_on_a_quantized_base(tmp_path, flag):
 
 
 def _detection_module():
-    import importlib.util
+    from conftest import load_example
 
-    spec = importlib.util.spec_from_file_location("detection_example",
-                                                  os.path.join(ROOT, "examples", "object_detection", "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("object_detection", "detection_example")
 
 
 def test_detection_scores_follow_the_model_kind():

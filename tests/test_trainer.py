@@ -38,21 +38,19 @@ def accuracy(eval_pred):
     return {"accuracy": float((logits.argmax(-1) == labels).mean())}
 
 
+#: the Trainer settings every test here starts from (keyword arguments override them)
+BASE_SETTINGS = dict(per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=5e-2,
+                     num_train_epochs=1, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                     disable_tqdm=True, seed=0, dataloader_num_workers=0)
+
+
 def args(out, **kw):
-    base = dict(output_dir=out, per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=5e-2,
-                num_train_epochs=1, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                disable_tqdm=True, seed=0, dataloader_num_workers=0)
-    base.update(kw)
-    return SubspaceTrainingArguments(**base)
+    return SubspaceTrainingArguments(**{**BASE_SETTINGS, "output_dir": out, **kw})
 
 
 def twa_args(out, **kw):
     """The settings of args(), as TWATrainingArguments (one-run TWA)."""
-    base = dict(output_dir=out, per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=5e-2,
-                num_train_epochs=1, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                disable_tqdm=True, seed=0, dataloader_num_workers=0)
-    base.update(kw)
-    return TWATrainingArguments(**base)
+    return TWATrainingArguments(**{**BASE_SETTINGS, "output_dir": out, **kw})
 
 
 def test_random_subspace_trainer_end_to_end(tmp_out):
